@@ -1,0 +1,78 @@
+"""The naive reference: materializes the full [tokens x vocab] logits and lets autograd do the rest.
+
+Used by the tests (in float64) and the benchmarks as the baseline. Nothing else may call it:
+it is the only code path allowed to allocate N x V logits.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _logits(hidden, weight, bias, temperature, dtype):
+    logits = hidden.to(dtype) @ weight.to(dtype).T
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    return logits / temperature
+
+
+def naive_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100):
+    dtype = _compute_dtype(hidden, weight)
+    log_probs = torch.log_softmax(_logits(hidden, weight, bias, temperature, dtype), dim=-1)
+    valid = targets != ignore_index
+    picked = log_probs.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, picked, torch.zeros_like(picked))
+
+
+def _divergence_from_logprobs(log_p, log_q, kind, beta):
+    """Per-row D between student log-probs ``log_p`` and teacher log-probs ``log_q``."""
+    if kind == "forward_kl":
+        return (log_q.exp() * (log_q - log_p)).sum(-1)
+    if kind == "reverse_kl":
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+    if kind == "jsd":
+        log_m = torch.logaddexp(log_q + math.log(beta), log_p + math.log1p(-beta))
+        kl_teacher = (log_q.exp() * (log_q - log_m)).sum(-1)
+        kl_student = (log_p.exp() * (log_p - log_m)).sum(-1)
+        return beta * kl_teacher + (1 - beta) * kl_student
+    raise ValueError(f"unknown divergence kind {kind!r}")
+
+
+def naive_linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, *,
+                            kind="forward_kl", beta=0.5, temperature=1.0, mask=None, targets=None,
+                            ignore_index=-100, vocab_size=None, logp_temperature=1.0):
+    dtype = _compute_dtype(student_hidden, student_weight, teacher_hidden, teacher_weight)
+    vocab = student_weight.shape[0] if vocab_size is None else vocab_size
+    student_logits = _logits(student_hidden, student_weight, None, 1.0, dtype)
+    log_p = torch.log_softmax(student_logits[..., :vocab] / temperature, dim=-1)
+    with torch.no_grad():
+        log_q = torch.log_softmax(_logits(teacher_hidden, teacher_weight[:vocab], None, temperature, dtype), -1)
+    div = _divergence_from_logprobs(log_p, log_q, kind, beta)
+    if mask is not None:
+        div = torch.where(mask, div, torch.zeros_like(div))
+    if targets is None:
+        return div
+    log_probs = torch.log_softmax(student_logits / logp_temperature, dim=-1)
+    valid = targets != ignore_index
+    picked = log_probs.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
+    return div, torch.where(valid, picked, torch.zeros_like(picked))
+
+
+def naive_linear_advantage(student_hidden, student_weight, teacher_hidden, teacher_weight, ref_hidden,
+                           ref_weight, *, temperature=1.0, mask=None, vocab_size=None):
+    dtype = _compute_dtype(student_hidden, student_weight, teacher_hidden, teacher_weight)
+    vocab = student_weight.shape[0] if vocab_size is None else vocab_size
+    log_p = torch.log_softmax(_logits(student_hidden, student_weight[:vocab], None, temperature, dtype), -1)
+    with torch.no_grad():
+        log_t = torch.log_softmax(_logits(teacher_hidden, teacher_weight[:vocab], None, temperature, dtype), -1)
+        log_r = torch.log_softmax(_logits(ref_hidden, ref_weight[:vocab], None, temperature, dtype), -1)
+    adv = (log_p.exp() * (log_t - log_r)).sum(-1)
+    if mask is not None:
+        adv = torch.where(mask, adv, torch.zeros_like(adv))
+    return adv

@@ -1,0 +1,49 @@
+"""Small Triton helpers shared by the forward and backward kernels."""
+import triton
+import triton.language as tl
+
+# Kind codes (constexpr in the kernels); keep in step with ``KIND_CODES``.
+KIND_NONE = tl.constexpr(0)
+KIND_FORWARD_KL = tl.constexpr(1)
+KIND_REVERSE_KL = tl.constexpr(2)
+KIND_JSD = tl.constexpr(3)
+KIND_ADVANTAGE = tl.constexpr(4)
+KIND_CODES = {"none": 0, "forward_kl": 1, "reverse_kl": 2, "jsd": 3, "advantage": 4}
+
+
+@triton.jit
+def tile_logits(hidden_ptr, weight_ptr, offs_n, offs_v, n_rows, n_cols, hidden_size,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """[BLOCK_N, BLOCK_V] float32 tile of hidden[offs_n] @ weight[offs_v].T, looping over H."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    row_ok = offs_n < n_rows
+    col_ok = offs_v < n_cols
+    for h0 in range(0, hidden_size, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        h_ok = offs_h < hidden_size
+        hid = tl.load(hidden_ptr + offs_n[:, None] * hidden_size + offs_h[None, :],
+                      mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+        wt = tl.load(weight_ptr + offs_v[:, None] * hidden_size + offs_h[None, :],
+                     mask=col_ok[:, None] & h_ok[None, :], other=0.0)
+        acc = tl.dot(hid, tl.trans(wt), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def online_lse_update(m, z, x):
+    """Streaming log-sum-exp over tiles: returns the new (max, Σ exp(x − max)) and the rescale.
+
+    Masked entries of ``x`` must be −inf. ``m`` starts at −inf and ``z`` at 0; every tile the
+    kernels feed here has at least one finite entry per row, so the new max is finite.
+    """
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    rescale = tl.exp(m - m_new)
+    z_new = z * rescale + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+    return m_new, z_new, rescale
+
+
+@triton.jit
+def logaddexp(a, b):
+    hi = tl.maximum(a, b)
+    return hi + tl.log(1.0 + tl.exp(tl.minimum(a, b) - hi))
