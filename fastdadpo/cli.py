@@ -1,0 +1,72 @@
+"""``fastdadpo`` command line: one subcommand per stage of the recipe.
+
+Each subcommand lives in its own module, imported only when that command runs (importing torch,
+transformers and DeepSpeed takes seconds; ``--help`` should not). A module offers
+``add_arguments(parser)`` and ``run(args) -> int``. Bad input raises ``UserError``, printed here
+as one paragraph, exit status 2, no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import textwrap
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "train": ("fastdadpo.trainer", "train a student (sft, kd, dpo, dadpo, dadpo_token, dckd, adpa) from a YAML config"),
+    "generate": ("fastdadpo.generate", "sample teacher (chosen) and student (rejected) responses into preference pairs"),
+    "prune": ("fastdadpo.prune", "structurally prune a causal LM (MLP channels, attention heads, layers)"),
+    "eval": ("fastdadpo.evaluate", "compare a student with its teacher: divergence, win/preference rate, accuracy"),
+    "run": ("fastdadpo.recipe", "run a whole recipe: prune, generate, dsft, precompute, train, eval"),
+    "demo": ("fastdadpo.demo", "the embedded end-to-end demo: a tiny distillation on CPU, nothing downloaded"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastdadpo", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def _command_parser(name: str):
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"fastdadpo {name}", description=COMMANDS[name][1],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    module.add_arguments(parser)
+    return module, parser
+
+
+def report_user_error(exc: BaseException) -> None:
+    message = " ".join(str(exc).split())
+    print("\n".join(textwrap.wrap(f"fastdadpo: error: {message}", width=100)), file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser = build_parser()
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.error(f"unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}")
+        parser.print_help()
+        return 0 if argv else 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .errors import UserError
+
+    try:
+        module, parser = _command_parser(argv[0])
+        args = parser.parse_args(argv[1:])
+        return int(module.run(args) or 0)
+    except UserError as exc:
+        report_user_error(exc)
+        return 2
+    except KeyboardInterrupt:
+        print("fastdadpo: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

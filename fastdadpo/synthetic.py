@@ -1,0 +1,123 @@
+"""An offline world for the embedded demo and the tests: a small conversational task with
+verifiable answers, a byte-level BPE tokenizer trained on it, and tiny causal LMs built from configs.
+Nothing here downloads anything.
+
+The task: short instructions about a list of words (repeat it, reverse it, count it, name its
+first or last word), phrased several ways, each with one canonical answer, so a response is
+right or wrong by exact match. New word lists give held-out prompts that no training row saw.
+"""
+from __future__ import annotations
+
+import random
+from typing import Dict, List, Optional
+
+WORDS = ("red blue green yellow black white purple orange cat dog bird fish horse mouse lion tiger tree river "
+         "stone cloud moon star sun rain snow wind apple bread milk cheese house door window chair table lamp "
+         "book pen cup ship train road hill lake").split()
+NUMBER_WORDS = ("zero one two three four five six seven eight nine").split()
+
+TEMPLATES: Dict[str, List[str]] = {
+    "repeat": ["Please repeat after me: {seq}", "Can you say this back to me: {seq}", "Echo these words: {seq}"],
+    "reverse": ["Say these words backwards: {seq}", "Reverse the order of: {seq}",
+                "Read this list from the end: {seq}"],
+    "count": ["How many words are in: {seq}", "Count the words: {seq}", "Tell me the number of words in: {seq}"],
+    "first": ["What is the first word of: {seq}", "Which word comes first in: {seq}",
+              "Name the opening word of: {seq}"],
+    "last": ["What is the last word of: {seq}", "Which word comes last in: {seq}", "Name the final word of: {seq}"],
+}
+TASKS = tuple(TEMPLATES)
+
+
+def answer_for(task: str, words: List[str]) -> str:
+    if task == "repeat":
+        return " ".join(words)
+    if task == "reverse":
+        return " ".join(reversed(words))
+    if task == "count":
+        return f"There are {NUMBER_WORDS[len(words)]} words."
+    if task == "first":
+        return f"The first word is {words[0]}."
+    if task == "last":
+        return f"The last word is {words[-1]}."
+    raise ValueError(f"unknown task {task!r}")
+
+
+def make_examples(n: int, seed: int, tasks=TASKS, min_words: int = 2, max_words: int = 5) -> List[dict]:
+    """``n`` rows ``{"prompt", "answer", "task"}``; the same seed gives the same rows."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        task = rng.choice(tasks)
+        words = rng.sample(WORDS, rng.randint(min_words, max_words))
+        prompt = rng.choice(TEMPLATES[task]).format(seq=" ".join(words))
+        rows.append({"prompt": prompt, "answer": answer_for(task, words), "task": task})
+    return rows
+
+
+def normalize_answer(text: str) -> str:
+    return " ".join(text.strip().lower().split())
+
+
+# --- tokenizer ---------------------------------------------------------------------------------------------
+
+SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def build_tokenizer(texts: List[str], vocab_size: int = 384, chat_template: Optional[str] = CHAT_TEMPLATE):
+    """A byte-level BPE trained on ``texts``, as a transformers fast tokenizer with a chat template
+    (eos ``<|end|>``, pad ``<|pad|>``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|end|>", pad_token="<|pad|>")
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    return fast
+
+
+def task_corpus(n: int = 600, seed: int = 0) -> List[str]:
+    """Texts that cover the task's prompts, answers and chat markup, for training the tokenizer."""
+    rows = make_examples(n, seed)
+    return [f"<|user|>\n{r['prompt']}<|end|>\n<|assistant|>\n{r['answer']}<|end|>\n" for r in rows]
+
+
+# --- tiny models -------------------------------------------------------------------------------------------
+
+def tiny_causal_lm(vocab_size: int, *, arch: str = "qwen2", hidden_size: int = 64, layers: int = 2, heads: int = 4,
+                   kv_heads: int = 2, intermediate_size: Optional[int] = None, max_positions: int = 256,
+                   tie_word_embeddings: bool = False, seed: int = 0, pad_token_id: int = 0, eos_token_id: int = 1):
+    """A randomly initialized causal LM of a real architecture (Qwen2 or Llama), built offline."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    classes = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
+    if arch not in classes:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(classes)}")
+    config_class, model_class = classes[arch]
+    config = config_class(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers,
+                          num_attention_heads=heads, num_key_value_heads=kv_heads,
+                          intermediate_size=intermediate_size or 3 * hidden_size,
+                          max_position_embeddings=max_positions, tie_word_embeddings=tie_word_embeddings,
+                          pad_token_id=pad_token_id, eos_token_id=eos_token_id, bos_token_id=None, use_cache=True)
+    torch.manual_seed(seed)
+    return model_class(config)
+
+
+def save_model_dir(model, tokenizer, path: str) -> str:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.save_pretrained(path)
+    return path
