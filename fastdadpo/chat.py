@@ -23,10 +23,12 @@ PLAIN_ROLE_HEADERS = {"system": "### System:", "user": "### User:", "assistant":
                       "tool": "### Tool:"}
 
 
-def as_messages(value: Union[str, Sequence[Message]], default_role: str, where: str, field: str) -> List[Message]:
-    """A string becomes one message of ``default_role``; a list must be ``{"role", "content"}`` dicts."""
+def as_messages(value: Union[str, Sequence[Message]], default_role: str, where: str, field: str,
+                allow_empty: bool = False) -> List[Message]:
+    """A string becomes one message of ``default_role``; a list must be ``{"role", "content"}`` dicts.
+    ``allow_empty``: an empty string is a message with empty content (a model that stopped at once)."""
     if isinstance(value, str):
-        if not value.strip():
+        if not value.strip() and not allow_empty:
             raise DataError(f"{where}: field {field!r} is empty")
         return [{"role": default_role, "content": value}]
     if not isinstance(value, (list, tuple)) or not value:
@@ -45,6 +47,15 @@ def as_messages(value: Union[str, Sequence[Message]], default_role: str, where: 
     return messages
 
 
+def _apply_template(tokenizer, messages, **kwargs):
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(list(messages), tokenize=True, **kwargs)
+    except TemplateError as exc:
+        raise DataError(f"the tokenizer's chat template rejects these messages: {exc}") from None
+
+
 def _ids(encoded) -> List[int]:
     # transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True)
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
@@ -57,7 +68,7 @@ def _plain(messages: Sequence[Message]) -> str:
 def prompt_ids(tokenizer, messages: Sequence[Message]) -> List[int]:
     """Token ids of a prompt, ready for the assistant's turn."""
     if getattr(tokenizer, "chat_template", None):
-        return _ids(tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True))
+        return _ids(_apply_template(tokenizer, messages, add_generation_prompt=True))
     return tokenizer(_plain(messages) + PLAIN_ROLE_HEADERS["assistant"] + "\n", add_special_tokens=False)["input_ids"]
 
 
@@ -68,7 +79,7 @@ def response_ids(tokenizer, prompt: Sequence[Message], response: Sequence[Messag
     if prompt_token_ids is None:
         prompt_token_ids = prompt_ids(tokenizer, prompt)
     if getattr(tokenizer, "chat_template", None):
-        full = _ids(tokenizer.apply_chat_template(list(prompt) + list(response), tokenize=True))
+        full = _ids(_apply_template(tokenizer, list(prompt) + list(response)))
         if full[:len(prompt_token_ids)] != prompt_token_ids:
             raise DataError("the tokenizer's chat template renders a prompt differently on its own and inside the "
                             "full conversation, so response tokens cannot be separated from the prompt")

@@ -25,7 +25,8 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastdadpo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fastdadpo", description="fastdadpo: distill a large teacher LLM into a "
+                                     "small student with daDPO and its relatives, without [tokens x vocab] logits.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -42,7 +43,8 @@ def _command_parser(name: str):
 
 def report_user_error(exc: BaseException) -> None:
     message = " ".join(str(exc).split())
-    print("\n".join(textwrap.wrap(f"fastdadpo: error: {message}", width=100)), file=sys.stderr)
+    lines = textwrap.wrap(f"fastdadpo: error: {message}", width=100, break_on_hyphens=False, break_long_words=False)
+    print("\n".join(lines), file=sys.stderr)
 
 
 def main(argv=None) -> int:

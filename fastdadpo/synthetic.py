@@ -60,7 +60,9 @@ def normalize_answer(text: str) -> str:
 
 # --- tokenizer ---------------------------------------------------------------------------------------------
 
-SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+# <|endoftext|> is there because transformers 5 loads a Qwen2 model directory's tokenizer as
+# Qwen2Tokenizer, which adds that token when missing: the reloaded tokenizer would outgrow the head.
+SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>", "<|endoftext|>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"

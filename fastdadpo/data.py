@@ -1,0 +1,572 @@
+"""Preference data: loading and validating rows, tokenizing them under one truncation policy,
+checking that teacher and student share a vocabulary, cutting an epoch into micro-batches that
+every rank agrees on, and collating micro-batches (padded or packed) with pre-shifted targets.
+
+Files
+    ``.jsonl``   one JSON object per line (blank lines are skipped); errors name ``FILE line N``.
+    ``.json``    one JSON array of objects; errors name the line where the object starts.
+    ``.parquet`` a table, one row per example; errors name ``FILE row N`` (N counted from 0, as ``ds[N]``).
+    directory   saved by ``datasets.Dataset.save_to_disk``; a ``DatasetDict`` needs its split: ``DIR:split``.
+
+Rows follow TRL's preference format: ``prompt``, ``chosen``, ``rejected``, each a string or a list
+of ``{"role", "content"}`` messages. A string prompt is one user message, a string response one
+assistant message. TRL's implicit-prompt rows (no ``prompt``; ``chosen`` and ``rejected`` are whole
+conversations that share their opening messages) are split at the last shared message.
+``answer`` (a reference answer) and every other field pass through untouched.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import chat
+from .errors import ConfigError, DataError
+
+RESPONSE_FIELDS = ("chosen", "rejected")
+KNOWN_FIELDS = ("prompt", *RESPONSE_FIELDS, "answer")
+IGNORE_INDEX = -100
+_CACHE_FORMAT = 1  # bump when the cached layout or the tokenization policy changes
+
+
+# --- loading -------------------------------------------------------------------------------------------------
+
+@dataclass
+class Example:
+    """One validated row. Messages are ``{"role", "content"}`` dicts."""
+    prompt: list[dict]
+    chosen: Optional[list[dict]]
+    rejected: Optional[list[dict]]
+    answer: Optional[str]
+    source: str  # "FILE line N" or "FILE row N", for error messages
+    extra: dict = field(default_factory=dict)
+
+    def response(self, name: str) -> Optional[list[dict]]:
+        return getattr(self, name)
+
+
+def load_examples(path: str, *, require: Sequence[str] = ("prompt", "chosen", "rejected")) -> list[Example]:
+    """Every row of ``path`` as an ``Example``; any bad row is a ``DataError`` naming file, line and field.
+    ``prompt`` and the fields in ``require`` must be present and non-empty; the other known fields
+    are validated when present."""
+    unknown = set(require) - {"prompt", *RESPONSE_FIELDS}
+    if unknown:
+        raise ValueError(f"require: unknown fields {sorted(unknown)}")
+    require = ("prompt", *(name for name in require if name != "prompt"))
+    examples = [_example(row, source, require) for row, source in _rows(path)]
+    if not examples:
+        raise DataError(f"{path}: no rows; a data file needs at least one example")
+    return examples
+
+
+def load_prompts(path: str) -> list[Example]:
+    """Rows that need only a prompt (for generation and evaluation)."""
+    return load_examples(path, require=("prompt",))
+
+
+def _rows(path: str) -> Iterator[tuple[Any, str]]:
+    """(row, source) for every row of a supported file or saved dataset."""
+    dataset_dir, split = _split_dataset_path(path)
+    if dataset_dir is not None:
+        yield from _dataset_dir_rows(dataset_dir, split)
+    elif not os.path.exists(path):
+        raise DataError(f"{path}: no such file or directory")
+    elif path.endswith(".jsonl"):
+        yield from _jsonl_rows(path)
+    elif path.endswith(".json"):
+        yield from _json_array_rows(path)
+    elif path.endswith(".parquet"):
+        yield from _parquet_rows(path)
+    else:
+        raise DataError(f"{path}: unknown data format; use .jsonl, .json (an array of objects), .parquet, or a "
+                        f"directory saved by datasets' save_to_disk")
+
+
+def _split_dataset_path(path: str) -> tuple[Optional[str], Optional[str]]:
+    """("DIR", split or None) when ``path`` names a saved dataset directory, else (None, None)."""
+    if os.path.isdir(path):
+        return path, None
+    head, sep, split = path.rpartition(":")
+    if sep and split and os.path.isdir(head):
+        return head, split
+    return None, None
+
+
+def _dataset_dir_rows(directory: str, split: Optional[str]) -> Iterator[tuple[Any, str]]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(directory)
+    except FileNotFoundError:
+        raise DataError(f"{directory}: a directory that is not a dataset saved by datasets' save_to_disk; give a "
+                        f"data file (.jsonl, .json, .parquet) or a saved dataset") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split is None or split not in loaded:
+            problem = "names no split" if split is None else f"has no split {split!r}"
+            raise DataError(f"{directory}: the dataset has splits {', '.join(loaded)} and the path {problem}; "
+                            f"write DIR:SPLIT, e.g. {directory}:{next(iter(loaded))}")
+        loaded, name = loaded[split], f"{directory}:{split}"
+    elif split is not None:
+        raise DataError(f"{directory}: a single dataset without splits, but the path asks for split {split!r}")
+    else:
+        name = directory
+    for number, row in enumerate(loaded):
+        yield row, f"{name} row {number}"
+
+
+def _jsonl_rows(path: str) -> Iterator[tuple[Any, str]]:
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            line = _utf8(raw, f"{path} line {number}")
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path} line {number}: malformed JSON ({exc.msg} at column {exc.colno}); every "
+                                f"line of a .jsonl file must be one JSON object") from None
+            yield row, f"{path} line {number}"
+
+
+def _json_array_rows(path: str) -> Iterator[tuple[Any, str]]:
+    with open(path, "rb") as handle:
+        text = _utf8(handle.read(), path)
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} line {exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(document, list):
+        raise DataError(f"{path}: a .json data file must hold one array of row objects, found a "
+                        f"{type(document).__name__}; for one object per line use .jsonl")
+    # The document is valid JSON: walk the array once more only to learn where each item starts.
+    decoder, position, line, counted = json.JSONDecoder(), text.index("[") + 1, 1, 0
+    for row in document:
+        while text[position] in " \t\r\n,":
+            position += 1
+        line, counted = line + text.count("\n", counted, position), position
+        yield row, f"{path} line {line}"
+        position = decoder.raw_decode(text, position)[1]
+
+
+def _utf8(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where}: not UTF-8 text (byte {exc.start}); JSON data files must be UTF-8") from None
+
+
+def _parquet_rows(path: str) -> Iterator[tuple[Any, str]]:
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as exc:  # pyarrow raises several types for an unreadable file
+        raise DataError(f"{path}: cannot read as Parquet: {exc}") from None
+    for number, row in enumerate(rows):
+        yield row, f"{path} row {number}"
+
+
+def _example(row: Any, source: str, require: Sequence[str]) -> Example:
+    if not isinstance(row, dict):
+        raise DataError(f"{source}: expected an object with fields prompt, chosen, rejected; got "
+                        f"{type(row).__name__}")
+    # Tabular formats store a field absent from some rows as null: null means missing.
+    present = {key: value for key, value in row.items() if value is not None}
+    if "prompt" not in present and _has_implicit_prompt(present):
+        present = _split_implicit_prompt(present, source)
+    for name in require:
+        if name not in present:
+            raise DataError(f"{source}: missing field {name!r} (rows need {', '.join(require)}); found fields "
+                            f"{', '.join(row) or 'none'}")
+    prompt = chat.as_messages(present["prompt"], "user", source, "prompt")
+    responses = {name: _response(present[name], source, name) if name in present else None
+                 for name in RESPONSE_FIELDS}
+    return Example(prompt=prompt, chosen=responses["chosen"], rejected=responses["rejected"],
+                   answer=_answer(present.get("answer"), source), source=source,
+                   extra={key: value for key, value in row.items() if key not in KNOWN_FIELDS})
+
+
+def _response(value: Any, source: str, name: str) -> list[dict]:
+    messages = chat.as_messages(value, "assistant", source, name, allow_empty=True)
+    if messages[0]["role"] != "assistant":
+        raise DataError(f"{source}: field {name!r} must start with an assistant message (it is the response to "
+                        f"the prompt), found role {messages[0]['role']!r}")
+    return messages
+
+
+def _answer(value: Any, source: str) -> Optional[str]:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise DataError(f"{source}: field 'answer' must be a string or a number, got {type(value).__name__}")
+
+
+def _has_implicit_prompt(row: dict) -> bool:
+    return all(isinstance(row.get(name), list) for name in RESPONSE_FIELDS)
+
+
+def _split_implicit_prompt(row: dict, source: str) -> dict:
+    """TRL's implicit prompt: the messages ``chosen`` and ``rejected`` share are the prompt."""
+    chosen, rejected = row["chosen"], row["rejected"]
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0 or shared == len(chosen) or shared == len(rejected):
+        raise DataError(f"{source}: no field 'prompt', and 'chosen' and 'rejected' do not read as one prompt "
+                        f"followed by two different responses (they share {shared} opening messages); add a "
+                        f"'prompt' field")
+    return {**row, "prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
+
+
+# --- tokenizing ----------------------------------------------------------------------------------------------
+
+@dataclass
+class TokenizedExample:
+    prompt_ids: list[int]
+    chosen_ids: Optional[list[int]]  # response tokens, ending with eos unless truncated
+    rejected_ids: Optional[list[int]]
+    index: int  # position of the row in the loaded list
+
+    def response_ids(self, name: str) -> Optional[list[int]]:
+        return getattr(self, f"{name}_ids")
+
+    def length(self) -> int:
+        """Tokens of its longest sequence (prompt + the longer response)."""
+        return len(self.prompt_ids) + max(len(self.chosen_ids or ()), len(self.rejected_ids or ()))
+
+
+@dataclass
+class TokenizationReport:
+    rows: int = 0
+    kept: int = 0
+    dropped: dict = field(default_factory=dict)  # reason -> rows
+    dropped_sources: list = field(default_factory=list)  # "SOURCE: reason" of the first few dropped rows
+    prompt_truncated: int = 0
+    response_truncated: dict = field(default_factory=dict)  # field -> rows
+    max_length: int = 0
+    max_prompt_length: int = 0
+
+    def summary(self) -> str:
+        dropped = sum(self.dropped.values())
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.dropped.items()))
+        truncated = ", ".join(f"{name} {count}" for name, count in self.response_truncated.items())
+        return (f"{self.rows} rows, kept {self.kept}, dropped {dropped}" + (f" ({reasons})" if reasons else "")
+                + f"; prompt truncated (left, to {self.max_prompt_length}) in {self.prompt_truncated}"
+                + f"; response truncated (right, to max_length {self.max_length}) in "
+                + (truncated or "0"))
+
+
+def tokenize_examples(examples: Sequence[Example], tokenizer, *, max_length: int, max_prompt_length: int,
+                      fields: Sequence[str] = RESPONSE_FIELDS, cache_dir: Optional[str] = None
+                      ) -> tuple[list[TokenizedExample], TokenizationReport]:
+    """Token ids of every example under the truncation policy: the prompt keeps its last
+    ``max_prompt_length`` tokens, then each response keeps its first ``max_length - len(prompt)``.
+    A row with an empty response is dropped and counted. With ``cache_dir``, results are stored
+    there keyed by a fingerprint of the examples, the tokenizer, the lengths and the fields."""
+    _check_lengths(max_length, max_prompt_length)
+    unknown = set(fields) - set(RESPONSE_FIELDS)
+    if unknown:
+        raise ValueError(f"fields: unknown response fields {sorted(unknown)}")
+    fields = tuple(fields)
+    cache_path = None
+    if cache_dir is not None:
+        key = _fingerprint(examples, tokenizer, max_length, max_prompt_length, fields)
+        cache_path = os.path.join(cache_dir, f"tokenized-{key[:24]}.npz")
+        cached = _read_cache(cache_path, fields)
+        if cached is not None:
+            return cached
+    tokenized, report = _tokenize_all(examples, tokenizer, max_length, max_prompt_length, fields)
+    if cache_path is not None:
+        _write_cache(cache_path, tokenized, report, fields)
+    return tokenized, report
+
+
+def _check_lengths(max_length: int, max_prompt_length: int) -> None:
+    if not isinstance(max_length, int) or max_length < 2:
+        raise ConfigError(f"data.max_length: must be an integer of at least 2, got {max_length!r}")
+    if not isinstance(max_prompt_length, int) or max_prompt_length < 1:
+        raise ConfigError(f"data.max_prompt_length: must be a positive integer, got {max_prompt_length!r}")
+    if max_prompt_length >= max_length:
+        raise ConfigError(f"data.max_prompt_length ({max_prompt_length}) must be smaller than data.max_length "
+                          f"({max_length}), or no response token would fit")
+
+
+def _tokenize_all(examples, tokenizer, max_length, max_prompt_length, fields):
+    report = TokenizationReport(rows=len(examples), max_length=max_length, max_prompt_length=max_prompt_length,
+                                response_truncated={name: 0 for name in fields})
+    tokenized = []
+    for index, example in enumerate(examples):
+        prompt_ids, responses = _tokenize_one(example, tokenizer, fields)
+        if len(prompt_ids) > max_prompt_length:
+            prompt_ids = prompt_ids[-max_prompt_length:]
+            report.prompt_truncated += 1
+        budget = max_length - len(prompt_ids)
+        for name, ids in responses.items():
+            if len(ids) > budget:
+                responses[name] = ids[:budget]
+                report.response_truncated[name] += 1
+        # An empty teacher response would teach the student to stop at once: dropped. An empty
+        # student (rejected) response is a real, bad sample: kept (its tokens are just eos).
+        empty = [name for name, ids in responses.items()
+                 if not ids or (name == "chosen" and not any(m["content"].strip() for m in example.chosen))]
+        if empty:
+            reason = f"empty {' and '.join(empty)} response"
+            report.dropped[reason] = report.dropped.get(reason, 0) + 1
+            if len(report.dropped_sources) < 5:
+                report.dropped_sources.append(f"{example.source}: {reason}")
+            continue
+        tokenized.append(TokenizedExample(prompt_ids, responses.get("chosen"), responses.get("rejected"), index))
+    report.kept = len(tokenized)
+    if examples and not tokenized:
+        raise DataError(f"every one of the {len(examples)} rows was dropped ({report.summary()}); e.g. "
+                        f"{'; '.join(report.dropped_sources)}")
+    return tokenized, report
+
+
+def _tokenize_one(example: Example, tokenizer, fields) -> tuple[list[int], dict]:
+    try:
+        prompt_ids = chat.prompt_ids(tokenizer, example.prompt)
+        responses = {}
+        for name in fields:
+            messages = example.response(name)
+            if messages is None:
+                raise DataError(f"field {name!r} is missing, and this run trains on it")
+            responses[name] = chat.response_ids(tokenizer, example.prompt, messages, prompt_token_ids=prompt_ids)
+    except DataError as exc:
+        raise DataError(f"{example.source}: {exc}") from None
+    return list(prompt_ids), responses
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Everything that decides how text becomes ids: vocabulary, merges, normalizer, added tokens,
+    special tokens and chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    identity = {
+        "class": type(tokenizer).__name__,
+        "model": backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()),
+        "special": {key: str(value) for key, value in sorted(tokenizer.special_tokens_map.items())},
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _fingerprint(examples, tokenizer, max_length, max_prompt_length, fields) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"format": _CACHE_FORMAT, "tokenizer": tokenizer_fingerprint(tokenizer),
+                              "max_length": max_length, "max_prompt_length": max_prompt_length,
+                              "fields": list(fields)}).encode())
+    for example in examples:
+        content = [example.prompt] + [example.response(name) for name in fields]
+        digest.update(json.dumps(content, sort_keys=True).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def _flatten(sequences: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(s) for s in sequences])
+    flat = np.fromiter((t for s in sequences for t in s), dtype=np.int64, count=int(offsets[-1]))
+    return flat, offsets
+
+
+def _unflatten(flat: np.ndarray, offsets: np.ndarray) -> list[list[int]]:
+    values = flat.tolist()
+    return [values[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+
+
+def _write_cache(path: str, tokenized: list[TokenizedExample], report: TokenizationReport, fields) -> None:
+    arrays = {"index": np.array([t.index for t in tokenized], dtype=np.int64),
+              "report": np.array(json.dumps(report.__dict__))}
+    for name in ("prompt", *fields):
+        arrays[f"{name}_flat"], arrays[f"{name}_offsets"] = _flatten([getattr(t, f"{name}_ids") for t in tokenized])
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    # Several ranks may write the same entry at once: each writes its own temporary file, and
+    # os.replace makes whichever finishes last the entry, whole.
+    handle, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tokenized-", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            np.savez(out, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _read_cache(path: str, fields) -> Optional[tuple[list[TokenizedExample], TokenizationReport]]:
+    """The cached entry, or None when there is none or it cannot be read (it is then rebuilt)."""
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            report = TokenizationReport(**json.loads(str(stored["report"])))
+            columns = {name: _unflatten(stored[f"{name}_flat"], stored[f"{name}_offsets"])
+                       for name in ("prompt", *fields)}
+            indices = stored["index"].tolist()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    tokenized = [TokenizedExample(columns["prompt"][i], columns["chosen"][i] if "chosen" in columns else None,
+                                  columns["rejected"][i] if "rejected" in columns else None, index)
+                 for i, index in enumerate(indices)]
+    return tokenized, report
+
+
+# --- tokenizer compatibility ---------------------------------------------------------------------------------
+
+def check_tokenizers_compatible(student_tokenizer, teacher_tokenizer, *, student_head_rows: int,
+                                teacher_head_rows: int) -> int:
+    """The vocabulary size ``V`` that divergences are computed over (the first ``V`` rows of both
+    LM heads). The tokenizers must map every token to the same id; heads may be padded past ``V``."""
+    student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if student_vocab != teacher_vocab:
+        raise ConfigError(f"model.teacher / model.student: the teacher and student tokenizers differ "
+                          f"({_vocab_difference(student_vocab, teacher_vocab)}; {len(teacher_vocab)} tokens "
+                          f"against {len(student_vocab)}); distillation compares next-token distributions id by "
+                          f"id, so both models must use the same tokenizer")
+    vocab_size = max(len(student_tokenizer), max(student_vocab.values()) + 1)
+    for key, rows in (("model.student", student_head_rows), ("model.teacher", teacher_head_rows)):
+        if rows < vocab_size:
+            raise ConfigError(f"{key}: the LM head has {rows} rows, fewer than the tokenizer's {vocab_size} "
+                              f"tokens; the model cannot score every token of its own tokenizer")
+    return vocab_size
+
+
+def _vocab_difference(student_vocab: dict, teacher_vocab: dict) -> str:
+    for token, student_id in sorted(student_vocab.items(), key=lambda item: item[1]):
+        teacher_id = teacher_vocab.get(token)
+        if teacher_id != student_id:
+            where_teacher = "absent from the teacher's" if teacher_id is None else f"id {teacher_id} in the teacher's"
+            return f"token {token!r} is id {student_id} in the student's tokenizer and {where_teacher}"
+    token = min(set(teacher_vocab) - set(student_vocab), key=teacher_vocab.get)
+    return f"token {token!r} is id {teacher_vocab[token]} in the teacher's tokenizer and absent from the student's"
+
+
+# --- micro-batches -------------------------------------------------------------------------------------------
+
+def padded_example_count(num_examples: int, micro_batch_size: int, world_size: int) -> int:
+    """Examples ``micro_batches`` repeats per epoch so every rank gets the same number of full micro-batches."""
+    per_step = micro_batch_size * world_size
+    return math.ceil(num_examples / per_step) * per_step - num_examples
+
+
+def micro_batches(tokenized: Sequence[TokenizedExample], micro_batch_size: int, *, seed: int, epoch: int,
+                  rank: int = 0, world_size: int = 1, group_by_length: bool = True,
+                  length_window: int = 64) -> list[list[TokenizedExample]]:
+    """This rank's micro-batches for one epoch, the same on every call with the same arguments.
+
+    The examples are shuffled (seeded by ``seed`` and ``epoch``); the order is extended by repeating
+    its first examples up to a multiple of ``micro_batch_size * world_size`` (see
+    ``padded_example_count``), so every rank gets the same number of full micro-batches and all
+    ranks make the same collective calls. Step ``s`` gives rank ``r`` the ``r``-th micro-batch of
+    that step's ``micro_batch_size * world_size`` examples. With ``group_by_length``, each window
+    of ``length_window`` steps is sorted by length before it is cut (similar lengths share a step:
+    less padding, balanced ranks) and the steps are then shuffled."""
+    if micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"micro_batches: bad micro_batch_size={micro_batch_size}, rank={rank}, "
+                         f"world_size={world_size}")
+    if not tokenized:
+        raise DataError("no examples to batch")
+    rng = np.random.default_rng([seed, epoch])
+    per_step = micro_batch_size * world_size
+    steps = math.ceil(len(tokenized) / per_step)
+    order = np.resize(rng.permutation(len(tokenized)), steps * per_step)
+    if group_by_length:
+        lengths = np.array([example.length() for example in tokenized])
+        window = per_step * length_window
+        for start in range(0, len(order), window):
+            chunk = order[start:start + window]
+            order[start:start + window] = chunk[np.argsort(-lengths[chunk], kind="stable")]
+    step_order = rng.permutation(steps) if group_by_length else np.arange(steps)
+    by_step = order.reshape(steps, world_size, micro_batch_size)
+    return [[tokenized[i] for i in by_step[step, rank]] for step in step_order]
+
+
+# --- collating -----------------------------------------------------------------------------------------------
+
+def collate(examples: Sequence[TokenizedExample], *, pad_token_id: int, include_rejected: bool = True,
+            packing: bool = False) -> dict:
+    """Tensors for one micro-batch of ``B`` examples.
+
+    Sequences (``S`` of them) are prompt + chosen for examples ``0..B-1``, then, with
+    ``include_rejected``, prompt + rejected for the same examples: pair ``i`` is sequences ``i`` and
+    ``B + i``. Padded: one row per sequence, right padding to the longest (pad positions continue
+    counting, so with right padding the real tokens need no attention mask at all). Packed: one row,
+    the sequences end to end, no padding, ``attention_mask`` None and positions restarting at 0 for
+    each sequence (transformers derives the block-diagonal causal mask from them, but only in a
+    forward without a KV cache: run it with ``use_cache=False``, as ``models.final_hidden_states``
+    does, or every token attends to the sequences before it in the row).
+
+    Returns ``input_ids``, ``attention_mask`` (None when packed), ``position_ids``, ``targets``
+    (pre-shifted: ``targets[r, t]`` is the token at ``t + 1`` when that is a response token of the
+    same sequence, else -100, so hidden state ``[r, t]`` predicts it), ``target_sequence`` (the
+    sequence of each target, -1 where none), all ``[R, T]`` long; ``response_tokens`` ``[S]`` and
+    ``example_index`` ``[B]`` (rows of the loaded data) long; ``num_sequences`` ``S``, ``num_examples``
+    ``B``, and ``num_pairs``, also ``B``: the first rejected sequence's index, as the objectives read it
+    (without rejected sequences there are none from there on).
+    """
+    if not examples:
+        raise ValueError("collate: an empty micro-batch")
+    names = RESPONSE_FIELDS if include_rejected else RESPONSE_FIELDS[:1]
+    sequences = []  # (prompt ids, response ids)
+    for name in names:
+        for example in examples:
+            response = example.response_ids(name)
+            if response is None:
+                raise ValueError(f"collate: example {example.index} has no {name} tokens (tokenize with that field)")
+            sequences.append((example.prompt_ids, response))
+    batch = _pack(sequences) if packing else _pad(sequences, pad_token_id)
+    batch.update(
+        response_tokens=torch.tensor([len(response) for _, response in sequences], dtype=torch.long),
+        example_index=torch.tensor([example.index for example in examples], dtype=torch.long),
+        num_sequences=len(sequences), num_examples=len(examples), num_pairs=len(examples),
+    )
+    return batch
+
+
+def _targets(prompt: list[int], response: list[int], sequence: int) -> tuple[list[int], list[int]]:
+    """Pre-shifted targets of one sequence and their sequence index (-100 / -1 where no target)."""
+    before = len(prompt) - 1  # positions before the one that predicts the first response token
+    targets = [IGNORE_INDEX] * before + list(response) + [IGNORE_INDEX]
+    owners = [-1] * before + [sequence] * len(response) + [-1]
+    return targets, owners
+
+
+def _pad(sequences, pad_token_id: int) -> dict:
+    width = max(len(prompt) + len(response) for prompt, response in sequences)
+    rows = len(sequences)
+    input_ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((rows, width), dtype=torch.long)
+    targets = torch.full((rows, width), IGNORE_INDEX, dtype=torch.long)
+    target_sequence = torch.full((rows, width), -1, dtype=torch.long)
+    for row, (prompt, response) in enumerate(sequences):
+        length = len(prompt) + len(response)
+        input_ids[row, :length] = torch.tensor(prompt + response, dtype=torch.long)
+        attention_mask[row, :length] = 1
+        row_targets, owners = _targets(prompt, response, row)
+        targets[row, :length] = torch.tensor(row_targets, dtype=torch.long)
+        target_sequence[row, :length] = torch.tensor(owners, dtype=torch.long)
+    position_ids = torch.arange(width, dtype=torch.long).expand(rows, width).clone()
+    return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, targets=targets,
+                target_sequence=target_sequence)
+
+
+def _pack(sequences) -> dict:
+    input_ids, position_ids, targets, owners = [], [], [], []
+    for sequence, (prompt, response) in enumerate(sequences):
+        input_ids += prompt + response
+        position_ids += range(len(prompt) + len(response))
+        sequence_targets, sequence_owners = _targets(prompt, response, sequence)
+        targets += sequence_targets
+        owners += sequence_owners
+
+    def row(values):
+        return torch.tensor([values], dtype=torch.long)
+
+    return dict(input_ids=row(input_ids), attention_mask=None, position_ids=row(position_ids), targets=row(targets),
+                target_sequence=row(owners))

@@ -1,0 +1,413 @@
+"""``fastdadpo generate``: the daDPO preference set. For every prompt, the teacher's response is
+``chosen`` and the student's ``rejected``; each output row is ``{"index", "prompt", "chosen",
+"rejected"}`` plus the prompt row's ``answer`` and other fields. ``index`` is the prompt's row in
+the prompts file (the output's own ``index`` wins over a prompt field of that name).
+
+Determinism. The prompts are sorted by length and cut into fixed batches of ``--batch-size``
+(batch k is the same whatever the number of ranks or how often the run was interrupted); batch k
+of model m is sampled with a seed derived from (``--seed``, k, m). So the same command gives the
+same file, and a resumed run writes exactly what an uninterrupted one would. Each model samples
+from its own distribution: its ``generation_config.json`` (repetition penalties, default top-k,
+...) is replaced by the flags here; LM-head rows past the tokenizer's vocabulary are never sampled.
+
+Resumption. Rows are appended as each step finishes (flushed and fsynced), in batch order; a
+rerun reads the output, drops a trailing partial line left by a kill, and generates only the
+batches with missing rows. When every row is there the file is rewritten sorted by ``index``
+(atomically). ``OUT.settings.json`` records the settings; a rerun with other settings is refused
+rather than mixing two samplings in one file.
+
+Several processes (``torchrun --nproc_per_node=N -m fastdadpo generate ...``): both models are
+sharded with ZeRO-3, each step gives every rank one batch (a rank with none left generates a
+dummy batch whose output is dropped, so all ranks make the same collective calls), and rank 0
+gathers and writes the rows.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from . import chat, distributed
+from .data import Example, check_tokenizers_compatible, load_prompts
+from .errors import ConfigError, UserError
+
+ROLES = ("teacher", "student")  # teacher -> chosen, student -> rejected
+# The CLI's help formatter appends "(default: X)" to every flag; this (an empty rendering of the
+# default) stops it where "None" would say nothing.
+NO_DEFAULT_SHOWN = "%(default).0s"
+
+
+def add_arguments(parser) -> None:
+    parser.epilog = ("Rerunning the same command continues a partial --out (rows are written as they finish) and "
+                     "leaves a finished one alone; OUT.settings.json records the settings, and other settings are "
+                     "refused. The same command writes the same file, whether resumed or not, on any number of "
+                     "processes. Several processes: torchrun --nproc_per_node=N -m fastdadpo generate ... (both "
+                     "models sharded with DeepSpeed ZeRO-3).")
+    parser.add_argument("--teacher", required=True, metavar="DIR", help=(
+        "teacher model directory (Hugging Face format); its responses become 'chosen'" + NO_DEFAULT_SHOWN))
+    parser.add_argument("--student", required=True, metavar="DIR", help=(
+        "student model directory; its responses become 'rejected'. Its tokenizer must map every token to the "
+        "same id as the teacher's" + NO_DEFAULT_SHOWN))
+    parser.add_argument("--prompts", required=True, metavar="FILE", help=(
+        "prompts: .jsonl, .json, .parquet or a saved dataset directory (DIR or DIR:split), one row per prompt with "
+        "a 'prompt' field (a string or chat messages); other fields (e.g. 'answer') are copied to the output"
+        + NO_DEFAULT_SHOWN))
+    parser.add_argument("--out", required=True, metavar="FILE", help=(
+        "output JSONL file; an existing partial output is continued, a finished one left as is" + NO_DEFAULT_SHOWN))
+    parser.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
+                        help="most tokens generated per response")
+    parser.add_argument("--temperature", type=float, default=1.0, metavar="T",
+                        help="sampling temperature; 0 means greedy decoding")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                        help="nucleus sampling: sample from the smallest token set of probability >= P (1: all)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S",
+                        help="seed of the sampling; with the same seed and settings the output is the same")
+    parser.add_argument("--batch-size", type=int, default=16, metavar="B",
+                        help="prompts per generation batch (per rank); part of what the samples depend on")
+    parser.add_argument("--max-prompt-length", type=int, default=None, metavar="N", help=(
+        "keep only the last N tokens of a longer prompt (default: keep it whole)" + NO_DEFAULT_SHOWN))
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help=(
+        "weights' dtype (default: bf16 on GPU, fp32 on CPU)" + NO_DEFAULT_SHOWN))
+
+
+def run(args) -> int:
+    _check_arguments(args)
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    try:
+        _generate(args, distributed.setup() if several else _single_process())
+    finally:
+        if several:
+            distributed.teardown()
+    return 0
+
+
+def _single_process() -> distributed.DistInfo:
+    """One process needs no process group and no DeepSpeed: plain models on the local device."""
+    import torch
+
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    return distributed.DistInfo(rank=0, world_size=1, local_rank=0, device=device)
+
+
+def _check_arguments(args) -> None:
+    problems = []
+    if args.max_new_tokens < 1:
+        problems.append(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        problems.append(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        problems.append(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.batch_size < 1:
+        problems.append(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.max_prompt_length is not None and args.max_prompt_length < 1:
+        problems.append(f"--max-prompt-length must be at least 1, got {args.max_prompt_length}")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+@dataclass
+class _Job:
+    """Everything known before any model is loaded, identical on every rank."""
+    examples: list[Example]
+    tokenizers: dict  # role -> tokenizer
+    head_rows: dict  # role -> LM-head rows
+    vocab_size: int
+    prompts: dict  # role -> token ids of every prompt
+    batches: list[list[int]]
+    dtype: object
+    settings: dict
+
+
+def _generate(args, info: distributed.DistInfo) -> None:
+    log = functools.partial(print, flush=True) if info.is_main else (lambda *_: None)
+    job = _prepare(args, info, log)
+    done = _rows_done(args.out, job, info)
+    pending = [batch_id for batch_id, batch in enumerate(job.batches) if any(i not in done for i in batch)]
+    if not pending:
+        if info.is_main:
+            _finish(args.out, len(job.examples))
+        log(f"generate: nothing to do, all {len(job.examples)} rows are already in {args.out}")
+        return
+    log(f"generate: {len(job.examples)} prompts, {len(done)} already in {args.out}; {len(pending)} batches of up "
+        f"to {args.batch_size} to generate on {info.world_size} process(es)")
+    models = {role: _load_model(getattr(args, role), f"--{role}", job.tokenizers[role], job.vocab_size,
+                                job.head_rows[role], job.dtype, info) for role in ROLES}
+    empty_responses = _run_steps(args, job, models, pending, done, info, log)
+    distributed.barrier()
+    if info.is_main:
+        _finish(args.out, len(job.examples))
+        log(f"generate: done, {len(job.examples)} rows in {args.out}")
+        if empty_responses:
+            print(f"fastdadpo generate: warning: {empty_responses} new rows have an empty response (the model "
+                  f"stopped at once); training drops rows with an empty teacher (chosen) response and keeps empty "
+                  f"student (rejected) responses as rejected examples",
+                  file=sys.stderr)
+
+
+def _prepare(args, info: distributed.DistInfo, log) -> _Job:
+    """Read and check every input (fast failures before any model is loaded) and plan the batches."""
+    from .models import resolve_dtype
+
+    examples = load_prompts(args.prompts)
+    tokenizers = {role: _load_tokenizer(getattr(args, role), f"--{role}") for role in ROLES}
+    head_rows = {role: _head_rows(getattr(args, role), f"--{role}") for role in ROLES}
+    try:
+        vocab_size = check_tokenizers_compatible(tokenizers["student"], tokenizers["teacher"],
+                                                 student_head_rows=head_rows["student"],
+                                                 teacher_head_rows=head_rows["teacher"])
+    except ConfigError as exc:
+        raise UserError(f"--teacher {args.teacher} and --student {args.student}: {exc}") from None
+    prompts = {}
+    for role in ROLES:
+        prompts[role], truncated = _prompt_ids(tokenizers[role], examples, args.max_prompt_length)
+        if truncated:
+            log(f"generate: {truncated} prompts cut to their last {args.max_prompt_length} tokens "
+                f"(--max-prompt-length) for the {role}")
+    if any("index" in example.extra for example in examples):
+        log("generate: the prompts have a field 'index'; the output's 'index' (the prompt's row) replaces it")
+    dtype = resolve_dtype(args.dtype, info.device)
+    return _Job(examples, tokenizers, head_rows, vocab_size, prompts,
+                batches=plan_batches([len(ids) for ids in prompts["student"]], args.batch_size), dtype=dtype,
+                settings=_settings(args, examples, str(dtype).removeprefix("torch.")))
+
+
+def _rows_done(out: str, job: _Job, info: distributed.DistInfo) -> set[int]:
+    """Indices already in the output. Only rank 0 reads it; its verdict (or its error) goes to
+    every rank, so no rank is left waiting for one that failed."""
+    verdict = None
+    if info.is_main:
+        try:
+            verdict = (None, _prepare_output(out, job.settings, len(job.examples)))
+        except UserError as exc:
+            verdict = (str(exc), None)
+    error, done = distributed.broadcast_object(verdict)
+    if error is not None:
+        raise UserError(error)
+    return done
+
+
+def _run_steps(args, job: _Job, models: dict, pending: list[int], done: set[int], info, log) -> int:
+    """Generate the pending batches, ``world_size`` at a time; rank 0 appends each step's rows.
+    Returns how many written rows have an empty response."""
+    empty_responses = 0
+    steps = -(-len(pending) // info.world_size)
+    with open(args.out, "a", encoding="utf-8") if info.is_main else contextlib.nullcontext() as out:
+        for step in range(steps):
+            slot = step * info.world_size + info.rank
+            batch_id = pending[slot] if slot < len(pending) else None
+            # A rank without a batch of its own generates a dummy one: all ranks must step together.
+            indices = job.batches[batch_id] if batch_id is not None else job.batches[pending[0]][:1]
+            texts = {role: _responses(models[role], job.tokenizers[role], [job.prompts[role][i] for i in indices],
+                                      args, seed=_batch_seed(args.seed, -1 if batch_id is None else batch_id, role),
+                                      info=info)
+                     for role in ROLES}
+            rows = [] if batch_id is None else [
+                output_row(job.examples[i], i, chosen=texts["teacher"][k], rejected=texts["student"][k])
+                for k, i in enumerate(indices) if i not in done]
+            gathered = [row for part in distributed.gather_to_main(rows) for row in part]
+            if info.is_main:
+                _append(out, gathered)
+                empty_responses += sum(1 for row in gathered if not row["chosen"] or not row["rejected"])
+                log(f"generate: step {step + 1}/{steps}, {len(gathered)} rows written")
+    return empty_responses
+
+
+# --- inputs --------------------------------------------------------------------------------------------------
+
+def _check_model_path(path: str, flag: str) -> None:
+    # A path that does not exist locally would otherwise be looked up on the Hub (and, offline, fail
+    # far from the cause); "org/name" is the one shape left to the Hub.
+    if not os.path.exists(path) and (path.startswith(("/", ".", "~")) or path.count("/") != 1):
+        raise UserError(f"{flag} {path}: no such directory; give a Hugging Face model directory")
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        raise UserError(f"{flag} {path}: a directory without config.json; give a Hugging Face model directory")
+
+
+def _load_tokenizer(path: str, flag: str):
+    from transformers import AutoTokenizer
+
+    _check_model_path(path, flag)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{flag} {path}: cannot load its tokenizer: {exc}") from None
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"{flag} {path}: the tokenizer has no eos token, so a response could never end")
+    return tokenizer
+
+
+def _head_rows(path: str, flag: str) -> int:
+    """LM-head rows from the model's config, known before (and without) loading the weights."""
+    from transformers import AutoConfig
+
+    try:
+        return int(AutoConfig.from_pretrained(path).get_text_config().vocab_size)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{flag} {path}: cannot read its config: {exc}") from None
+
+
+def _prompt_ids(tokenizer, examples: Sequence[Example], max_prompt_length: Optional[int]
+                ) -> tuple[list[list[int]], int]:
+    """Every prompt through the chat template, cut from the left to ``max_prompt_length``; and how many were cut."""
+    prompts, truncated = [], 0
+    for example in examples:
+        ids = chat.prompt_ids(tokenizer, example.prompt)
+        if max_prompt_length is not None and len(ids) > max_prompt_length:
+            ids, truncated = ids[-max_prompt_length:], truncated + 1
+        prompts.append(list(ids))
+    return prompts, truncated
+
+
+def plan_batches(prompt_lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Prompt indices in batches: sorted by length (little padding; ties by index), cut every
+    ``batch_size``. The plan depends only on the prompts, never on ranks or earlier runs."""
+    order = sorted(range(len(prompt_lengths)), key=lambda i: (prompt_lengths[i], i))
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def _batch_seed(seed: int, batch_id: int, role: str) -> int:
+    digest = hashlib.sha256(f"{seed}/{batch_id}/{role}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % 2**63
+
+
+# --- output --------------------------------------------------------------------------------------------------
+
+def output_row(example: Example, index: int, *, chosen: str, rejected: str) -> dict:
+    """A preference row in TRL's format (a single user message as a plain string), plus what the
+    prompt row carried."""
+    single_user_turn = len(example.prompt) == 1 and example.prompt[0]["role"] == "user"
+    row = {"index": index, "prompt": example.prompt[0]["content"] if single_user_turn else example.prompt,
+           "chosen": chosen, "rejected": rejected}
+    if example.answer is not None:
+        row["answer"] = example.answer
+    for key, value in example.extra.items():
+        row.setdefault(key, value)
+    return row
+
+
+def _settings_path(out: str) -> str:
+    return out + ".settings.json"
+
+
+def _settings(args, examples: Sequence[Example], dtype: str) -> dict:
+    """What the rows depend on; a resumed run must match it."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(json.dumps([example.prompt, example.answer, example.extra], sort_keys=True,
+                                 default=str).encode())
+    return {"teacher": os.path.realpath(args.teacher), "student": os.path.realpath(args.student),
+            "prompts_sha256": digest.hexdigest(), "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, "batch_size": args.batch_size,
+            "max_prompt_length": args.max_prompt_length, "dtype": dtype}
+
+
+def _prepare_output(out: str, settings: dict, num_prompts: int) -> set[int]:
+    """Indices already in ``out`` (after dropping a partial last line); records the settings of a new output."""
+    settings_path = _settings_path(out)
+    if not os.path.exists(out) or os.path.getsize(out) == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        _write_atomically(settings_path, json.dumps(settings, indent=1) + "\n")
+        open(out, "w").close()
+        return set()
+    try:
+        with open(settings_path, encoding="utf-8") as handle:
+            recorded = json.load(handle)
+    except (OSError, json.JSONDecodeError):
+        raise UserError(f"{out}: the file exists but {settings_path}, the record of the settings it was generated "
+                        f"with, is missing or unreadable, so it cannot be continued safely; choose another --out "
+                        f"or delete the file") from None
+    changed = [f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in settings.items()
+               if recorded.get(key) != value]
+    if changed:
+        raise UserError(f"{out} was generated with other settings ({'; '.join(changed)}); continuing it would mix "
+                        f"two samplings in one file; rerun with the recorded settings, or choose another --out")
+    _drop_partial_last_line(out)
+    return set(_read_rows(out, num_prompts))
+
+
+def _drop_partial_last_line(out: str) -> None:
+    """A kill during a write can leave a last line without its newline: cut it (its batch is regenerated)."""
+    with open(out, "rb+") as handle:
+        content = handle.read()
+        if content and not content.endswith(b"\n"):
+            handle.truncate(content.rfind(b"\n") + 1)
+            print(f"generate: dropped a partial last line of {out} (an interrupted write)", file=sys.stderr)
+
+
+def _read_rows(out: str, num_prompts: int) -> dict[int, str]:
+    """index -> line of every row in ``out``."""
+    lines: dict[int, str] = {}
+    with open(out, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                index = json.loads(line)["index"]
+            except (json.JSONDecodeError, TypeError, KeyError):
+                raise UserError(f"{out} line {number}: not a row written by fastdadpo generate (malformed JSON or "
+                                f"no 'index'); repair or delete the file") from None
+            if not isinstance(index, int) or not 0 <= index < num_prompts:
+                raise UserError(f"{out} line {number}: 'index' {index!r} is not a row of the {num_prompts} prompts")
+            if index in lines:
+                raise UserError(f"{out} line {number}: a second row for prompt {index}")
+            lines[index] = line
+    return lines
+
+
+def _append(out, rows: list[dict]) -> None:
+    out.write("".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
+    out.flush()
+    os.fsync(out.fileno())
+
+
+def _finish(out: str, num_prompts: int) -> None:
+    """Rewrite a complete output sorted by index (once; a sorted file is left alone)."""
+    lines = _read_rows(out, num_prompts)
+    if len(lines) != num_prompts:
+        raise RuntimeError(f"{out}: {num_prompts - len(lines)} rows missing after generation")
+    order = list(lines)
+    if order != sorted(order):
+        _write_atomically(out, "".join(lines[index] for index in sorted(order)))
+
+
+def _write_atomically(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+# --- models --------------------------------------------------------------------------------------------------
+
+def _load_model(path: str, flag: str, tokenizer, vocab_size: int, head_rows: int, dtype, info):
+    """The model ready for ``generate``: plain on the device with one process, ZeRO-3-sharded with several."""
+    from transformers import GenerationConfig
+
+    from . import models
+
+    ds_config = models.zero3_inference_config(dtype) if info.world_size > 1 else None
+    model = models.load_causal_lm(path, dtype=dtype, device=info.device, ds_config=ds_config, key=flag)
+    if ds_config is not None:
+        model = models.frozen_engine(model, ds_config).module  # the engine's hooks gather each layer's shards
+    # Sample from the model itself: no penalties or top-k from its generation_config.json, and
+    # never a padded head row that no token of the tokenizer has.
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        suppress_tokens=list(range(vocab_size, head_rows)) or None)
+    return model
+
+
+def _responses(model, tokenizer, prompts: list[list[int]], args, *, seed: int, info) -> list[str]:
+    from .sampling import decode_response, generate_batch
+
+    ids = generate_batch(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_p=args.top_p, seed=seed, synced_gpus=info.world_size > 1, device=info.device)
+    return [decode_response(tokenizer, response) for response in ids]
+
+

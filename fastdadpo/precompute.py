@@ -1,0 +1,102 @@
+"""Sequence log-probs that never change during training, computed once and cached on disk.
+
+π_ref (the starting student, by default) and, for daDPO, the teacher are frozen: Σ_t log π(y_t) of
+every chosen and rejected response is computed in one pass before training and kept as a small
+[examples, 2] table, so no reference model stays in memory during training. The cache key is a
+fingerprint of the model's files and of the tokenized data, so a rerun (or a resumed run, or a
+second objective on the same data) reuses it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Callable, List, Sequence
+
+import torch
+
+from .objectives import sequence_logps
+
+_SAMPLED_BLOCK = 1 << 20
+_FULL_HASH_LIMIT = 2 << 30
+
+
+def model_fingerprint(path: str) -> str:
+    """Hash of a model directory's config and weights: whole files up to 2 GiB, above that each
+    file's size, its safetensors header and 64 blocks spread over it (any fine-tune changes them)."""
+    digest = hashlib.sha256()
+    if not os.path.isdir(path):  # a hub name: its identity is the name
+        digest.update(path.encode())
+        return digest.hexdigest()[:16]
+    files = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".bin", ".json"))
+                   and not f.startswith(("tokenizer", "special_tokens", "generation_config")))
+    total = sum(os.path.getsize(os.path.join(path, f)) for f in files)
+    for name in files:
+        full = os.path.join(path, name)
+        size = os.path.getsize(full)
+        digest.update(f"{name}:{size}".encode())
+        with open(full, "rb") as handle:
+            if total <= _FULL_HASH_LIMIT:
+                for block in iter(lambda: handle.read(_SAMPLED_BLOCK), b""):
+                    digest.update(block)
+            else:
+                for k in range(64):
+                    handle.seek(k * max(0, size - _SAMPLED_BLOCK) // 63)
+                    digest.update(handle.read(_SAMPLED_BLOCK))
+    return digest.hexdigest()[:16]
+
+
+def data_fingerprint(examples: Sequence) -> str:
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(json.dumps([example.prompt_ids, example.chosen_ids, example.rejected_ids]).encode())
+    return digest.hexdigest()[:16]
+
+
+def cached(cache_dir: str, key: dict, compute: Callable[[], torch.Tensor], is_main: bool,
+           broadcast: Callable) -> torch.Tensor:
+    """Load the tensor for ``key`` from the cache, or compute it (collectively) and store it."""
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    path = os.path.join(cache_dir, "logps", f"{name}.pt")
+    found = broadcast(os.path.exists(path))  # every rank takes the same branch
+    if found:
+        return torch.load(path, weights_only=True)
+    table = compute()
+    if is_main:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        torch.save(table, tmp)
+        os.replace(tmp, path)
+        with open(path[:-3] + ".json", "w", encoding="utf-8") as handle:
+            json.dump(key, handle, indent=2)
+    return table
+
+
+def sequence_logps_table(token_logps_fn: Callable, examples: List, *, collate: Callable,
+                         micro_batch_size: int, rank: int, world_size: int, gather: Callable,
+                         device: torch.device) -> torch.Tensor:
+    """[len(examples), 2] float32: Σ log π of each example's chosen and rejected response (rejected
+    column 0 for chosen-only data). ``token_logps_fn(batch)`` gives a batch's [R, T] token log-probs
+    of its targets (0 off the responses). Collective: every rank runs the same number of micro-batches
+    (the last ranks repeat an example and drop its result), so ZeRO-3 ranks stay in step."""
+    shard = list(range(rank, len(examples), world_size))
+    per_rank = -(-len(examples) // world_size)
+    rounds = -(-per_rank // micro_batch_size)
+    rows, values = [], []
+    for r in range(rounds):
+        indices = shard[r * micro_batch_size:(r + 1) * micro_batch_size]
+        padded = indices or [0]
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([examples[i] for i in padded]).items()}
+        with torch.no_grad():
+            sums = sequence_logps(token_logps_fn(batch), batch["target_sequence"], batch["num_sequences"])
+        b = len(padded)
+        chosen = sums[:b]
+        rejected = sums[b:2 * b] if batch["num_sequences"] == 2 * b else torch.zeros_like(chosen)
+        for j, index in enumerate(indices):
+            rows.append(index)
+            values.append((float(chosen[j]), float(rejected[j])))
+    table = torch.zeros(len(examples), 2)
+    for part_rows, part_values in gather((rows, values)):
+        for index, pair in zip(part_rows, part_values):
+            table[index] = torch.tensor(pair)
+    return table

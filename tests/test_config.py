@@ -1,0 +1,100 @@
+"""Config loading: defaults in one place, --set overrides, and a clear error for every bad key or value."""
+import glob
+import os
+
+import pytest
+import torch
+import yaml
+
+from fastdadpo.config import DEFAULT_LR, load_config
+from fastdadpo.ds_config import student_config, validate_extra
+from fastdadpo.errors import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def base(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": {"student": "s", "teacher": "t"}, "data": {"train": "d.jsonl"},
+                                    "objective": {"name": "dadpo"}}))
+    return str(path)
+
+
+def test_defaults_and_overrides(base):
+    config = load_config(base, ["train.lr=1e-5", "objective.beta2=0.3", "train.max_steps=10",
+                                "train.lr=2e-5", "deepspeed.extra.zero_optimization.reduce_bucket_size=5.0e8"])
+    assert config.lr == 2e-5  # YAML 1.1 reads 1e-5 as a string; later --set wins
+    assert config.objective.beta2 == 0.3 and config.objective.beta1 == 0.1
+    assert config.train.max_steps == 10 and config.deepspeed.zero_stage == 3
+    assert config.deepspeed.extra == {"zero_optimization": {"reduce_bucket_size": 500000000}}
+    assert load_config(base).lr == DEFAULT_LR["dadpo"]
+    assert load_config(base, ["objective.name=sft"]).lr == DEFAULT_LR["sft"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.lrr=1"], "unknown config key 'train.lrr' (did you mean 'train.lr'?)"),
+    (["trian.lr=1"], "unknown config section 'trian'"),
+    (["objective.name=kl"], "objective.name is 'kl'"),
+    (["objective.beta1=0"], "objective.beta1 must be > 0"),
+    (["objective.jsd_beta=1.0"], "objective.jsd_beta must be in (0, 1)"),
+    (["objective.loss_type=kto"], "objective.loss_type is 'kto'"),
+    (["objective.label_smoothing=0.1", "objective.loss_type=ipo"], "applies to loss_type sigmoid only"),
+    (["model.teacher=null"], "model.teacher is required by objective 'dadpo'"),
+    (["objective.name=adpa"], "model.teacher_reference is required by objective 'adpa'"),
+    (["data.max_prompt_length=2000"], "data.max_prompt_length (2000) must be positive and below data.max_length"),
+    (["train.micro_batch_size=1.5"], "train.micro_batch_size must be an integer"),
+    (["train.lr=fast"], "train.lr must be a number"),
+    (["data.packing=yes please"], "data.packing must be true or false"),
+    (["deepspeed.zero_stage=4"], "deepspeed.zero_stage must be 0, 1, 2 or 3"),
+    (["deepspeed.teacher_offload=true", "deepspeed.zero_stage=2"], "teacher_offload needs deepspeed.zero_stage 3"),
+    (["train.lr"], "expected KEY=VALUE"),
+])
+def test_bad_values_name_the_key(base, overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(base, overrides)
+    assert message in str(error.value)
+    assert base in str(error.value) or message == "expected KEY=VALUE"  # a malformed --set is the command line's
+
+
+def test_bad_yaml_names_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  student: s\n train: [\n")
+    with pytest.raises(ConfigError, match="line"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"zero_optimization.stage": 3}, "is dotted"),
+    ({"zero_optimisation": {}}, "did you mean 'zero_optimization'"),
+    ({"train_micro_batch_size_per_gpu": 4}, "use train.micro_batch_size"),
+    ({"optimizer": {"type": "Adam"}}, "fastdadpo uses torch AdamW"),
+    ({"zero_optimization": {"stage": 2}}, "use deepspeed.zero_stage"),
+    ({"zero_optimization": {"stage3_prefetch_bucket_size": 1.5}}, "must be an integer"),
+    ({"zero_optimization": {"no_such_option": 1}}, "Extra inputs are not permitted"),
+    ({"zero_optimization": {"offload_param": {"device": "floppy"}}}, "zero_optimization is invalid"),
+])
+def test_deepspeed_extra_is_validated(extra, message):
+    with pytest.raises(ConfigError) as error:
+        validate_extra(extra, "c.yaml")
+    assert message in str(error.value)
+
+
+def test_student_deepspeed_config_merges_extra():
+    config = student_config(zero_stage=3, micro_batch_size=4, grad_accum=2, max_grad_norm=1.0, dtype=torch.bfloat16,
+                            extra={"zero_optimization": {"stage3_max_live_parameters": "1e9", "offload_optimizer":
+                                                         {"device": "cpu"}}}, source="c.yaml")
+    assert config["train_micro_batch_size_per_gpu"] == 4 and config["gradient_accumulation_steps"] == 2
+    assert config["bf16"] == {"enabled": True} and config["fp16"] == {"enabled": False}
+    zero = config["zero_optimization"]
+    assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"] is True
+    assert zero["stage3_max_live_parameters"] == 10**9 and zero["offload_optimizer"] == {"device": "cpu"}
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml"))),
+                         ids=lambda p: os.path.basename(p))
+def test_shipped_configs_are_valid(path):
+    config = load_config(path)
+    assert config.model.student and config.data.train

@@ -1,0 +1,256 @@
+"""`fastdadpo train` end to end on tiny real models: DeepSpeed ZeRO-3 (shards really partitioned),
+one process and two gloo ranks under torchrun, every objective, exact resume, SIGTERM, export,
+fused vs naive kernels, and clear errors for bad input."""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+TIMEOUT = 600
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory, tokenizer):
+    """A learnable preference set (chosen: the right answer, rejected: wrong words) and tiny models:
+    a Qwen2 student, a wider teacher with a padded head, and a teacher reference for ADPA."""
+    from fastdadpo.synthetic import WORDS, make_examples, save_model_dir, tiny_causal_lm
+
+    root = tmp_path_factory.mktemp("toy")
+    models = {}
+    for name, kwargs in {"student": dict(hidden_size=32, layers=2, seed=1),
+                         "teacher": dict(vocab_size=len(tokenizer) + 64, hidden_size=48, layers=2, seed=2),
+                         "teacher_reference": dict(vocab_size=len(tokenizer) + 64, hidden_size=48, layers=2,
+                                                   seed=3)}.items():
+        model = tiny_causal_lm(kwargs.pop("vocab_size", len(tokenizer)), pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=tokenizer.eos_token_id, **kwargs)
+        models[name] = save_model_dir(model, tokenizer, str(root / name))
+    rng = random.Random(0)
+    rows = [{"prompt": r["prompt"], "chosen": r["answer"], "rejected": " ".join(rng.sample(WORDS, 3)),
+             "answer": r["answer"]} for r in make_examples(32, seed=4, tasks=("repeat", "first"))]
+    train = root / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    evaluation = root / "eval.jsonl"
+    evaluation.write_text("".join(json.dumps(r) + "\n" for r in rows[:6]))
+    return dict(models, train=str(train), eval=str(evaluation), cache=str(root / "cache"), root=root)
+
+
+def _config(toy, tmp_path, objective: str, **overrides) -> str:
+    config = {
+        "model": {"student": toy["student"], "teacher": toy["teacher"], "teacher_reference": toy["teacher_reference"]},
+        "data": {"train": toy["train"], "max_length": 64, "max_prompt_length": 40, "cache_dir": toy["cache"]},
+        "objective": {"name": objective},
+        "train": {"micro_batch_size": 2, "grad_accum": 1, "lr": 3e-3, "max_steps": 6, "warmup_ratio": 0.0,
+                  "output_dir": str(tmp_path / "run"), "seed": 7},
+        "deepspeed": {"zero_stage": 3, "extra": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}},
+    }
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        config[section][name] = value
+    path = tmp_path / f"{objective}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def _env(**extra):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.update(extra)
+    return env
+
+
+def _train(config: str, *sets: str, ranks: int = 1, env=None, check=True):
+    if ranks == 1:
+        command = [sys.executable, "-m", "fastdadpo", "train", config]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                   "-m", "fastdadpo", "train", config]
+    for item in sets:
+        command += ["--set", item]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=env or _env())
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+def _metrics(run_dir) -> list:
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+OBJECTIVE_SETTINGS = {
+    "sft": {}, "kd": {"objective__ce_weight": 0.5}, "dpo": {}, "dadpo": {}, "dadpo_token": {}, "dckd": {},
+    "adpa": {},
+}
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVE_SETTINGS))
+def test_every_objective_trains_on_two_ranks(toy, tmp_path, objective):
+    """Each objective trains under ZeRO-3 on two gloo ranks; its loss on a fixed held set falls."""
+    config = _config(toy, tmp_path, objective, train__max_steps=8, data__eval=toy["eval"], train__eval_every=1,
+                     **OBJECTIVE_SETTINGS[objective])
+    _train(config, ranks=2)
+    rows = _metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    held = [r["eval/loss"] for r in rows]
+    assert held[-1] < held[0], f"{objective}: the held-set loss did not fall: {held}"
+    for key in ("lr", "grad_norm", "tokens_per_s", "peak_mem_gb"):
+        assert all(key in r for r in rows)
+    if objective in ("dpo", "dadpo", "dadpo_token"):
+        assert {"rewards/chosen", "rewards/margin", "rewards/accuracy", "logps/rejected"} <= set(rows[0])
+    if objective in ("kd", "dadpo_token", "dckd"):
+        assert "kd/divergence" in rows[0]
+    if objective == "adpa":
+        assert "adpa/advantage" in rows[0]
+    assert os.path.exists(tmp_path / "run" / "final" / "model.safetensors")
+
+
+def test_two_ranks_follow_one_rank(toy, tmp_path):
+    """2 ranks x micro-batch 1, 1 rank x micro-batch 2 and 1 rank x micro-batch 1 x 2 accumulations
+    compute the same steps (global normalizers, the same examples in each optimizer step)."""
+    runs = {}
+    for name, ranks, micro, accum in (("two_ranks", 2, 1, 1), ("one_rank", 1, 2, 1), ("accumulated", 1, 1, 2)):
+        out = tmp_path / name
+        config = _config(toy, tmp_path, "dadpo_token", train__micro_batch_size=micro, train__grad_accum=accum,
+                         train__output_dir=str(out), train__max_steps=4)
+        _train(config, ranks=ranks)
+        runs[name] = _metrics(out)
+    for other in ("one_rank", "accumulated"):
+        for a, b in zip(runs["two_ranks"], runs[other]):
+            for key in ("loss", "kd/divergence", "rewards/margin", "grad_norm"):
+                assert a[key] == pytest.approx(b[key], rel=2e-5, abs=1e-6), (other, key, a["step"])
+
+
+def test_resume_reproduces_the_uninterrupted_run(toy, tmp_path):
+    full = tmp_path / "full"
+    config = _config(toy, tmp_path, "dpo", train__output_dir=str(full), train__save_every=3, train__max_steps=6)
+    _train(config)
+    assert sorted(os.listdir(full / "checkpoints")) == ["step-3", "step-6"]
+    resumed = tmp_path / "resumed"
+    _train(config, f"train.output_dir={resumed}", f"train.resume={full / 'checkpoints' / 'step-3'}")
+    expected, actual = _metrics(full)[3:], _metrics(resumed)
+    assert [r["step"] for r in actual] == [4, 5, 6]
+    for a, b in zip(actual, expected):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
+
+
+def test_sigterm_checkpoints_then_resume_continues(toy, tmp_path):
+    uninterrupted = tmp_path / "uninterrupted"
+    config = _config(toy, tmp_path, "sft", train__max_steps=40, train__micro_batch_size=1,
+                     train__output_dir=str(uninterrupted))
+    _train(config)
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen([sys.executable, "-m", "fastdadpo", "train", config, "--set",
+                                f"train.output_dir={interrupted}"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=_env())
+    metrics_file = interrupted / "metrics.jsonl"
+    deadline = time.time() + TIMEOUT
+    while time.time() < deadline and not (metrics_file.exists() and metrics_file.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=TIMEOUT)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "stopped by SIGTERM" in stdout
+    saved = [d for d in os.listdir(interrupted / "checkpoints") if d.startswith("step-")]
+    assert len(saved) == 1 and not os.path.exists(interrupted / "final")
+    stopped_at = int(saved[0].split("-")[1])
+    assert 2 <= stopped_at < 40
+    _train(config, f"train.output_dir={interrupted}", "train.resume=true")
+    expected, actual = _metrics(uninterrupted), _metrics(interrupted)
+    assert [r["step"] for r in actual] == list(range(1, 41))
+    for a, b in zip(actual, expected):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), a["step"]
+
+
+def test_exported_model_matches_the_engine(toy, tmp_path):
+    """final/ loads with transformers, and its log-probs of the eval set equal those the engine
+    computed after the last step (the final evaluation)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastdadpo import data
+
+    config = _config(toy, tmp_path, "sft", data__eval=toy["eval"], train__max_steps=5)
+    _train(config)
+    final_eval = _metrics(tmp_path / "run")[-1]
+    assert "eval/logps/chosen" in final_eval
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "final"), dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "run" / "final"))
+    examples = data.load_examples(toy["eval"], require=("prompt", "chosen"))
+    tokenized, _ = data.tokenize_examples(examples, tokenizer, max_length=64, max_prompt_length=40,
+                                          fields=("chosen",))
+    batch = data.collate(tokenized, pad_token_id=tokenizer.pad_token_id, include_rejected=False)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logps = torch.log_softmax(logits.double(), -1).gather(-1, batch["targets"].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    logps = torch.where(batch["targets"] >= 0, logps, 0.0)
+    per_sequence = torch.zeros(batch["num_sequences"], dtype=torch.float64).index_add(
+        0, batch["target_sequence"][batch["targets"] >= 0], logps[batch["targets"] >= 0])
+    assert float(per_sequence.mean()) == pytest.approx(final_eval["eval/logps/chosen"], rel=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["dadpo_token", "kd"])
+def test_fused_and_naive_paths_agree(toy, tmp_path, objective):
+    results = {}
+    for backend in ("torch", "naive"):
+        out = tmp_path / backend
+        config = _config(toy, tmp_path, objective, train__max_steps=1, train__output_dir=str(out))
+        _train(config, env=_env(FASTDADPO_KERNEL_BACKEND=backend))
+        results[backend] = _metrics(out)[0]
+    assert results["torch"]["loss"] == pytest.approx(results["naive"]["loss"], rel=1e-5)
+    assert results["torch"]["grad_norm"] == pytest.approx(results["naive"]["grad_norm"], rel=1e-4)
+
+
+def test_non_finite_loss_stops_with_checkpoints_intact(toy, tmp_path, tokenizer):
+    """A student whose embedding of one token (<|system|>, used by one example only) is NaN: the step
+    that meets it stops the run with a clear message, before its optimizer step; checkpoints written
+    before it stay complete."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(toy["student"], broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    poisoned = tokenizer.convert_tokens_to_ids("<|system|>")
+    weights["model.embed_tokens.weight"][poisoned] = float("nan")
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    data_file = tmp_path / "data.jsonl"
+    rows = [json.loads(line) for line in open(toy["train"], encoding="utf-8")][:8]
+    rows[5]["prompt"] = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": rows[5]["prompt"]}]
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = _config(toy, tmp_path, "sft", model__student=str(broken), data__train=str(data_file),
+                     train__micro_batch_size=1, train__max_steps=8, train__save_every=1)
+    result = _train(config, check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "non-finite" in result.stderr and "Traceback" not in result.stderr
+    checkpoints = os.listdir(tmp_path / "run" / "checkpoints") if (tmp_path / "run" / "checkpoints").exists() else []
+    for name in checkpoints:
+        assert name.startswith("step-") and (tmp_path / "run" / "checkpoints" / name / "complete.json").exists()
+    rows = _metrics(tmp_path / "run")
+    assert len(rows) == len(checkpoints) and all(r["loss"] == r["loss"] for r in rows)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"train__lrr": 1.0}, "unknown config key 'train.lrr'"),
+    ({"model__teacher": None}, "model.teacher is required by objective 'dadpo'"),
+    ({"deepspeed__extra": {"zero_optimization.stage3_prefetch_bucket_size": 5}}, "dotted"),
+    ({"train__micro_batch_size": "two"}, "train.micro_batch_size must be an integer"),
+])
+def test_bad_configs_are_clear_errors(toy, tmp_path, change, message):
+    config = _config(toy, tmp_path, "dadpo", **change)
+    result = _train(config, check=False)
+    assert result.returncode == 2
+    assert message in " ".join(result.stderr.split()) and "Traceback" not in result.stderr
+
+
+def test_bad_data_is_a_clear_error(toy, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": \n')
+    result = _train(_config(toy, tmp_path, "dpo", data__train=str(bad)), check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{bad} line 2" in " ".join(result.stderr.split())
