@@ -60,7 +60,7 @@ def load_examples(path: str, *, require: Sequence[str] = ("prompt", "chosen", "r
     if unknown:
         raise ValueError(f"require: unknown fields {sorted(unknown)}")
     require = ("prompt", *(name for name in require if name != "prompt"))
-    examples = [_example(row, source, require) for row, source in _rows(path)]
+    examples = [_example(row, source, require) for row, source in read_rows(path)]
     if not examples:
         raise DataError(f"{path}: no rows; a data file needs at least one example")
     return examples
@@ -71,7 +71,7 @@ def load_prompts(path: str) -> list[Example]:
     return load_examples(path, require=("prompt",))
 
 
-def _rows(path: str) -> Iterator[tuple[Any, str]]:
+def read_rows(path: str) -> Iterator[tuple[Any, str]]:
     """(row, source) for every row of a supported file or saved dataset."""
     dataset_dir, split = _split_dataset_path(path)
     if dataset_dir is not None:

@@ -37,11 +37,74 @@ def attention_implementation(device: torch.device, dtype: torch.dtype) -> str:
     return "sdpa"
 
 
+def _looks_local(path: str) -> bool:
+    """A path rather than a hub id ("name" or "org/name")."""
+    return path.startswith(("/", ".", "~")) or path.endswith("/") or path.count("/") >= 2
+
+
 def check_model_dir(path: str, key: str) -> None:
+    """A local Hugging Face model directory, or something that can only be a hub id."""
     if not path:
         raise ConfigError(f"{key}: no model given")
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
-        raise ConfigError(f"{key}: {path} is a directory without config.json; give a Hugging Face model directory")
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise ConfigError(f"{key}: {path} is a directory without config.json; give a Hugging Face model "
+                              f"directory")
+    elif _looks_local(path):
+        raise ConfigError(f"{key}: {path} does not exist")
+
+
+def require_model_dir(path: str, key: str) -> None:
+    """A local Hugging Face model directory (nothing is downloaded)."""
+    if not path or not os.path.isdir(path):
+        raise ConfigError(f"{key}: {path!r} is not a directory; give a local Hugging Face model directory "
+                          f"(with config.json and the tokenizer)")
+    check_model_dir(path, key)
+
+
+def resolve_device(name=None) -> torch.device:
+    """``name``, or CUDA when available, else the CPU."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device: {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device: {name!r} asked for, but CUDA is not available on this machine")
+    return device
+
+
+def load_tokenizer(path: str, key: str):
+    """The model's tokenizer; one without a pad token pads with its eos token."""
+    from transformers import AutoTokenizer
+
+    check_model_dir(path, key)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{key}: cannot load a tokenizer from {path!r}: {exc}") from None
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ConfigError(f"{key}: the tokenizer of {path} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def pad_token_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def right_padded(sequences, pad_id: int):
+    """``(input_ids, attention_mask)`` of right-padded sequences: with causal attention the hidden
+    states of real tokens do not depend on the padding after them, and positions start at 0."""
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, :len(ids)] = torch.tensor(list(ids), dtype=torch.long)
+        attention_mask[row, :len(ids)] = 1
+    return input_ids, attention_mask
 
 
 @contextlib.contextmanager
@@ -75,7 +138,6 @@ def load_causal_lm(path: str, *, dtype: torch.dtype, device: torch.device, ds_co
     check_fused_head_supported(model, key)
     if ds_config is None:
         model.to(device)
-    model.config.use_cache = False
     if not trainable:
         model.requires_grad_(False)
         model.eval()

@@ -25,7 +25,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from fastdadpo.kernels import (DIVERGENCE_KINDS, fused_linear_advantage, fused_linear_divergence,
+from fastdadpo.kernels import (fused_linear_advantage, fused_linear_divergence,
                                fused_linear_logprobs)
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")

@@ -82,7 +82,7 @@ def train(config: Config, precompute_only: bool = False) -> Dict[str, float]:
             yaml.safe_dump(config.to_dict(), handle, sort_keys=False)
 
     # --- data ---
-    tokenizer = _load_tokenizer(config.model.student, "model.student")
+    tokenizer = models.load_tokenizer(config.model.student, "model.student")
     vocab_size = _shared_vocabulary(config, tokenizer, objective)
     train_set = _tokenized(config.data.train, config, tokenizer, objective, log, "data.train")
     eval_set = _tokenized(config.data.eval, config, tokenizer, objective, log, "data.eval") if config.data.eval else []
@@ -212,21 +212,6 @@ def train(config: Config, precompute_only: bool = False) -> Dict[str, float]:
 
 # --- data and the step plan --------------------------------------------------------------------------------
 
-def _load_tokenizer(path: str, key: str):
-    from transformers import AutoTokenizer
-
-    models.check_model_dir(path, key)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{key}: cannot load a tokenizer from {path!r}: {exc}") from None
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token_id is None:
-            raise ConfigError(f"{key}: the tokenizer of {path} has neither a pad nor an eos token")
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 def _head_rows(path: str, key: str) -> int:
     from transformers import AutoConfig
 
@@ -243,7 +228,7 @@ def _shared_vocabulary(config: Config, tokenizer, objective: Objective) -> int:
     for key in ("teacher", "teacher_reference"):
         path = getattr(config.model, key)
         if path and (objective.needs_teacher or objective.needs_teacher_logps):
-            other = _load_tokenizer(path, f"model.{key}")
+            other = models.load_tokenizer(path, f"model.{key}")
             vocab = data.check_tokenizers_compatible(tokenizer, other, student_head_rows=student_rows,
                                                      teacher_head_rows=_head_rows(path, f"model.{key}"))
     return vocab

@@ -6,7 +6,6 @@ it is the only code path allowed to allocate N x V logits.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 

@@ -17,7 +17,7 @@ d(loss)/d(student logit), per output, for upstream gradients g (before the 1/T o
 import triton
 import triton.language as tl
 
-from .tl_utils import (KIND_ADVANTAGE, KIND_FORWARD_KL, KIND_JSD, KIND_NONE, KIND_REVERSE_KL, logaddexp,
+from .tl_utils import (KIND_FORWARD_KL, KIND_JSD, KIND_NONE, KIND_REVERSE_KL, logaddexp,
                        tile_logits)
 
 

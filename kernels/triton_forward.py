@@ -16,7 +16,7 @@ second pass (PASS=2) that is given them.
 import triton
 import triton.language as tl
 
-from .tl_utils import (KIND_ADVANTAGE, KIND_FORWARD_KL, KIND_JSD, KIND_NONE, KIND_REVERSE_KL, logaddexp,
+from .tl_utils import (KIND_ADVANTAGE, KIND_FORWARD_KL, KIND_NONE, KIND_REVERSE_KL, logaddexp,
                        online_lse_update, tile_logits)
 
 # Row index of each statistic in the [NUM_STATS, splits, rows] buffer (literals in the kernel).

@@ -7,6 +7,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# Triton fixes interpreter mode when its JIT decorators run, i.e. at the first import of any Triton
+# code (ours, or another library's pulled in by an earlier test). Without a GPU every Triton kernel
+# in the session must be interpreted, so say so before anything is imported.
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
 
 
 @pytest.fixture(scope="session")

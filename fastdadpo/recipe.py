@@ -1,0 +1,276 @@
+"""``fastdadpo run RECIPE.yaml``: the whole daDPO experiment, stage by stage.
+
+    prune → generate → dsft → precompute → train → eval
+
+Each stage writes its output under the recipe's ``output_dir`` and is skipped when that output is
+already complete, so an interrupted run continues where it stopped (trainings resume from their
+latest checkpoint). Each stage runs as its own ``fastdadpo`` process, under ``launcher`` (e.g.
+``torchrun --nproc_per_node=8``) for the stages that shard models over ranks.
+
+A recipe (see configs/recipes/):
+
+    output_dir: runs/vicuna-dadpo
+    launcher: ""                     # prefix for generate/train, e.g. "torchrun --nproc_per_node=8"
+    teacher: lmsys/vicuna-7b-v1.5
+    student: lmsys/vicuna-7b-v1.5    # the starting student (pruned first when `prune` is given)
+    prompts: data/prompts.jsonl      # training prompts ("prompt", optional "answer")
+    eval_prompts: data/heldout.jsonl # held-out prompts for the final comparison
+    prune: {ratio: 0.2}              # optional; drop_layers, calibration_samples, seed
+    generate: {max_new_tokens: 512, temperature: 0.7, top_p: 0.95, seed: 0}
+    train_common: {...}              # a training config (model/data/train/deepspeed sections) under every training
+    dsft: {train: {lr: 2.0e-5}}      # overrides for the distilled SFT
+    students:                        # preference trainings from the dSFT student, by display name
+      dDPO: {objective: {name: dpo}}
+      daDPO: {objective: {name: dadpo}}
+    eval: {judge: exact, max_new_tokens: 128}
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from .errors import ConfigError, UserError
+
+STAGES = ("prune", "generate", "dsft", "precompute", "train", "eval")
+RECIPE_KEYS = {"output_dir", "launcher", "teacher", "student", "prompts", "eval_prompts", "prune", "generate",
+               "train_common", "dsft", "students", "eval", "plots"}
+
+
+class StageFailed(UserError):
+    pass
+
+
+@dataclass
+class Recipe:
+    output_dir: str
+    teacher: str
+    student: str
+    prompts: str
+    eval_prompts: Optional[str] = None
+    launcher: str = ""
+    prune: Optional[dict] = None
+    generate: dict = field(default_factory=dict)
+    train_common: dict = field(default_factory=dict)
+    dsft: dict = field(default_factory=dict)
+    students: Dict[str, dict] = field(default_factory=dict)
+    eval: dict = field(default_factory=dict)
+    source: str = "<recipe>"
+
+    # --- where each stage's output lives ---
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.output_dir, *parts)
+
+    @property
+    def pruned_dir(self) -> str:
+        return self.path("student-pruned")
+
+    @property
+    def start_student(self) -> str:
+        return self.pruned_dir if self.prune else self.student
+
+    @property
+    def pairs(self) -> str:
+        return self.path("pairs.jsonl")
+
+    def training_dir(self, name: str) -> str:
+        return self.path("train", _slug(name))
+
+    @property
+    def dsft_final(self) -> str:
+        return os.path.join(self.training_dir("dSFT"), "final")
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+
+
+def load_recipe(path: str, overrides: List[str] = ()) -> Recipe:
+    if not os.path.isfile(path):
+        raise ConfigError(f"recipe {path} does not exist")
+    with open(path, encoding="utf-8") as handle:
+        try:
+            raw = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    for override in overrides:
+        key, _, text = override.partition("=")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(text)
+    unknown = set(raw) - RECIPE_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown recipe keys {', '.join(sorted(unknown))}; known: "
+                          f"{', '.join(sorted(RECIPE_KEYS))}")
+    for key in ("output_dir", "teacher", "student", "prompts"):
+        if not raw.get(key):
+            raise ConfigError(f"{path}: recipe key {key!r} is required")
+    raw.pop("plots", None)
+    recipe = Recipe(**raw, source=path)
+    if not isinstance(recipe.students, dict):
+        raise ConfigError(f"{path}: students must map display names to training overrides")
+    return recipe
+
+
+# --- running stages ------------------------------------------------------------------------------------------
+
+class Runner:
+    def __init__(self, recipe: Recipe, stages: List[str], echo=print):
+        self.recipe, self.stages, self.echo = recipe, stages, echo
+        os.makedirs(recipe.output_dir, exist_ok=True)
+
+    def run(self) -> None:
+        for stage in STAGES:
+            if stage in self.stages:
+                getattr(self, f"stage_{stage}")()
+
+    def _fastdadpo(self, args: List[str], distributed: bool, log_name: str) -> None:
+        launcher = shlex.split(self.recipe.launcher) if distributed and self.recipe.launcher else []
+        command = (launcher + ["-m", "fastdadpo"] if launcher else [sys.executable, "-m", "fastdadpo"]) + args
+        log_path = self.recipe.path("logs", f"{log_name}.log")
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        self.echo(f"[run] {log_name}: {' '.join(shlex.quote(a) for a in command)}")
+        started = time.time()
+        with open(log_path, "a", encoding="utf-8") as log:
+            result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+        if result.returncode != 0:
+            with open(log_path, encoding="utf-8", errors="replace") as log:
+                tail = log.read()[-1500:]
+            raise StageFailed(f"stage {log_name} failed (exit {result.returncode}); its log is {log_path}. "
+                              f"Last lines: {tail}")
+        self.echo(f"[run] {log_name}: done in {time.time() - started:.0f}s")
+
+    def stage_prune(self) -> None:
+        r = self.recipe
+        if not r.prune:
+            return
+        if os.path.exists(os.path.join(r.pruned_dir, "config.json")):
+            self.echo(f"[run] prune: {r.pruned_dir} exists, skipped")
+            return
+        options = dict(r.prune)
+        args = ["prune", "--model", r.student, "--out", r.pruned_dir, "--ratio", str(options.pop("ratio", 0.2)),
+                "--calibration", options.pop("calibration", r.prompts)]
+        args += _flags(options)
+        self._fastdadpo(args, distributed=False, log_name="prune")
+
+    def stage_generate(self) -> None:
+        r = self.recipe
+        if _jsonl_rows(r.pairs) >= _jsonl_rows(r.prompts) > 0:
+            self.echo(f"[run] generate: {r.pairs} complete, skipped")
+            return
+        args = ["generate", "--teacher", r.teacher, "--student", r.start_student, "--prompts", r.prompts,
+                "--out", r.pairs] + _flags(r.generate)
+        self._fastdadpo(args, distributed=True, log_name="generate")
+
+    def _training_config(self, name: str, objective_overrides: dict, student: str) -> str:
+        r = self.recipe
+        config = copy.deepcopy(r.train_common)
+        _merge(config, {"model": {"student": student, "teacher": r.teacher},
+                        "data": {"train": r.pairs},
+                        "train": {"output_dir": self.recipe.training_dir(name), "resume": True}})
+        _merge(config, objective_overrides)
+        path = self.recipe.path("configs", f"{_slug(name)}.yaml")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as handle:
+            yaml.safe_dump(config, handle, sort_keys=False)
+        return path
+
+    def _train(self, name: str, overrides: dict, student: str, precompute_only: bool = False) -> None:
+        final = os.path.join(self.recipe.training_dir(name), "final")
+        if os.path.exists(os.path.join(final, "config.json")):
+            if not precompute_only:
+                self.echo(f"[run] {name}: {final} exists, skipped")
+            return
+        config = self._training_config(name, overrides, student)
+        args = ["train", config] + (["--precompute-only"] if precompute_only else [])
+        self._fastdadpo(args, distributed=True, log_name=f"{'precompute' if precompute_only else 'train'}-{_slug(name)}")
+
+    def stage_dsft(self) -> None:
+        overrides = _merge({"objective": {"name": "sft"}}, copy.deepcopy(self.recipe.dsft))
+        self._train("dSFT", overrides, self.recipe.start_student)
+
+    def stage_precompute(self) -> None:
+        for name, overrides in self.recipe.students.items():
+            self._train(name, overrides, self.recipe.dsft_final, precompute_only=True)
+
+    def stage_train(self) -> None:
+        for name, overrides in self.recipe.students.items():
+            self._train(name, overrides, self.recipe.dsft_final)
+
+    def stage_eval(self) -> None:
+        r = self.recipe
+        if not r.eval_prompts:
+            self.echo("[run] eval: no eval_prompts in the recipe, skipped")
+            return
+        results_path = r.path("eval.json")
+        models = {"student (before)": r.start_student, "after dSFT": r.dsft_final}
+        models.update({f"after {name}": os.path.join(r.training_dir(name), "final") for name in r.students})
+        if os.path.exists(results_path):
+            with open(results_path, encoding="utf-8") as handle:
+                if set(json.load(handle).get("models", {})) >= set(models):
+                    self.echo(f"[run] eval: {results_path} complete, skipped")
+                    return
+        models_file = r.path("eval-models.json")
+        with open(models_file, "w", encoding="utf-8") as handle:
+            json.dump(models, handle, indent=2)
+        args = ["eval", "--teacher", r.teacher, "--students", models_file, "--data", r.eval_prompts,
+                "--out", results_path] + _flags(r.eval)
+        self._fastdadpo(args, distributed=False, log_name="eval")
+        from .plots import plot_recipe
+
+        curves, comparison = plot_recipe(r)
+        self.echo(f"[run] plots: {curves}, {comparison}")
+
+
+def _flags(options: Dict[str, Any]) -> List[str]:
+    args = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args += [flag] if value else []
+        elif value is not None:
+            args += [flag, str(value)]
+    return args
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+def _jsonl_rows(path: str) -> int:
+    if not path or not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as handle:
+        return sum(1 for line in handle if line.strip())
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("recipe", help="the recipe YAML (see configs/recipes/)")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help=f"comma-separated stages to run, in this order: {', '.join(STAGES)}")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key by its dot path (value read as YAML)")
+
+
+def run(args) -> int:
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ConfigError(f"--stages: unknown stage(s) {', '.join(sorted(unknown))}; stages are {', '.join(STAGES)}")
+    Runner(load_recipe(args.recipe, args.set), stages).run()
+    return 0
