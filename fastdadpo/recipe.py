@@ -134,7 +134,7 @@ class Runner:
             if stage in self.stages:
                 getattr(self, f"stage_{stage}")()
 
-    def _fastdadpo(self, args: List[str], distributed: bool, log_name: str) -> None:
+    def fastdadpo(self, args: List[str], distributed: bool, log_name: str) -> None:
         launcher = shlex.split(self.recipe.launcher) if distributed and self.recipe.launcher else []
         command = (launcher + ["-m", "fastdadpo"] if launcher else [sys.executable, "-m", "fastdadpo"]) + args
         log_path = self.recipe.path("logs", f"{log_name}.log")
@@ -161,7 +161,7 @@ class Runner:
         args = ["prune", "--model", r.student, "--out", r.pruned_dir, "--ratio", str(options.pop("ratio", 0.2)),
                 "--calibration", options.pop("calibration", r.prompts)]
         args += _flags(options)
-        self._fastdadpo(args, distributed=False, log_name="prune")
+        self.fastdadpo(args, distributed=False, log_name="prune")
 
     def stage_generate(self) -> None:
         r = self.recipe
@@ -170,7 +170,7 @@ class Runner:
             return
         args = ["generate", "--teacher", r.teacher, "--student", r.start_student, "--prompts", r.prompts,
                 "--out", r.pairs] + _flags(r.generate)
-        self._fastdadpo(args, distributed=True, log_name="generate")
+        self.fastdadpo(args, distributed=True, log_name="generate")
 
     def _training_config(self, name: str, objective_overrides: dict, student: str) -> str:
         r = self.recipe
@@ -193,7 +193,7 @@ class Runner:
             return
         config = self._training_config(name, overrides, student)
         args = ["train", config] + (["--precompute-only"] if precompute_only else [])
-        self._fastdadpo(args, distributed=True, log_name=f"{'precompute' if precompute_only else 'train'}-{_slug(name)}")
+        self.fastdadpo(args, distributed=True, log_name=f"{'precompute' if precompute_only else 'train'}-{_slug(name)}")
 
     def stage_dsft(self) -> None:
         overrides = _merge({"objective": {"name": "sft"}}, copy.deepcopy(self.recipe.dsft))
@@ -225,7 +225,7 @@ class Runner:
             json.dump(models, handle, indent=2)
         args = ["eval", "--teacher", r.teacher, "--students", models_file, "--data", r.eval_prompts,
                 "--out", results_path] + _flags(r.eval)
-        self._fastdadpo(args, distributed=False, log_name="eval")
+        self.fastdadpo(args, distributed=False, log_name="eval")
         from .plots import plot_recipe
 
         curves, comparison = plot_recipe(r)

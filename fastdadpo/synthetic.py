@@ -29,10 +29,12 @@ TASKS = tuple(TEMPLATES)
 
 
 def answer_for(task: str, words: List[str]) -> str:
+    # Every answer word follows a space, as in the prompt, so it is the very same BPE token there:
+    # copying is then plain induction, not induction plus a token mapping.
     if task == "repeat":
-        return " ".join(words)
+        return "You said: " + " ".join(words)
     if task == "reverse":
-        return " ".join(reversed(words))
+        return "Backwards: " + " ".join(reversed(words))
     if task == "count":
         return f"There are {NUMBER_WORDS[len(words)]} words."
     if task == "first":

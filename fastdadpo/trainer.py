@@ -49,6 +49,10 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     train(load_config(args.config, args.set), precompute_only=args.precompute_only)
+    # Leave together and destroy the group explicitly: a gloo group torn down by interpreter exit
+    # while the other rank is already gone aborts ("terminate called without an active exception").
+    distributed.barrier()
+    distributed.teardown()
     return 0
 
 
@@ -186,12 +190,15 @@ def train(config: Config, precompute_only: bool = False) -> Dict[str, float]:
         step_metrics.update(step=step + 1, epoch=round((step + 1) / plan.steps_per_epoch, 4),
                             lr=engine.get_lr()[0], grad_norm=_grad_norm(engine),
                             tokens_per_s=step_metrics.pop("tokens") / elapsed, peak_mem_gb=_peak_memory_gb(dist.device))
-        if eval_set and config.train.eval_every and (step + 1) % config.train.eval_every == 0:
-            step_metrics.update(_evaluate(eval_set, plan, collate, run_micro_batch, dist, config))
+        at_end = step + 1 == plan.total_steps
+        every = config.train.eval_every
+        if eval_set and ((every and (step + 1) % every == 0) or (at_end and not every)):
+            engine.eval()
+            step_metrics.update(_evaluate(eval_set, collate, run_micro_batch, dist, config.train.micro_batch_size))
+            engine.train()
         metrics_log.write(step_metrics)
         last_metrics = step_metrics
         progress.update(step_metrics)
-        at_end = step + 1 == plan.total_steps
         if stop_requested or (config.train.save_every and ((step + 1) % config.train.save_every == 0 or at_end)):
             path = checkpoint.save(engine, out_dir, step + 1, dist.rank, dist.world_size)
             log.info(f"checkpoint {path}")
@@ -200,11 +207,6 @@ def train(config: Config, precompute_only: bool = False) -> Dict[str, float]:
             progress.close()
             return last_metrics
     progress.close()
-
-    if eval_set and not config.train.eval_every:
-        final_eval = _evaluate(eval_set, plan, collate, run_micro_batch, dist, config)
-        last_metrics.update(final_eval)
-        metrics_log.write({"step": plan.total_steps, **final_eval})
     _export_final(engine, student_model, tokenizer, out_dir, config.deepspeed.zero_stage, dist)
     log.info(f"done: {plan.total_steps} steps; model in {os.path.join(out_dir, 'final')}")
     return last_metrics
@@ -386,18 +388,22 @@ def _frozen_token_logps(frozen: FrozenModel):
 # --- evaluation, export, logging --------------------------------------------------------------------------------
 
 @torch.no_grad()
-def _evaluate(eval_set, plan: _Plan, collate, run_micro_batch, dist, config: Config) -> Dict[str, float]:
-    """The objective's loss and metrics on data.eval, normalized over the whole eval set."""
-    batches = [_to_device(collate(examples), dist.device, "eval")
-               for examples in data.micro_batches(eval_set, config.train.micro_batch_size, seed=config.train.seed,
-                                                  epoch=0, rank=dist.rank, world_size=dist.world_size,
-                                                  group_by_length=True)]
-    normalizers = _normalizers(batches, dist.device)
+def _evaluate(eval_set, collate, run_micro_batch, dist, micro_batch_size: int) -> Dict[str, float]:
+    """The objective's loss and metrics on data.eval, normalized over the whole eval set, each
+    example counted once. Ranks shard the set; a rank with nothing left runs a dummy micro-batch
+    (ZeRO-3 ranks must make the same collective calls) whose result is dropped."""
+    shard = eval_set[dist.rank::dist.world_size]
+    rounds = -(-(-(-len(eval_set) // dist.world_size)) // micro_batch_size)
+    batches = []
+    for r in range(rounds):
+        examples = shard[r * micro_batch_size:(r + 1) * micro_batch_size]
+        batches.append((_to_device(collate(examples or eval_set[:1]), dist.device, "eval"), not examples))
+    normalizers = _normalizers([batch for batch, dummy in batches if not dummy], dist.device)
     sums: Dict[str, torch.Tensor] = {}
-    for batch in batches:
+    for batch, dummy in batches:
         _, metrics = run_micro_batch(batch, normalizers)
-        for key, value in metrics.items():
-            sums[key] = sums.get(key, 0.0) + value.float()
+        for key, value in metrics.items():  # the same keys on every rank, zeros for a dummy
+            sums[key] = sums.get(key, 0.0) + (torch.zeros_like(value) if dummy else value.float())
     metrics, _, _ = _reduce(sums, 0, True, False, dist.device)
     metrics.pop("tokens")
     return {f"eval/{k}": v for k, v in metrics.items()}

@@ -7,3 +7,6 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$root/scripts/setup.sh"
 cd "$root"
 "$PYTHON" -m pytest tests "$@"
+# The benchmark suite in quick mode: every case, implementation and memory probe runs and agrees
+# with the reference at tiny sizes; no timing is asserted (bench/README.md).
+"$PYTHON" -m pytest bench -q --bench-quick --benchmark-disable -p no:cacheprovider

@@ -401,5 +401,6 @@ def test_packing_gives_the_same_log_probs_as_padding(model_fixture, request, tok
     alone = torch.cat([sequence_logps(model, data.collate([t], pad_token_id=tokenizer.pad_token_id))
                        for t in tokenized])  # unbatched: chosen and rejected of one example
     alone = alone.view(len(tokenized), 2).T.reshape(-1)
-    torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
-    torch.testing.assert_close(padded, alone, rtol=0, atol=1e-5)
+    # Sequence sums of ~100 in fp32 differ in the last bits between layouts (other matmul shapes).
+    torch.testing.assert_close(packed, padded, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(padded, alone, rtol=1e-6, atol=1e-5)

@@ -3,6 +3,8 @@ every metric, and the gradients on the student's hidden states and LM head, at i
 padding on both sides of prompts and responses and a padded teacher vocabulary."""
 import math
 
+import zlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -202,7 +204,7 @@ CASES = [
 @pytest.mark.parametrize("name,params", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
 def test_objective_matches_reference(name, params):
     objective = OBJECTIVES[name](**params)
-    p = _problem(pairs=3, seed=hash(name) % 1000, with_rejected=objective.uses_rejected)
+    p = _problem(pairs=3, seed=zlib.crc32(name.encode()) % 1000, with_rejected=objective.uses_rejected)
     out, grad_hidden, grad_weight = _fused(objective, p)
 
     hidden = p["student_hidden"].clone().requires_grad_()
@@ -216,8 +218,11 @@ def test_objective_matches_reference(name, params):
         assert key in out.metrics, f"metric {key} missing"
         torch.testing.assert_close(out.metrics[key].double(), value.detach(), atol=1e-5, rtol=1e-5,
                                    msg=lambda m: f"metric {key}: {m}")
-    torch.testing.assert_close(grad_hidden.double(), hidden.grad, atol=1e-6, rtol=1e-4)
-    torch.testing.assert_close(grad_weight.double(), weight.grad, atol=1e-6, rtol=1e-4)
+    # fp32 sums against float64: the absolute tolerance scales with the gradient's own size
+    # (entries that nearly cancel carry the error of the largest terms, not their own).
+    for fused_grad, reference_grad in ((grad_hidden, hidden.grad), (grad_weight, weight.grad)):
+        scale = float(reference_grad.abs().max())
+        torch.testing.assert_close(fused_grad.double(), reference_grad, atol=1e-5 * scale, rtol=1e-4)
 
 
 def _micro_batch(p, pair_ids, with_rejected):

@@ -114,17 +114,25 @@ def test_every_objective_trains_on_two_ranks(toy, tmp_path, objective):
 def test_two_ranks_follow_one_rank(toy, tmp_path):
     """2 ranks x micro-batch 1, 1 rank x micro-batch 2 and 1 rank x micro-batch 1 x 2 accumulations
     compute the same steps (global normalizers, the same examples in each optimizer step)."""
+    # An odd eval set: with two ranks one of them runs a dummy micro-batch in the final evaluation,
+    # which must not count; every example counts once whatever the layout.
+    odd_eval = tmp_path / "eval5.jsonl"
+    odd_eval.write_text("".join(open(toy["eval"]).readlines()[:5]))
     runs = {}
     for name, ranks, micro, accum in (("two_ranks", 2, 1, 1), ("one_rank", 1, 2, 1), ("accumulated", 1, 1, 2)):
         out = tmp_path / name
         config = _config(toy, tmp_path, "dadpo_token", train__micro_batch_size=micro, train__grad_accum=accum,
-                         train__output_dir=str(out), train__max_steps=4)
+                         train__output_dir=str(out), train__max_steps=4, data__eval=str(odd_eval))
         _train(config, ranks=ranks)
         runs[name] = _metrics(out)
     for other in ("one_rank", "accumulated"):
+        assert len(runs["two_ranks"]) == len(runs[other]) == 4
         for a, b in zip(runs["two_ranks"], runs[other]):
             for key in ("loss", "kd/divergence", "rewards/margin", "grad_norm"):
                 assert a[key] == pytest.approx(b[key], rel=2e-5, abs=1e-6), (other, key, a["step"])
+        final_two, final_other = runs["two_ranks"][-1], runs[other][-1]
+        for key in ("eval/loss", "eval/kd/divergence", "eval/rewards/margin", "eval/logps/chosen"):
+            assert final_two[key] == pytest.approx(final_other[key], rel=2e-5, abs=1e-6), (other, key)
 
 
 def test_resume_reproduces_the_uninterrupted_run(toy, tmp_path):
@@ -254,3 +262,27 @@ def test_bad_data_is_a_clear_error(toy, tmp_path):
     result = _train(_config(toy, tmp_path, "dpo", data__train=str(bad)), check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{bad} line 2" in " ".join(result.stderr.split())
+
+
+def test_tied_embeddings_student_on_two_ranks(toy, tmp_path, llama_dir):
+    """A Llama student whose LM head is its input embedding (one ZeRO-3 parameter, two uses)."""
+    from transformers import AutoModelForCausalLM
+
+    config = _config(toy, tmp_path, "kd", model__student=llama_dir, train__max_steps=3)
+    _train(config, ranks=2)
+    rows = _metrics(tmp_path / "run")
+    assert len(rows) == 3 and all(r["loss"] == r["loss"] for r in rows)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "final"))
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    trained = model.get_input_embeddings().weight
+    original = AutoModelForCausalLM.from_pretrained(llama_dir).get_input_embeddings().weight
+    assert not torch.equal(trained, original)
+
+
+def test_cached_log_probs_are_reused_across_runs(toy, tmp_path):
+    config = _config(toy, tmp_path, "dadpo", train__max_steps=1, data__cache_dir=str(tmp_path / "cache"))
+    first = _train(config, f"train.output_dir={tmp_path / 'first'}")
+    second = _train(config, f"train.output_dir={tmp_path / 'second'}")
+    assert "computing reference log-probs" in first.stdout and "computing teacher log-probs" in first.stdout
+    assert "computing" not in second.stdout
+    assert _metrics(tmp_path / "first")[0]["loss"] == _metrics(tmp_path / "second")[0]["loss"]

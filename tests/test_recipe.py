@@ -1,0 +1,81 @@
+"""`fastdadpo run` and `fastdadpo demo`: the demo in miniature end to end, stages skipped when their
+output is complete, an interrupted run continued, and clear errors for bad recipes."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from fastdadpo.errors import ConfigError
+from fastdadpo.recipe import load_recipe
+
+TIMEOUT = 1200
+
+
+def _env():
+    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+
+
+def _demo(out, *extra):
+    return subprocess.run([sys.executable, "-m", "fastdadpo", "demo", "--quick", "--out", str(out), *extra],
+                          capture_output=True, text=True, timeout=TIMEOUT, env=_env())
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    result = _demo(out)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result
+
+
+def test_quick_demo_runs_every_stage(quick_demo):
+    out, result = quick_demo
+    names = ["teacher", "student (before)", "after dSFT", "after dDPO", "after daDPO", "after daDPO-token"]
+    with open(out / "eval.json", encoding="utf-8") as handle:
+        results = json.load(handle)
+    assert list(results["models"]) == names
+    for name in names[1:]:
+        row = results["models"][name]
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["forward_kl"] >= 0.0
+        assert row["wins"] + row["losses"] + row["ties"] == results["examples"]
+    for name in names:
+        assert name in result.stdout  # the comparison table
+    for path in ("curves.png", "comparison.png", "results.txt", "pairs.jsonl", "student-pruned/config.json"):
+        assert (out / path).exists(), path
+    pruned = json.load(open(out / "student-pruned" / "config.json"))
+    teacher = json.load(open(out / "teacher" / "final" / "config.json"))
+    assert pruned["intermediate_size"] < teacher["intermediate_size"]
+
+
+def test_rerun_skips_complete_stages_and_continues_an_interrupted_one(quick_demo):
+    out, _ = quick_demo
+    # Pretend the run was killed during the last training: its final/ never appeared.
+    shutil.rmtree(out / "train" / "daDPO-token" / "final")
+    os.remove(out / "eval.json")
+    result = _demo(out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout
+    for skipped in ("teacher", "prune:", "generate:", "dSFT:", "dDPO:", "daDPO:"):
+        assert any(skipped in line and "skipped" in line for line in log.splitlines()), skipped
+    assert "train-daDPO-token" in log and "eval:" in log
+    assert (out / "train" / "daDPO-token" / "final" / "config.json").exists()
+    assert json.load(open(out / "eval.json"))["models"]["after daDPO-token"]
+
+
+def test_bad_recipes_are_clear_errors(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": "x", "teacher": "t", "student": "s", "prompts": "p",
+                                    "stages": ["train"]}))
+    with pytest.raises(ConfigError, match="unknown recipe keys stages"):
+        load_recipe(str(path))
+    path.write_text(yaml.safe_dump({"output_dir": "x", "teacher": "t"}))
+    with pytest.raises(ConfigError, match="'student' is required"):
+        load_recipe(str(path))
+    result = subprocess.run([sys.executable, "-m", "fastdadpo", "run", str(path), "--stages", "train,polish"],
+                            capture_output=True, text=True, timeout=TIMEOUT, env=_env())
+    assert result.returncode == 2 and "unknown stage(s) polish" in result.stderr
+    assert "Traceback" not in result.stderr
