@@ -7,7 +7,6 @@ import platform
 import shlex
 import subprocess
 
-import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

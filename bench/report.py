@@ -201,8 +201,10 @@ def train_section(benchmarks: List[dict]) -> List[str]:
     lines += table(header, rows) + [""]
     if "fused" in runs and "naive" in runs:
         fused, naive = runs["fused"]["extra_info"], runs["naive"]["extra_info"]
-        lines += [f"fused / naive: tokens/s {ratio(fused.get('tokens_per_s'), naive.get('tokens_per_s'))}, "
-                  f"peak memory {ratio(fused.get('peak_memory_bytes'), naive.get('peak_memory_bytes'))}.", ""]
+        lines += [f"fused / naive: tokens/s {ratio(fused.get('tokens_per_s'), naive.get('tokens_per_s'))} "
+                  f"(above 1: fused faster), peak memory "
+                  f"{ratio(fused.get('peak_memory_bytes'), naive.get('peak_memory_bytes'))} (below 1: fused smaller).",
+                  ""]
         probes = []
         for name in ("fused", "naive"):
             for probe in runs[name]["extra_info"].get("search", []):

@@ -100,18 +100,26 @@ def test_kernel(benchmark, kernel: KernelBenchmark, request):
     reference = _reference_loss(kernel, inputs)
     rtol, atol = registry.agreement_tolerance(size.dtype)
     benchmark.extra_info.update(loss=float(loss), reference_loss=reference)
-    assert float(loss) == pytest.approx(reference, rel=rtol, abs=atol), (
-        f"{implementation.label} computes a different loss than the reference for {case.name}: "
-        f"{float(loss)!r} against {reference!r}")
+    if float(loss) != pytest.approx(reference, rel=rtol, abs=atol):
+        _fail(benchmark, f"{implementation.label} computes a different loss than the reference for {case.name}: "
+                         f"{float(loss)!r} against {reference!r}")
 
     if device.type == "cuda":
         memory = measure_call(step, inputs.clear_grads, device, warm_up=False)
     else:
         memory = measure_in_fresh_process(ProbeSpec(case.name, implementation.name, size.name, tokens,
                                                      settings.compile_enabled))
-        assert memory.loss == pytest.approx(reference, rel=rtol, abs=atol), "the memory probe computed another loss"
+        if memory.loss != pytest.approx(reference, rel=rtol, abs=atol):
+            _fail(benchmark, f"the memory probe computed another loss: {memory.loss!r} against {reference!r}")
     benchmark.extra_info.update(peak_memory_bytes=memory.peak_bytes, memory_baseline_bytes=memory.baseline_bytes,
                                 memory_method=memory.method)
     failure = settings.memory_baseline.check(request.node.nodeid, memory.peak_bytes)
     if failure:
-        pytest.fail(failure)
+        _fail(benchmark, failure)
+
+
+def _fail(benchmark, message: str) -> None:
+    """Fail the test and keep the benchmark out of the results JSON and saved baselines
+    (pytest-benchmark drops runs marked in error), so a wrong row never reaches a report."""
+    benchmark.has_error = True
+    pytest.fail(message)

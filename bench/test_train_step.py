@@ -161,6 +161,17 @@ def test_train_step(benchmark, backend, train_world, tmp_path, request):
         memory_method=("trainer peak_mem_gb: ru_maxrss of the whole process" if on_cpu
                        else "trainer peak_mem_gb: torch.cuda.max_memory_allocated"),
         search=[asdict(probe) for probe in search])
+    # Both backends train the same step: the first losses must agree (whichever runs second checks).
+    _first_step_losses[backend] = reference.first_step_loss
+    if len(_first_step_losses) == len(BACKENDS):
+        fused, naive = (_first_step_losses[name] for name in BACKENDS)
+        if fused != pytest.approx(naive, rel=1e-4):
+            benchmark.has_error = True
+            pytest.fail(f"the fused and naive train steps compute different losses: {_first_step_losses}")
     failure = settings.memory_baseline.check(request.node.nodeid, reference.peak_memory_bytes)
     if failure:
+        benchmark.has_error = True
         pytest.fail(failure)
+
+
+_first_step_losses: dict = {}

@@ -114,28 +114,37 @@ SECTIONS = {name: hint for name, hint in typing.get_type_hints(Config).items() i
 # --- loading -----------------------------------------------------------------------------------------------
 
 def load_config(path: Optional[str], overrides: List[str] = ()) -> Config:
-    raw: Dict[str, Any] = {}
-    source = path or "<command line>"
-    if path:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file {path} does not exist")
-        with open(path, encoding="utf-8") as handle:
-            try:
-                raw = yaml.safe_load(handle) or {}
-            except yaml.YAMLError as exc:
-                mark = getattr(exc, "problem_mark", None)
-                line = f" line {mark.line + 1}" if mark else ""
-                raise ConfigError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the config must be a mapping of sections, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path, "config") if path else {}
     for override in overrides:
-        _apply_override(raw, override)
+        apply_override(raw, override)
+    return config_from_mapping(raw, path or "<command line>")
+
+
+def config_from_mapping(raw: Dict[str, Any], source: str) -> Config:
+    """A validated Config from the raw mapping of a YAML file; ``source`` names it in errors."""
     config = _build(raw, source)
     validate(config)
     return config
 
 
-def _apply_override(raw: dict, override: str) -> None:
+def read_yaml_mapping(path: str, what: str) -> Dict[str, Any]:
+    """A YAML file whose top level is a mapping (a config, a recipe); errors name the file and line."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} file {path} does not exist")
+    with open(path, encoding="utf-8") as handle:
+        try:
+            raw = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the {what} must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """``--set a.b.c=VALUE`` into the raw mapping, VALUE read as YAML (a plain string if it is not)."""
     if "=" not in override:
         raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. --set train.lr=1e-5")
     key, _, text = override.partition("=")

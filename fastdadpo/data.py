@@ -22,7 +22,7 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -453,6 +453,16 @@ def padded_example_count(num_examples: int, micro_batch_size: int, world_size: i
     """Examples ``micro_batches`` repeats per epoch so every rank gets the same number of full micro-batches."""
     per_step = micro_batch_size * world_size
     return math.ceil(num_examples / per_step) * per_step - num_examples
+
+
+def shard_rounds(num_examples: int, micro_batch_size: int, rank: int, world_size: int) -> List[List[int]]:
+    """This rank's micro-batches (example indices) of a one-pass sweep that counts each example once:
+    a stride shard, cut into micro-batches. Every rank gets the same number of rounds (ZeRO-3 ranks
+    must make the same collective calls); a round with no examples left is ``[]`` (run a stand-in,
+    drop its result)."""
+    shard = list(range(rank, num_examples, world_size))
+    rounds = -(-(-(-num_examples // world_size)) // micro_batch_size)  # ceil(ceil(n / ranks) / micro)
+    return [shard[r * micro_batch_size:(r + 1) * micro_batch_size] for r in range(rounds)]
 
 
 def micro_batches(tokenized: Sequence[TokenizedExample], micro_batch_size: int, *, seed: int, epoch: int,

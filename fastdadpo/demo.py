@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import yaml
 
+from .errors import UserError
 from .recipe import Runner, load_recipe
 
 
@@ -52,7 +53,7 @@ SHIPPED_TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", default="runs/demo", help="where everything is written")
+    parser.add_argument("--out", help="where everything is written (default: runs/demo, runs/demo-quick with --quick)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline runs (CI)")
     parser.add_argument("--fresh", action="store_true", help="delete --out first and start over")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task data, the models and the training")
@@ -63,10 +64,11 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     sizes = QUICK if args.quick else FULL
-    out = os.path.abspath(args.out)
+    out = os.path.abspath(args.out or ("runs/demo-quick" if args.quick else "runs/demo"))
     if args.fresh:
         shutil.rmtree(out, ignore_errors=True)
-    os.makedirs(out, exist_ok=True)
+    _claim(out, {"mode": "quick" if args.quick else "full", "seed": args.seed,
+                 "teacher": "trained" if args.quick or args.train_teacher else "shipped"})
     started = time.time()
     files = write_task_data(out, sizes, args.seed)
     recipe_path = write_recipe(out, sizes, args.seed, files)
@@ -81,6 +83,25 @@ def run(args) -> int:
     runner.run()
     report(out, recipe, sizes, args, time.time() - started)
     return 0
+
+
+def _claim(out: str, settings: dict) -> None:
+    """Stages skip what exists, so a directory must hold one demo's settings: reusing a quick run's
+    teacher or another seed's data under a full run's title would print a wrong table."""
+    stamp = os.path.join(out, "demo.json")
+    if os.path.exists(stamp):
+        with open(stamp, encoding="utf-8") as handle:
+            previous = json.load(handle)
+        if previous != settings:
+            raise UserError(f"{out} holds a demo run with {previous}, and this one asks for {settings}; "
+                            f"add --fresh to start it over, or give another --out")
+        return
+    if os.path.isdir(out) and os.listdir(out):
+        raise UserError(f"{out} exists and is not a demo run of this version (no demo.json); add --fresh to "
+                        f"replace it, or give another --out")
+    os.makedirs(out, exist_ok=True)
+    with open(stamp, "w", encoding="utf-8") as handle:
+        json.dump(settings, handle)
 
 
 # --- 1. the task --------------------------------------------------------------------------------------------
@@ -128,7 +149,11 @@ def _training_defaults(sizes: Sizes, seed: int) -> dict:
 def copy_shipped_teacher(runner: Runner, out: str) -> str:
     final = os.path.join(out, "teacher", "final")
     if not os.path.exists(os.path.join(final, "config.json")):
-        shutil.copytree(SHIPPED_TEACHER, final)
+        partial = final + ".partial"  # an interrupted copy must not look like a teacher
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.copytree(SHIPPED_TEACHER, partial)
+        os.replace(partial, final)
         runner.echo(f"[demo] teacher: the shipped one ({SHIPPED_TEACHER}; fastdadpo demo --train-teacher "
                     f"retrains it)")
     return final

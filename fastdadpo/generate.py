@@ -32,7 +32,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from . import chat, distributed
+from . import chat, distributed, models
 from .data import Example, check_tokenizers_compatible, load_prompts
 from .errors import ConfigError, UserError
 
@@ -135,9 +135,9 @@ def _generate(args, info: distributed.DistInfo) -> None:
         return
     log(f"generate: {len(job.examples)} prompts, {len(done)} already in {args.out}; {len(pending)} batches of up "
         f"to {args.batch_size} to generate on {info.world_size} process(es)")
-    models = {role: _load_model(getattr(args, role), f"--{role}", job.tokenizers[role], job.vocab_size,
+    loaded = {role: _load_model(getattr(args, role), f"--{role}", job.tokenizers[role], job.vocab_size,
                                 job.head_rows[role], job.dtype, info) for role in ROLES}
-    empty_responses = _run_steps(args, job, models, pending, done, info, log)
+    empty_responses = _run_steps(args, job, loaded, pending, done, info, log)
     distributed.barrier()
     if info.is_main:
         _finish(args.out, len(job.examples))
@@ -151,8 +151,6 @@ def _generate(args, info: distributed.DistInfo) -> None:
 
 def _prepare(args, info: distributed.DistInfo, log) -> _Job:
     """Read and check every input (fast failures before any model is loaded) and plan the batches."""
-    from .models import resolve_dtype
-
     examples = load_prompts(args.prompts)
     tokenizers = {role: _load_tokenizer(getattr(args, role), f"--{role}") for role in ROLES}
     head_rows = {role: _head_rows(getattr(args, role), f"--{role}") for role in ROLES}
@@ -170,7 +168,7 @@ def _prepare(args, info: distributed.DistInfo, log) -> _Job:
                 f"(--max-prompt-length) for the {role}")
     if any("index" in example.extra for example in examples):
         log("generate: the prompts have a field 'index'; the output's 'index' (the prompt's row) replaces it")
-    dtype = resolve_dtype(args.dtype, info.device)
+    dtype = models.resolve_dtype(args.dtype, info.device)
     return _Job(examples, tokenizers, head_rows, vocab_size, prompts,
                 batches=plan_batches([len(ids) for ids in prompts["student"]], args.batch_size), dtype=dtype,
                 settings=_settings(args, examples, str(dtype).removeprefix("torch.")))
@@ -191,7 +189,7 @@ def _rows_done(out: str, job: _Job, info: distributed.DistInfo) -> set[int]:
     return done
 
 
-def _run_steps(args, job: _Job, models: dict, pending: list[int], done: set[int], info, log) -> int:
+def _run_steps(args, job: _Job, loaded: dict, pending: list[int], done: set[int], info, log) -> int:
     """Generate the pending batches, ``world_size`` at a time; rank 0 appends each step's rows.
     Returns how many written rows have an empty response."""
     empty_responses = 0
@@ -202,7 +200,7 @@ def _run_steps(args, job: _Job, models: dict, pending: list[int], done: set[int]
             batch_id = pending[slot] if slot < len(pending) else None
             # A rank without a batch of its own generates a dummy one: all ranks must step together.
             indices = job.batches[batch_id] if batch_id is not None else job.batches[pending[0]][:1]
-            texts = {role: _responses(models[role], job.tokenizers[role], [job.prompts[role][i] for i in indices],
+            texts = {role: _responses(loaded[role], job.tokenizers[role], [job.prompts[role][i] for i in indices],
                                       args, seed=_batch_seed(args.seed, -1 if batch_id is None else batch_id, role),
                                       info=info)
                      for role in ROLES}
@@ -219,23 +217,8 @@ def _run_steps(args, job: _Job, models: dict, pending: list[int], done: set[int]
 
 # --- inputs --------------------------------------------------------------------------------------------------
 
-def _check_model_path(path: str, flag: str) -> None:
-    # A path that does not exist locally would otherwise be looked up on the Hub (and, offline, fail
-    # far from the cause); "org/name" is the one shape left to the Hub.
-    if not os.path.exists(path) and (path.startswith(("/", ".", "~")) or path.count("/") != 1):
-        raise UserError(f"{flag} {path}: no such directory; give a Hugging Face model directory")
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
-        raise UserError(f"{flag} {path}: a directory without config.json; give a Hugging Face model directory")
-
-
 def _load_tokenizer(path: str, flag: str):
-    from transformers import AutoTokenizer
-
-    _check_model_path(path, flag)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{flag} {path}: cannot load its tokenizer: {exc}") from None
+    tokenizer = models.load_tokenizer(path, flag)
     if tokenizer.eos_token_id is None:
         raise UserError(f"{flag} {path}: the tokenizer has no eos token, so a response could never end")
     return tokenizer
@@ -387,8 +370,6 @@ def _write_atomically(path: str, text: str) -> None:
 def _load_model(path: str, flag: str, tokenizer, vocab_size: int, head_rows: int, dtype, info):
     """The model ready for ``generate``: plain on the device with one process, ZeRO-3-sharded with several."""
     from transformers import GenerationConfig
-
-    from . import models
 
     ds_config = models.zero3_inference_config(dtype) if info.world_size > 1 else None
     model = models.load_causal_lm(path, dtype=dtype, device=info.device, ds_config=ds_config, key=flag)

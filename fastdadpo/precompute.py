@@ -15,6 +15,7 @@ from typing import Callable, List, Sequence
 
 import torch
 
+from .data import shard_rounds
 from .objectives import sequence_logps
 
 _SAMPLED_BLOCK = 1 << 20
@@ -75,16 +76,13 @@ def cached(cache_dir: str, key: dict, compute: Callable[[], torch.Tensor], is_ma
 def sequence_logps_table(token_logps_fn: Callable, examples: List, *, collate: Callable,
                          micro_batch_size: int, rank: int, world_size: int, gather: Callable,
                          device: torch.device) -> torch.Tensor:
-    """[len(examples), 2] float32: Σ log π of each example's chosen and rejected response (rejected
+    """[rows, 2] float32, indexed by each example's ``index`` (its row in the loaded data, which
+    counts rows tokenization dropped): Σ log π of its chosen and rejected response (rejected
     column 0 for chosen-only data). ``token_logps_fn(batch)`` gives a batch's [R, T] token log-probs
     of its targets (0 off the responses). Collective: every rank runs the same number of micro-batches
-    (the last ranks repeat an example and drop its result), so ZeRO-3 ranks stay in step."""
-    shard = list(range(rank, len(examples), world_size))
-    per_rank = -(-len(examples) // world_size)
-    rounds = -(-per_rank // micro_batch_size)
+    (``data.shard_rounds``; a rank out of examples runs example 0 and drops it), so ZeRO-3 ranks stay in step."""
     rows, values = [], []
-    for r in range(rounds):
-        indices = shard[r * micro_batch_size:(r + 1) * micro_batch_size]
+    for indices in shard_rounds(len(examples), micro_batch_size, rank, world_size):
         padded = indices or [0]
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([examples[i] for i in padded]).items()}
         with torch.no_grad():
@@ -93,9 +91,9 @@ def sequence_logps_table(token_logps_fn: Callable, examples: List, *, collate: C
         chosen = sums[:b]
         rejected = sums[b:2 * b] if batch["num_sequences"] == 2 * b else torch.zeros_like(chosen)
         for j, index in enumerate(indices):
-            rows.append(index)
+            rows.append(examples[index].index)
             values.append((float(chosen[j]), float(rejected[j])))
-    table = torch.zeros(len(examples), 2)
+    table = torch.zeros(max((example.index for example in examples), default=-1) + 1, 2)
     for part_rows, part_values in gather((rows, values)):
         for index, pair in zip(part_rows, part_values):
             table[index] = torch.tensor(pair)

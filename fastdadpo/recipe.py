@@ -38,6 +38,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from .config import apply_override, config_from_mapping, read_yaml_mapping
 from .errors import ConfigError, UserError
 
 STAGES = ("prune", "generate", "dsft", "precompute", "train", "eval")
@@ -88,26 +89,30 @@ class Recipe:
     def dsft_final(self) -> str:
         return os.path.join(self.training_dir("dSFT"), "final")
 
+    # --- what each training is ---
+    def trainings(self) -> List[tuple]:
+        """(name, objective overrides, starting student) of every training, dSFT first."""
+        dsft = _merge({"objective": {"name": "sft"}}, copy.deepcopy(self.dsft))
+        return [("dSFT", dsft, self.start_student)] + [(name, overrides, self.dsft_final)
+                                                      for name, overrides in self.students.items()]
+
+    def training_config(self, name: str, overrides: dict, student: str) -> dict:
+        """The training config (a mapping, as in a YAML file) of one training of the recipe."""
+        config = copy.deepcopy(self.train_common)
+        _merge(config, {"model": {"student": student, "teacher": self.teacher},
+                        "data": {"train": self.pairs},
+                        "train": {"output_dir": self.training_dir(name), "resume": True}})
+        return _merge(config, copy.deepcopy(overrides))
+
 
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
 
 
 def load_recipe(path: str, overrides: List[str] = ()) -> Recipe:
-    if not os.path.isfile(path):
-        raise ConfigError(f"recipe {path} does not exist")
-    with open(path, encoding="utf-8") as handle:
-        try:
-            raw = yaml.safe_load(handle) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    raw = read_yaml_mapping(path, "recipe")
     for override in overrides:
-        key, _, text = override.partition("=")
-        node = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(text)
+        apply_override(raw, override)
     unknown = set(raw) - RECIPE_KEYS
     if unknown:
         raise ConfigError(f"{path}: unknown recipe keys {', '.join(sorted(unknown))}; known: "
@@ -117,8 +122,15 @@ def load_recipe(path: str, overrides: List[str] = ()) -> Recipe:
             raise ConfigError(f"{path}: recipe key {key!r} is required")
     raw.pop("plots", None)
     recipe = Recipe(**raw, source=path)
-    if not isinstance(recipe.students, dict):
-        raise ConfigError(f"{path}: students must map display names to training overrides")
+    if not isinstance(recipe.students, dict) or not all(isinstance(v, dict) for v in recipe.students.values()):
+        raise ConfigError(f"{path}: students must map display names to training overrides (mappings), e.g. "
+                          f"daDPO: {{objective: {{name: dadpo}}}}")
+    for key in ("train_common", "dsft", "generate", "eval"):
+        if not isinstance(getattr(recipe, key), dict):
+            raise ConfigError(f"{path}: {key} must be a mapping, got {getattr(recipe, key)!r}")
+    # Every training's config is checked now, not when its stage comes hours later.
+    for name, overrides, student in recipe.trainings():
+        config_from_mapping(recipe.training_config(name, overrides, student), f"{path} (training {name})")
     return recipe
 
 
@@ -172,17 +184,11 @@ class Runner:
                 "--out", r.pairs] + _flags(r.generate)
         self.fastdadpo(args, distributed=True, log_name="generate")
 
-    def _training_config(self, name: str, objective_overrides: dict, student: str) -> str:
-        r = self.recipe
-        config = copy.deepcopy(r.train_common)
-        _merge(config, {"model": {"student": student, "teacher": r.teacher},
-                        "data": {"train": r.pairs},
-                        "train": {"output_dir": self.recipe.training_dir(name), "resume": True}})
-        _merge(config, objective_overrides)
+    def _training_config(self, name: str, overrides: dict, student: str) -> str:
         path = self.recipe.path("configs", f"{_slug(name)}.yaml")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w", encoding="utf-8") as handle:
-            yaml.safe_dump(config, handle, sort_keys=False)
+            yaml.safe_dump(self.recipe.training_config(name, overrides, student), handle, sort_keys=False)
         return path
 
     def _train(self, name: str, overrides: dict, student: str, precompute_only: bool = False) -> None:
@@ -196,16 +202,15 @@ class Runner:
         self.fastdadpo(args, distributed=True, log_name=f"{'precompute' if precompute_only else 'train'}-{_slug(name)}")
 
     def stage_dsft(self) -> None:
-        overrides = _merge({"objective": {"name": "sft"}}, copy.deepcopy(self.recipe.dsft))
-        self._train("dSFT", overrides, self.recipe.start_student)
+        self._train(*self.recipe.trainings()[0])
 
     def stage_precompute(self) -> None:
-        for name, overrides in self.recipe.students.items():
-            self._train(name, overrides, self.recipe.dsft_final, precompute_only=True)
+        for training in self.recipe.trainings()[1:]:
+            self._train(*training, precompute_only=True)
 
     def stage_train(self) -> None:
-        for name, overrides in self.recipe.students.items():
-            self._train(name, overrides, self.recipe.dsft_final)
+        for training in self.recipe.trainings()[1:]:
+            self._train(*training)
 
     def stage_eval(self) -> None:
         r = self.recipe
@@ -215,10 +220,11 @@ class Runner:
         results_path = r.path("eval.json")
         models = {"student (before)": r.start_student, "after dSFT": r.dsft_final}
         models.update({f"after {name}": os.path.join(r.training_dir(name), "final") for name in r.students})
-        if os.path.exists(results_path):
+        if os.path.exists(results_path) and _newer_than_models(results_path, models.values()):
             with open(results_path, encoding="utf-8") as handle:
                 if set(json.load(handle).get("models", {})) >= set(models):
                     self.echo(f"[run] eval: {results_path} complete, skipped")
+                    self._plots()
                     return
         models_file = r.path("eval-models.json")
         with open(models_file, "w", encoding="utf-8") as handle:
@@ -226,10 +232,20 @@ class Runner:
         args = ["eval", "--teacher", r.teacher, "--students", models_file, "--data", r.eval_prompts,
                 "--out", results_path] + _flags(r.eval)
         self.fastdadpo(args, distributed=False, log_name="eval")
+        self._plots()
+
+    def _plots(self) -> None:
         from .plots import plot_recipe
 
-        curves, comparison = plot_recipe(r)
+        curves, comparison = plot_recipe(self.recipe)
         self.echo(f"[run] plots: {curves}, {comparison}")
+
+
+def _newer_than_models(path: str, model_dirs) -> bool:
+    """Results written after every model they evaluate was (re)written: not stale."""
+    written = os.path.getmtime(path)
+    configs = [os.path.join(d, "config.json") for d in model_dirs]
+    return all(os.path.getmtime(c) <= written for c in configs if os.path.exists(c))
 
 
 def _flags(options: Dict[str, Any]) -> List[str]:

@@ -48,11 +48,14 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    train(load_config(args.config, args.set), precompute_only=args.precompute_only)
-    # Leave together and destroy the group explicitly: a gloo group torn down by interpreter exit
-    # while the other rank is already gone aborts ("terminate called without an active exception").
-    distributed.barrier()
-    distributed.teardown()
+    # Destroy the group explicitly, on errors too: a gloo group torn down by interpreter exit while
+    # the other rank is already gone aborts ("terminate called without an active exception").
+    # The barrier only on success: a rank that failed alone must not leave the others waiting.
+    try:
+        train(load_config(args.config, args.set), precompute_only=args.precompute_only)
+        distributed.barrier()
+    finally:
+        distributed.teardown()
     return 0
 
 
@@ -192,7 +195,7 @@ def train(config: Config, precompute_only: bool = False) -> Dict[str, float]:
                             tokens_per_s=step_metrics.pop("tokens") / elapsed, peak_mem_gb=_peak_memory_gb(dist.device))
         at_end = step + 1 == plan.total_steps
         every = config.train.eval_every
-        if eval_set and ((every and (step + 1) % every == 0) or (at_end and not every)):
+        if eval_set and ((every and (step + 1) % every == 0) or at_end):  # the final model always
             engine.eval()
             step_metrics.update(_evaluate(eval_set, collate, run_micro_batch, dist, config.train.micro_batch_size))
             engine.train()
@@ -392,18 +395,15 @@ def _evaluate(eval_set, collate, run_micro_batch, dist, micro_batch_size: int) -
     """The objective's loss and metrics on data.eval, normalized over the whole eval set, each
     example counted once. Ranks shard the set; a rank with nothing left runs a dummy micro-batch
     (ZeRO-3 ranks must make the same collective calls) whose result is dropped."""
-    shard = eval_set[dist.rank::dist.world_size]
-    rounds = -(-(-(-len(eval_set) // dist.world_size)) // micro_batch_size)
-    batches = []
-    for r in range(rounds):
-        examples = shard[r * micro_batch_size:(r + 1) * micro_batch_size]
-        batches.append((_to_device(collate(examples or eval_set[:1]), dist.device, "eval"), not examples))
-    normalizers = _normalizers([batch for batch, dummy in batches if not dummy], dist.device)
+    rounds = data.shard_rounds(len(eval_set), micro_batch_size, dist.rank, dist.world_size)
+    batches = [collate([eval_set[i] for i in indices]) for indices in rounds if indices]
+    normalizers = _normalizers(batches, dist.device)
     sums: Dict[str, torch.Tensor] = {}
-    for batch, dummy in batches:
+    for indices in rounds:
+        batch = _to_device(collate([eval_set[i] for i in indices or [0]]), dist.device, "eval")
         _, metrics = run_micro_batch(batch, normalizers)
         for key, value in metrics.items():  # the same keys on every rank, zeros for a dummy
-            sums[key] = sums.get(key, 0.0) + (torch.zeros_like(value) if dummy else value.float())
+            sums[key] = sums.get(key, 0.0) + (value.float() if indices else torch.zeros_like(value))
     metrics, _, _ = _reduce(sums, 0, True, False, dist.device)
     metrics.pop("tokens")
     return {f"eval/{k}": v for k, v in metrics.items()}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job of the README: installs what is missing (CPU torch pinned), then runs the embedded
-# end-to-end distillation (synthetic task, teacher trained from scratch, 20%-pruned student, generate,
+# end-to-end distillation (synthetic task, the shipped teacher (fastdadpo/demo_data/teacher), 20%-pruned student, generate,
 # dSFT, dDPO, daDPO, token-level daDPO, comparison table and plots) under runs/demo. Nothing is downloaded.
 # Extra arguments go to `fastdadpo demo` (--fresh, --quick, --seed N, --out DIR).
 set -euo pipefail

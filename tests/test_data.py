@@ -2,6 +2,7 @@
 tokenizer check, micro-batch splitting, and collated batches (masks, packing equivalence on real
 tiny Qwen2 and Llama models)."""
 import json
+import random
 import os
 
 import pytest
@@ -404,3 +405,16 @@ def test_packing_gives_the_same_log_probs_as_padding(model_fixture, request, tok
     # Sequence sums of ~100 in fp32 differ in the last bits between layouts (other matmul shapes).
     torch.testing.assert_close(packed, padded, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(padded, alone, rtol=1e-6, atol=1e-5)
+
+
+def test_shard_rounds_cover_every_example_once_with_equal_rounds():
+    """The one-pass sweep (eval, precompute): each example on exactly one rank, once; every rank the
+    same number of micro-batches (ZeRO-3 collectives), empty rounds marking stand-ins."""
+    rng = random.Random(0)
+    for _ in range(300):
+        n, micro, ranks = rng.randint(1, 40), rng.randint(1, 6), rng.randint(1, 5)
+        per_rank = [data.shard_rounds(n, micro, rank, ranks) for rank in range(ranks)]
+        assert sorted(i for rounds in per_rank for batch in rounds for i in batch) == list(range(n))
+        assert len({len(rounds) for rounds in per_rank}) == 1
+        assert all(len(batch) <= micro for rounds in per_rank for batch in rounds)
+    assert data.shard_rounds(5, 1, 1, 2) == [[1], [3], []]

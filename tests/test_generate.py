@@ -199,7 +199,7 @@ def test_bad_flags_and_models(capsys, tmp_path, tokenizer, teacher_dir, student_
     expect_user_error(capsys, generate_command(teacher_dir, student_dir, prompts_file, out, "--top-p", "0"),
                       "--top-p must be in (0, 1], got 0.0")
     expect_user_error(capsys, generate_command(teacher_dir, str(tmp_path / "none"), prompts_file, out),
-                      f"--student {tmp_path / 'none'}: no such directory")
+                      f"--student: {tmp_path / 'none'} does not exist")
     small_head = save_model_dir(tiny_causal_lm(len(tokenizer) - 8, hidden_size=16, layers=1, heads=2, kv_heads=1),
                                 tokenizer, str(tmp_path / "small_head"))
     expect_user_error(capsys, generate_command(teacher_dir, small_head, prompts_file, out),

@@ -1,5 +1,6 @@
 """`fastdadpo run` and `fastdadpo demo`: the demo in miniature end to end, stages skipped when their
 output is complete, an interrupted run continued, and clear errors for bad recipes."""
+import glob
 import json
 import os
 import shutil
@@ -11,6 +12,8 @@ import yaml
 
 from fastdadpo.errors import ConfigError
 from fastdadpo.recipe import load_recipe
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TIMEOUT = 1200
 
@@ -64,6 +67,22 @@ def test_rerun_skips_complete_stages_and_continues_an_interrupted_one(quick_demo
     assert "train-daDPO-token" in log and "eval:" in log
     assert (out / "train" / "daDPO-token" / "final" / "config.json").exists()
     assert json.load(open(out / "eval.json"))["models"]["after daDPO-token"]
+    # Results older than a model they cover are stale: evaluated again.
+    os.utime(out / "train" / "dDPO" / "final" / "config.json")
+    result = _demo(out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not any("eval:" in line and "skipped" in line for line in result.stdout.splitlines())
+    # A directory holds one demo's settings: another seed must not reuse this one's stages.
+    result = _demo(out, "--seed", "1")
+    assert result.returncode == 2 and "add --fresh" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "recipes", "*.yaml"))),
+                         ids=os.path.basename)
+def test_shipped_recipes_are_valid(path):
+    recipe = load_recipe(path)
+    names = [name for name, _, _ in recipe.trainings()]
+    assert names[0] == "dSFT" and {"dDPO", "daDPO"} <= set(names[1:])
 
 
 def test_bad_recipes_are_clear_errors(tmp_path):
@@ -74,6 +93,17 @@ def test_bad_recipes_are_clear_errors(tmp_path):
         load_recipe(str(path))
     path.write_text(yaml.safe_dump({"output_dir": "x", "teacher": "t"}))
     with pytest.raises(ConfigError, match="'student' is required"):
+        load_recipe(str(path))
+    # A training's config is checked when the recipe loads, not when its stage comes.
+    base = {"output_dir": "x", "teacher": "t", "student": "s", "prompts": "p"}
+    path.write_text(yaml.safe_dump(dict(base, students={"daDPO": {"objective": {"name": "dadpo", "beta1": -1}}})))
+    with pytest.raises(ConfigError, match=r"training daDPO.*beta1"):
+        load_recipe(str(path))
+    path.write_text(yaml.safe_dump(dict(base, train_common={"train": {"learning_rate": 1e-5}})))
+    with pytest.raises(ConfigError, match=r"training dSFT.*learning_rate"):
+        load_recipe(str(path))
+    path.write_text(yaml.safe_dump(dict(base, students={"daDPO": "dadpo"})))
+    with pytest.raises(ConfigError, match="students must map display names"):
         load_recipe(str(path))
     result = subprocess.run([sys.executable, "-m", "fastdadpo", "run", str(path), "--stages", "train,polish"],
                             capture_output=True, text=True, timeout=TIMEOUT, env=_env())

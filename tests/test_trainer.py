@@ -286,3 +286,24 @@ def test_cached_log_probs_are_reused_across_runs(toy, tmp_path):
     assert "computing reference log-probs" in first.stdout and "computing teacher log-probs" in first.stdout
     assert "computing" not in second.stdout
     assert _metrics(tmp_path / "first")[0]["loss"] == _metrics(tmp_path / "second")[0]["loss"]
+
+
+def test_cached_log_probs_follow_examples_when_rows_are_dropped(toy, tmp_path):
+    """A row dropped at tokenization (empty chosen) shifts list positions against data rows; the
+    cached reference and teacher log-probs must still belong to their own examples: the same steps
+    as on the file without that row."""
+    lines = open(toy["train"]).readlines()
+    empty = json.dumps({"prompt": "say nothing", "chosen": "", "rejected": "x"}) + "\n"
+    with_dropped = tmp_path / "with_dropped.jsonl"
+    with_dropped.write_text("".join(lines[:3]) + empty + "".join(lines[3:]))
+    runs = {}
+    for name, train_file in (("clean", toy["train"]), ("with_dropped", str(with_dropped))):
+        out = tmp_path / name
+        config = _config(toy, tmp_path, "dadpo", data__train=train_file, train__max_steps=3,
+                         train__output_dir=str(out), data__cache_dir=str(tmp_path / f"cache-{name}"))
+        result = _train(config)
+        runs[name] = _metrics(out)
+    assert "dropped 1" in result.stdout + result.stderr
+    for a, b in zip(runs["clean"], runs["with_dropped"]):
+        for key in ("loss", "rewards/margin", "rewards/chosen", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (key, a["step"])
