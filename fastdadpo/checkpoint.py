@@ -49,13 +49,18 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: str, payload) -> None:
-    tmp = f"{path}.tmp"
+def write_text_atomic(path: str, text: str) -> None:
+    """``path`` holds either its old content or all of ``text``, never a part (a killed writer)."""
+    tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2)
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, payload) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2))
 
 
 def save(engine, output_dir: str, step: int, rank: int, world_size: int, extra: Optional[dict] = None) -> str:

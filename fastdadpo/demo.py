@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import yaml
 
+from .checkpoint import write_text_atomic
 from .errors import UserError
 from .recipe import Runner, load_recipe
 
@@ -132,10 +133,7 @@ def write_task_data(out: str, sizes: Sizes, seed: int) -> dict:
 
 
 def _write_jsonl(path: str, rows) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(row) + "\n" for row in rows)
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 # --- 2. the teacher ---------------------------------------------------------------------------------------
@@ -182,8 +180,7 @@ def train_teacher(runner: Runner, out: str, sizes: Sizes, seed: int, files: dict
                            output_dir=os.path.join(out, "teacher"), resume=True)
     path = os.path.join(out, "configs", "teacher.yaml")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(config, handle, sort_keys=False)
+    write_text_atomic(path, yaml.safe_dump(config, sort_keys=False))
     runner.fastdadpo(["train", path], distributed=False, log_name="train-teacher")
     return final
 
@@ -214,8 +211,7 @@ def write_recipe(out: str, sizes: Sizes, seed: int, files: dict) -> str:
         "eval": {"judge": "exact", "max_new_tokens": MAX_NEW_TOKENS, "batch_size": 64},
     }
     path = os.path.join(out, "recipe.yaml")
-    with open(path, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(recipe, handle, sort_keys=False)
+    write_text_atomic(path, yaml.safe_dump(recipe, sort_keys=False))
     return path
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from . import chat, distributed, models
+from .checkpoint import write_text_atomic
 from .data import Example, check_tokenizers_compatible, load_prompts
 from .errors import ConfigError, UserError
 
@@ -294,7 +295,7 @@ def _prepare_output(out: str, settings: dict, num_prompts: int) -> set[int]:
     settings_path = _settings_path(out)
     if not os.path.exists(out) or os.path.getsize(out) == 0:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        _write_atomically(settings_path, json.dumps(settings, indent=1) + "\n")
+        write_text_atomic(settings_path, json.dumps(settings, indent=1) + "\n")
         open(out, "w").close()
         return set()
     try:
@@ -353,16 +354,7 @@ def _finish(out: str, num_prompts: int) -> None:
         raise RuntimeError(f"{out}: {num_prompts - len(lines)} rows missing after generation")
     order = list(lines)
     if order != sorted(order):
-        _write_atomically(out, "".join(lines[index] for index in sorted(order)))
-
-
-def _write_atomically(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+        write_text_atomic(out, "".join(lines[index] for index in sorted(order)))
 
 
 # --- models --------------------------------------------------------------------------------------------------

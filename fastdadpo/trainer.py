@@ -396,14 +396,13 @@ def _evaluate(eval_set, collate, run_micro_batch, dist, micro_batch_size: int) -
     example counted once. Ranks shard the set; a rank with nothing left runs a dummy micro-batch
     (ZeRO-3 ranks must make the same collective calls) whose result is dropped."""
     rounds = data.shard_rounds(len(eval_set), micro_batch_size, dist.rank, dist.world_size)
-    batches = [collate([eval_set[i] for i in indices]) for indices in rounds if indices]
-    normalizers = _normalizers(batches, dist.device)
+    batches = [(collate([eval_set[i] for i in indices or [0]]), not indices) for indices in rounds]  # on the CPU
+    normalizers = _normalizers([batch for batch, dummy in batches if not dummy], dist.device)
     sums: Dict[str, torch.Tensor] = {}
-    for indices in rounds:
-        batch = _to_device(collate([eval_set[i] for i in indices or [0]]), dist.device, "eval")
-        _, metrics = run_micro_batch(batch, normalizers)
+    for batch, dummy in batches:
+        _, metrics = run_micro_batch(_to_device(batch, dist.device, "eval"), normalizers)
         for key, value in metrics.items():  # the same keys on every rank, zeros for a dummy
-            sums[key] = sums.get(key, 0.0) + (value.float() if indices else torch.zeros_like(value))
+            sums[key] = sums.get(key, 0.0) + (torch.zeros_like(value) if dummy else value.float())
     metrics, _, _ = _reduce(sums, 0, True, False, dist.device)
     metrics.pop("tokens")
     return {f"eval/{k}": v for k, v in metrics.items()}
