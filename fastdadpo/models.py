@@ -7,6 +7,7 @@ Under ZeRO-3 a model is loaded already partitioned (``HfDeepSpeedConfig`` alive 
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import os
 from typing import Optional
@@ -210,3 +211,9 @@ def frozen_engine(model, ds_config: dict):
     engine = deepspeed.initialize(model=model, config=ds_config)[0]
     engine.eval()
     return engine
+
+
+def release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
