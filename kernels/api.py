@@ -1,9 +1,17 @@
 """Public entry points of ``fastdadpo.kernels``: validation, shapes and the choice of backend.
 
 Hidden states may have any leading shape ([N, H], [B, T, H], ...); outputs have that leading
-shape. Backends: ``triton`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``),
-``torch`` (chunked PyTorch, the CPU default) and ``naive`` (materialized logits, the reference).
-``FASTDADPO_KERNEL_BACKEND`` forces one; ``impl=`` on a call wins over both.
+shape. Backends:
+
+* ``chunked`` (the CUDA default): row chunks sized by a memory budget, logits and gradient GEMMs on
+  cuBLAS, one fused Triton kernel per chunk for everything row-wise (``chunked_backend``);
+* ``triton``: the tile-fused Triton kernels, logits never leave the chip (``triton_backend``);
+* ``torch``: chunked PyTorch, the CPU default;
+* ``naive``: materialized logits, the reference.
+
+The Triton ones take CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+``FASTDADPO_KERNEL_BACKEND`` forces one; ``impl=`` on a call wins over both. ``chunk_budget_mb=``
+(or ``FASTDADPO_CHUNK_BUDGET_MB``) is the chunked backend's memory budget; others ignore it.
 """
 from __future__ import annotations
 
@@ -16,7 +24,8 @@ from . import naive, torch_chunked
 from .autograd import sweep_rows
 from .sweep import DIVERGENCE_KINDS, SweepSpec
 
-BACKENDS = ("triton", "torch", "naive")
+BACKENDS = ("chunked", "triton", "torch", "naive")
+_TRITON_BACKENDS = ("chunked", "triton")
 _HALF_OR_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -33,15 +42,21 @@ def resolve_backend(device: torch.device, impl: Optional[str] = None) -> str:
         raise ValueError(f"unknown kernel backend {name!r} (FASTDADPO_KERNEL_BACKEND or impl=); "
                          f"choose one of {', '.join(BACKENDS)}")
     if not name:
-        name = "triton" if device.type == "cuda" else "torch"
-    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise ValueError("the triton kernel backend needs CUDA tensors, or TRITON_INTERPRET=1 to run the "
-                         "kernels on CPU tensors under Triton's interpreter")
+        name = "chunked" if device.type == "cuda" else "torch"
+    if name in _TRITON_BACKENDS and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(f"the {name} kernel backend needs CUDA tensors, or TRITON_INTERPRET=1 to run its "
+                         f"kernels on CPU tensors under Triton's interpreter")
     return name
 
 
-def _backend_module(name: str):
-    return _triton_backend() if name == "triton" else torch_chunked
+def _backend_module(name: str, chunk_budget_mb: Optional[float] = None):
+    if name == "triton":
+        return _triton_backend()
+    if name == "chunked":
+        from . import chunked_backend  # lazily, as triton_backend
+
+        return chunked_backend.ChunkedBackend(chunked_backend.budget_bytes(chunk_budget_mb))
+    return torch_chunked
 
 
 def _check_head(name: str, hidden: torch.Tensor, weight: torch.Tensor, lead: Optional[torch.Size] = None):
@@ -104,7 +119,8 @@ def _flat_targets(targets, lead, n, ignore_index, vocab):
 
 def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                           bias: Optional[torch.Tensor] = None, temperature: float = 1.0, ignore_index: int = -100,
-                          grad_weights: Optional[torch.Tensor] = None, impl: Optional[str] = None) -> torch.Tensor:
+                          grad_weights: Optional[torch.Tensor] = None, impl: Optional[str] = None,
+                          chunk_budget_mb: Optional[float] = None) -> torch.Tensor:
     """float32 ``log_softmax(hidden @ weight.T / T)[target]`` per row, exactly 0 where ``targets ==
     ignore_index``; never materializes the [rows x vocab] logits. Differentiable in ``hidden``,
     ``weight`` and ``bias``.
@@ -112,6 +128,9 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     ``grad_weights`` (optional, same shape as ``targets``): the weights w the caller will reduce the
     result with (loss = c·Σ w·out). Lets the torch backend form gradients during the forward sweep;
     any other gradient is still handled exactly.
+
+    ``chunk_budget_mb``: the memory (MiB) the chunked backend may take above its inputs, gradients
+    included (default ``FASTDADPO_CHUNK_BUDGET_MB``, else 1400); it sizes the row chunks.
     """
     _check_head("fused_linear_logprobs", hidden, weight)
     _check_temperature(temperature)
@@ -125,7 +144,8 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
                                            ignore_index=ignore_index).float()
     flat_targets, valid = _flat_targets(targets, lead, n, ignore_index, weight.shape[0])
     spec = SweepSpec(kind="none", logp_temperature=temperature, with_logps=True)
-    _, logp = sweep_rows(_backend_module(backend), spec, student_hidden=hidden.reshape(n, -1), student_weight=weight,
+    _, logp = sweep_rows(_backend_module(backend, chunk_budget_mb), spec, student_hidden=hidden.reshape(n, -1),
+                         student_weight=weight,
                          student_bias=bias, targets=flat_targets, logp_rows=valid,
                          logp_hint=None if grad_weights is None else grad_weights.reshape(n).float())
     return logp.reshape(lead)
@@ -137,7 +157,8 @@ def fused_linear_divergence(student_hidden: torch.Tensor, student_weight: torch.
                             mask: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None,
                             ignore_index: int = -100, vocab_size: Optional[int] = None,
                             logp_temperature: float = 1.0, grad_weights: Optional[torch.Tensor] = None,
-                            logp_grad_weights: Optional[torch.Tensor] = None, impl: Optional[str] = None
+                            logp_grad_weights: Optional[torch.Tensor] = None, impl: Optional[str] = None,
+                            chunk_budget_mb: Optional[float] = None
                             ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Per-row divergence between the teacher's and the student's next-token distributions,
     computed from hidden states and LM heads without materializing logits.
@@ -151,7 +172,7 @@ def fused_linear_divergence(student_hidden: torch.Tensor, student_weight: torch.
     ``(divergence, token_logps)`` from the same sweep: the student's log-probs of the targets over
     its whole head at ``logp_temperature`` (1 by default, the model's own distribution, as CE and
     DPO terms want), 0 where ``targets == ignore_index``. Teacher inputs get no gradient.
-    ``grad_weights`` / ``logp_grad_weights``: see ``fused_linear_logprobs``.
+    ``grad_weights`` / ``logp_grad_weights``, ``chunk_budget_mb``: see ``fused_linear_logprobs``.
     """
     if kind not in DIVERGENCE_KINDS:
         raise ValueError(f"unknown divergence kind {kind!r}; choose one of {', '.join(DIVERGENCE_KINDS)}")
@@ -178,7 +199,8 @@ def fused_linear_divergence(student_hidden: torch.Tensor, student_weight: torch.
     spec = SweepSpec(kind=kind, beta=beta, temperature=temperature, logp_temperature=logp_temperature,
                      vocab_size=vocab, with_logps=targets is not None)
     div, logp = sweep_rows(
-        _backend_module(backend), spec, student_hidden=student_hidden.reshape(n, -1), student_weight=student_weight,
+        _backend_module(backend, chunk_budget_mb), spec, student_hidden=student_hidden.reshape(n, -1),
+        student_weight=student_weight,
         teacher_hidden=teacher_hidden.reshape(n, -1).detach(), teacher_weight=teacher_weight.detach(),
         targets=flat_targets, div_rows=flat_mask, logp_rows=valid,
         div_hint=None if grad_weights is None else grad_weights.reshape(n).float(),
@@ -192,10 +214,12 @@ def fused_linear_advantage(student_hidden: torch.Tensor, student_weight: torch.T
                            teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
                            ref_hidden: torch.Tensor, ref_weight: torch.Tensor, *, temperature: float = 1.0,
                            mask: Optional[torch.Tensor] = None, vocab_size: Optional[int] = None,
-                           grad_weights: Optional[torch.Tensor] = None, impl: Optional[str] = None) -> torch.Tensor:
+                           grad_weights: Optional[torch.Tensor] = None, impl: Optional[str] = None,
+                           chunk_budget_mb: Optional[float] = None) -> torch.Tensor:
     """ADPA's per-row advantage Σ_a p_s(a)·(log p_t(a) − log p_r(a)) of the student's distribution
     under the teacher's log-ratio to its reference (the teacher before alignment). float32, 0
-    where ``mask`` is False; gradient to the student only."""
+    where ``mask`` is False; gradient to the student only. ``grad_weights``, ``chunk_budget_mb``: see
+    ``fused_linear_logprobs``."""
     _check_temperature(temperature)
     _check_head("student", student_hidden, student_weight)
     lead = student_hidden.shape[:-1]
@@ -211,7 +235,8 @@ def fused_linear_advantage(student_hidden: torch.Tensor, student_weight: torch.T
                                             vocab_size=vocab).float()
     spec = SweepSpec(kind="advantage", temperature=temperature, vocab_size=vocab)
     adv, _ = sweep_rows(
-        _backend_module(backend), spec, student_hidden=student_hidden.reshape(n, -1), student_weight=student_weight,
+        _backend_module(backend, chunk_budget_mb), spec, student_hidden=student_hidden.reshape(n, -1),
+        student_weight=student_weight,
         teacher_hidden=teacher_hidden.reshape(n, -1).detach(), teacher_weight=teacher_weight.detach(),
         ref_hidden=ref_hidden.reshape(n, -1).detach(), ref_weight=ref_weight.detach(), div_rows=flat_mask,
         div_hint=None if grad_weights is None else grad_weights.reshape(n).float())

@@ -4,19 +4,28 @@
 no FLOPs), runs one backend sweep over the rest and scatters the results back.
 
 Gradients: by default the backward recomputes the logits (the backend's ``backward``). When the
-caller states how the outputs will be reduced (``grad_weights``: loss = c·Σ w·out for some
-scalar c) and the backend can form gradients in its forward sweep, they are formed there and
-the backward only scales them by c. The incoming gradient is checked to really be c·w; any
-other gradient falls back to recomputation, so results never depend on the hint being right.
+caller states how an output will be reduced (``grad_weights``: loss = c·Σ w·out for some scalar
+c) and the backend can form gradients in its forward sweep, that output's gradients are formed
+there and the backward only scales them by c. The incoming gradient is checked to really be c·w;
+any other gradient falls back to recomputation (logged once per process), so results never
+depend on the hint being right.
+
+One output hinted and the other not (dadpo_token: a hinted divergence, DPO's log-probs): the
+divergence's gradients come from the forward and the backward recomputes the student's log-probs
+only, never the teacher, which pays when the teacher is the wider model (see ``_partial_pays``).
 """
 from __future__ import annotations
 
-from types import ModuleType
+import logging
+from dataclasses import replace
 from typing import Optional
 
 import torch
 
 from .sweep import SweepInputs, SweepSpec
+
+_log = logging.getLogger("fastdadpo.kernels")
+_warned_rejected_hint = False
 
 # Relative tolerance for "the incoming gradient is proportional to the stated weights".
 _PROPORTIONAL_RTOL = 1e-5
@@ -37,16 +46,36 @@ def _proportional_scale(pairs) -> Optional[float]:
     return scale
 
 
+def _warn_rejected_hint() -> None:
+    global _warned_rejected_hint
+    if not _warned_rejected_hint:
+        _warned_rejected_hint = True
+        _log.warning("fastdadpo.kernels: the incoming gradient is not proportional to grad_weights / "
+                     "logp_grad_weights, so the gradients formed in the forward sweep were dropped and the "
+                     "logits recomputed (correct, but the hint's saving is lost; logged once per process)")
+
+
+def _partial_pays(spec: SweepSpec, student_hidden, teacher_hidden, ref_hidden) -> bool:
+    """One output hinted, the other not: forming the hinted output's gradients in the forward costs
+    one more student pass in backward (recompute, dh and dW of the unhinted part: F·3·Hs against the
+    F·Hs recompute a joint backward shares), and saves recomputing the teacher (F·Ht, F·Hr)."""
+    teacher_width = sum(t.shape[1] for t in (teacher_hidden, ref_hidden) if t is not None)
+    return teacher_width > 2 * student_hidden.shape[1]
+
+
 class _SweepFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, backend: ModuleType, spec: SweepSpec, student_hidden, student_weight, student_bias,
+    def forward(ctx, backend, spec: SweepSpec, student_hidden, student_weight, student_bias,
                 teacher_hidden, teacher_weight, ref_hidden, ref_weight, targets, div_hint, logp_hint):
         inputs = SweepInputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                              ref_hidden, ref_weight, targets)
         needs_grad = any(ctx.needs_input_grad[2:5])
-        eager = (needs_grad and backend.supports_eager_grads
-                 and (div_hint is not None or not spec.has_div)
-                 and (logp_hint is not None or not spec.with_logps))
+        div_hint = div_hint if spec.has_div else None
+        logp_hint = logp_hint if spec.with_logps else None
+        hinted = [h is not None for h, on in ((div_hint, spec.has_div), (logp_hint, spec.with_logps)) if on]
+        eager = needs_grad and backend.supports_eager_grads and any(hinted)
+        if eager and not all(hinted):
+            eager = _partial_pays(spec, student_hidden, teacher_hidden, ref_hidden)
         row_grads = (div_hint, logp_hint) if eager else None
         div, logp, saved, grads = backend.forward(spec, inputs, row_grads)
         ctx.backend, ctx.spec, ctx.saved, ctx.grads, ctx.hints = backend, spec, saved, grads, (div_hint, logp_hint)
@@ -64,18 +93,30 @@ class _SweepFunction(torch.autograd.Function):
         spec = ctx.spec
         grad_div = grad_div if spec.has_div else None
         grad_logp = grad_logp if spec.with_logps else None
+        inputs = SweepInputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                             ref_hidden, ref_weight, targets)
         grads = None
         if ctx.grads is not None:
             pairs = [(g, w) for g, w in zip((grad_div, grad_logp), ctx.hints) if w is not None]
             scale = _proportional_scale(pairs)
-            if scale is not None:
+            if scale is None:
+                _warn_rejected_hint()
+                ctx.grads = None  # freed before the recompute allocates its own
+            else:
                 grads = ctx.grads
                 for grad in (grads.hidden, grads.weight, grads.bias):
                     if grad is not None:
                         grad.mul_(scale)
+                # The output without a hint (if any) still needs its gradient: a sweep over that
+                # output alone, added to the ones the forward formed.
+                rest_div = grad_div if ctx.hints[0] is None else None
+                rest_logp = grad_logp if ctx.hints[1] is None else None
+                if rest_div is not None or rest_logp is not None:
+                    rest = (replace(spec, with_logps=False) if rest_logp is None else
+                            SweepSpec(kind="none", logp_temperature=spec.logp_temperature, with_logps=True)
+                            if rest_div is None else spec)
+                    grads = ctx.backend.backward(rest, inputs, ctx.saved, div, rest_div, rest_logp, into=grads)
         if grads is None:
-            inputs = SweepInputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                                 ref_hidden, ref_weight, targets)
             grads = ctx.backend.backward(spec, inputs, ctx.saved, div, grad_div, grad_logp)
         ctx.grads = ctx.saved = None
         hidden_dtype, weight_dtype, bias_dtype = ctx.input_dtypes
@@ -97,7 +138,7 @@ def _take(t: Optional[torch.Tensor], index: Optional[torch.Tensor]):
     return t.index_select(0, index)
 
 
-def sweep_rows(backend: ModuleType, spec: SweepSpec, *, student_hidden, student_weight, student_bias=None,
+def sweep_rows(backend, spec: SweepSpec, *, student_hidden, student_weight, student_bias=None,
                teacher_hidden=None, teacher_weight=None, ref_hidden=None, ref_weight=None,
                targets=None, div_rows=None, logp_rows=None, div_hint=None, logp_hint=None):
     """Run one sweep over flat rows ([N, H] hidden states); returns float32 ``(div, logp)`` of

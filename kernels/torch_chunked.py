@@ -18,7 +18,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .sweep import SweepGrads, SweepInputs, SweepSpec, accumulation_dtype
+from .row_chunks import Workspace, accumulate_chunk_grads, logits_into, new_grads
+from .sweep import SweepInputs, SweepSpec, accumulation_dtype
 
 _CHUNK_BYTES = int(float(os.environ.get("FASTDADPO_CHUNK_MB", "32")) * 2**20)
 
@@ -30,20 +31,6 @@ def chunk_rows(vocab: int, dtype: torch.dtype, rows: int) -> int:
 
 def _upcast(t: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
     return None if t is None else t.to(dtype)
-
-
-class _Workspace:
-    """R x V buffers allocated once per sweep and reused by every chunk: fresh large tensors cost
-    page faults on every allocation on CPU, about as much as the arithmetic done in them."""
-
-    def __init__(self, rows: int, dtype: torch.dtype, device: torch.device):
-        self.rows, self.dtype, self.device, self.buffers = rows, dtype, device, {}
-
-    def get(self, name: str, rows: int, cols: int) -> torch.Tensor:
-        buffer = self.buffers.get(name)
-        if buffer is None or buffer.shape[1] != cols:
-            buffer = self.buffers[name] = torch.empty(self.rows, cols, dtype=self.dtype, device=self.device)
-        return buffer[:rows]
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -148,17 +135,13 @@ def _logp_chunk(spec: SweepSpec, logits: torch.Tensor, targets: torch.Tensor, g:
     return logp, probs
 
 
-def _matmul_into(out: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor):
-    """out ← rows @ weight.T (into a workspace buffer: no fresh allocation)."""
-    return torch.mm(rows, weight.T, out=out)
-
-
 def sweep(spec: SweepSpec, inputs: SweepInputs,
-          row_grads: Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = None):
+          row_grads: Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = None, into=None):
     """One pass over the rows. Returns (div, logp, grads); ``grads`` only when ``row_grads`` is set.
 
     ``row_grads = (g_div, g_logp)``: the gradients (or the caller's reduction weights) of the
-    outputs; a None entry means that output's gradient is zero.
+    outputs; a None entry means that output's gradient is zero. ``into``: gradients to add to
+    (else fresh ones).
     """
     acc = accumulation_dtype(inputs.student_hidden, inputs.student_weight, inputs.teacher_hidden)
     n = inputs.rows
@@ -174,18 +157,15 @@ def sweep(spec: SweepSpec, inputs: SweepInputs,
     logp_out = torch.empty(n, dtype=acc, device=device) if spec.with_logps else None
     g_div, g_logp = row_grads if row_grads is not None else (None, None)
     want_grads = row_grads is not None
-    if want_grads:
-        grad_hidden = torch.empty(n, hidden_size, dtype=acc, device=device)
-        grad_weight = torch.zeros_like(student_weight)
-        grad_bias = torch.zeros_like(student_bias) if student_bias is not None else None
+    grads = (into if into is not None else new_grads(n, student_weight, student_bias, acc)) if want_grads else None
 
     rows_per_chunk = chunk_rows(vocab_student, acc, n)
-    space = _Workspace(rows_per_chunk, acc, device)
+    space = Workspace(rows_per_chunk, acc, device)
     for start in range(0, n, rows_per_chunk):
         rows = slice(start, min(n, start + rows_per_chunk))
         count = rows.stop - rows.start
         student_rows = inputs.student_hidden[rows].to(acc)
-        logits = _matmul_into(space.get("student", count, vocab_student), student_rows, student_weight)
+        logits = logits_into(space.get("student", count, vocab_student), student_rows, student_weight)
         if student_bias is not None:
             logits += student_bias
         grad_logits = None
@@ -196,11 +176,11 @@ def sweep(spec: SweepSpec, inputs: SweepInputs,
                                                       space.get("work", count, vocab_student))
         if spec.has_div:
             g = None if g_div is None else g_div[rows].to(acc)
-            teacher_logits = _matmul_into(space.get("teacher", count, vocab), inputs.teacher_hidden[rows].to(acc),
+            teacher_logits = logits_into(space.get("teacher", count, vocab), inputs.teacher_hidden[rows].to(acc),
                                           teacher_weight)
             ref_logits = None
             if spec.needs_ref:
-                ref_logits = _matmul_into(space.get("ref", count, vocab), inputs.ref_hidden[rows].to(acc), ref_weight)
+                ref_logits = logits_into(space.get("ref", count, vocab), inputs.ref_hidden[rows].to(acc), ref_weight)
             work2 = space.get("work2", count, vocab) if spec.kind == "jsd" else None
             div_out[rows], grad_div_logits = _divergence_chunk(
                 spec, logits[:, :vocab], teacher_logits, ref_logits, g, space.get("work", count, vocab), work2)
@@ -212,15 +192,8 @@ def sweep(spec: SweepSpec, inputs: SweepInputs,
                     grad_logits[:, :vocab] = grad_div_logits
                 else:
                     grad_logits[:, :vocab] += grad_div_logits
-        if want_grads:
-            if grad_logits is None:
-                grad_hidden[rows] = 0
-                continue
-            torch.mm(grad_logits, student_weight, out=grad_hidden[rows])
-            grad_weight.addmm_(grad_logits.T, student_rows)
-            if grad_bias is not None:
-                grad_bias += grad_logits.sum(dim=0)
-    grads = SweepGrads(grad_hidden, grad_weight, grad_bias) if want_grads else None
+        if want_grads and grad_logits is not None:
+            accumulate_chunk_grads(grads, rows, grad_logits, student_rows, student_weight)
     return div_out, logp_out, grads
 
 
@@ -233,5 +206,5 @@ def forward(spec: SweepSpec, inputs: SweepInputs, row_grads=None):
     return div, logp, {}, grads
 
 
-def backward(spec: SweepSpec, inputs: SweepInputs, saved: dict, div, grad_div, grad_logp) -> SweepGrads:
-    return sweep(spec, inputs, (grad_div, grad_logp))[2]
+def backward(spec: SweepSpec, inputs: SweepInputs, saved: dict, div, grad_div, grad_logp, into=None):
+    return sweep(spec, inputs, (grad_div, grad_logp), into=into)[2]

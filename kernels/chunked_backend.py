@@ -1,0 +1,224 @@
+"""Host side of the chunked backend, the CUDA default: every FLOP on cuBLAS, one Triton kernel per chunk.
+
+Rows go in chunks of R. Per chunk: the student's (and teacher's, reference's) float32 logit chunk
+from a cuBLAS GEMM into a reused buffer; one launch of ``triton_rows.row_sweep_kernel`` for
+everything row-wise (normalizers, the divergence, the target log-probs and, when asked,
+d(loss)/d(logits) written over the student's logits); then, with gradients, two cuBLAS GEMMs:
+dh[rows] = G·W and dW += Gᵀ·X, into one dW buffer for the whole call.
+
+FLOPs, F = 2·N·V: with the caller's ``grad_weights`` hint the gradient is formed in the forward
+sweep, so the teacher's logits are computed once: F·(Hs + Ht) + F·2·Hs = F·(3·Hs + Ht). Log-probs
+without a hint (DPO's per-sequence weights): the forward keeps each row's log-normalizer and the
+backward recomputes the student chunk only: F·Hs + F·3·Hs = F·4·Hs. A divergence without a hint
+recomputes both models in backward: F·(4·Hs + 2·Ht).
+
+Precision: bf16/fp16 hidden states and heads go to cuBLAS as they are, logits come out in fp32
+(``out_dtype``), the row kernel computes in fp32, and the gradient is written in the inputs' dtype
+(it feeds the two gradient GEMMs, fp32-accumulated inside each; dW is added to once per chunk in
+the weight's dtype, which is the gradient autograd returns). On CPU (the interpreter's tests) half
+inputs are upcast to fp32 first.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+
+from . import triton_rows
+from .row_chunks import Workspace, accumulate_chunk_grads, logits_into, new_grads
+from .sweep import SweepGrads, SweepInputs, SweepSpec
+from .tl_utils import KIND_CODES
+
+# The memory one call may take above its inputs, its gradients included, in MiB: the public
+# functions' ``chunk_budget_mb=`` or this environment variable. 1400 MiB (1.47 GB) keeps a call
+# within 1.5 GB at V = 128k–256k: see ``plan_chunks`` for the arithmetic.
+CHUNK_BUDGET_ENV = "FASTDADPO_CHUNK_BUDGET_MB"
+DEFAULT_CHUNK_BUDGET_MB = 1400.0
+# Rows below which the chunk GEMMs waste their tiles (cuBLAS tiles are 64–256 rows, and the dW GEMM's
+# inner dimension is R): a budget too small for this many is exceeded rather than honoured.
+MIN_CHUNK_ROWS = 64
+
+
+def budget_bytes(chunk_budget_mb: Optional[float] = None) -> int:
+    if chunk_budget_mb is None:
+        text = os.environ.get(CHUNK_BUDGET_ENV, "")
+        try:
+            chunk_budget_mb = float(text) if text else DEFAULT_CHUNK_BUDGET_MB
+        except ValueError:
+            raise ValueError(f"{CHUNK_BUDGET_ENV}={text!r} is not a number of MiB") from None
+    if not chunk_budget_mb > 0:
+        raise ValueError(f"the chunked backend's memory budget must be > 0 MiB, got {chunk_budget_mb}")
+    return int(chunk_budget_mb * 2**20)
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    rows_per_chunk: int
+    row_bytes: int  # workspace per row of a chunk
+    fixed_bytes: int  # whatever does not scale with the chunk: gradients, per-row vectors
+    budget_bytes: int
+
+    @property
+    def peak_bytes(self) -> int:
+        """The call's memory above its inputs under this plan."""
+        return self.fixed_bytes + self.rows_per_chunk * self.row_bytes
+
+
+def plan_chunks(spec: SweepSpec, rows: int, vocab_student: int, hidden_student: int, budget: int,
+                grad_dtype: torch.dtype = torch.bfloat16, logits_dtype: torch.dtype = torch.float32,
+                with_bias: bool = False) -> ChunkPlan:
+    """Rows per chunk from the memory budget.
+
+    Fixed (does not scale with R; counted whether or not this sweep forms gradients, so forward and
+    backward chunk alike):
+      gradients  N·Hs + V·Hs in the gradient dtype (+ V fp32 for a bias, + V fp32 for its per-chunk sum)
+      per row    8 fp32 vectors of N (div, logp, log-normalizer, two hints, two incoming gradients, spare)
+    Per row of a chunk (the R x V workspace; the gradient is written over the student's logits):
+      student logits   C·4 bytes, C = V when log-probs are asked for (whole head) else vocab_size
+      teacher logits   vocab_size·4 (divergences, advantage)
+      reference logits vocab_size·4 (advantage)
+    R = (budget − fixed) / per-row, at least MIN_CHUNK_ROWS, at most N.
+
+    E.g. V = 256,000, Hs = 2304 (Gemma-2 2B), N = 8192, bf16, cross-entropy: fixed = 1.18 GB (dW)
+    + 38 MB (dh) + 0.3 MB = 1.22 GB; per row 1.02 MB; the 1400 MiB default leaves 0.25 GB: R = 245,
+    peak 1.468 GB. V = 128,256, Hs = 2048, forward KL with targets: fixed 0.56 GB, per row 1.03 MB,
+    R = 886, peak 1.468 GB.
+    """
+    grad_elem = torch.finfo(grad_dtype).bits // 8
+    logit_elem = torch.finfo(logits_dtype).bits // 8
+    vocab_div = spec.vocab_size if spec.has_div else 0
+    student_cols = vocab_student if spec.with_logps else vocab_div
+    fixed = (rows + vocab_student) * hidden_student * grad_elem + 8 * rows * 4
+    if with_bias:
+        fixed += 2 * vocab_student * 4
+    row_bytes = logit_elem * (student_cols + vocab_div * (1 if spec.needs_teacher else 0)
+                              + vocab_div * (1 if spec.needs_ref else 0))
+    fit = (budget - fixed) // row_bytes if budget > fixed else 0
+    chunk = max(1, min(rows, max(MIN_CHUNK_ROWS, fit)))
+    return ChunkPlan(rows_per_chunk=chunk, row_bytes=row_bytes, fixed_bytes=fixed, budget_bytes=budget)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    # cuBLAS takes half inputs as they are; the CPU (the interpreter) has no mixed-dtype GEMM.
+    if t.device.type != "cuda" and t.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return t.dtype
+
+
+def _as(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return None if t is None else t.to(dtype).contiguous()
+
+
+def _grad_view(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The chunk's gradient over its (contiguous, float32) logits: the same tensor, or, for a
+    narrower dtype, the first half of each row's bytes seen as that dtype (row stride 2·C)."""
+    if logits.dtype == dtype:
+        return logits
+    return logits.view(dtype)[:, :logits.shape[1]]
+
+
+class ChunkedBackend:
+    """The backend object the autograd layer drives (``forward`` / ``backward``), carrying its memory budget."""
+
+    supports_eager_grads = True
+
+    def __init__(self, budget: int):
+        self.budget = budget
+
+    def forward(self, spec: SweepSpec, inputs: SweepInputs, row_grads=None):
+        div, logp, lse_lp, grads = sweep(spec, inputs, self.budget, row_grads)
+        saved = {} if lse_lp is None else {"lse_lp": lse_lp}
+        return div, logp, saved, grads
+
+    def backward(self, spec: SweepSpec, inputs: SweepInputs, saved: dict, div, grad_div, grad_logp,
+                 into: Optional[SweepGrads] = None) -> SweepGrads:
+        # Log-probs alone: the forward's normalizers make the backward one pass over the student.
+        lse_lp = saved.get("lse_lp") if not spec.has_div else None
+        return sweep(spec, inputs, self.budget, (grad_div, grad_logp), into=into, lse_lp=lse_lp)[3]
+
+
+def sweep(spec: SweepSpec, inputs: SweepInputs, budget: int, row_grads=None, into: Optional[SweepGrads] = None,
+          lse_lp: Optional[torch.Tensor] = None):
+    """One pass over the rows in chunks. Returns (div, logp, lse_lp, grads).
+
+    ``row_grads = (g_div, g_logp)``: the outputs' gradients (or the caller's reduction weights); a
+    None entry means that output's gradient is zero; None altogether: no gradients. ``into``:
+    gradients to add to. ``lse_lp``: the log-prob normalizers of a log-prob-only sweep, from its forward.
+    """
+    s_hidden, s_weight = inputs.student_hidden, inputs.student_weight
+    device = s_weight.device
+    dtype = _compute_dtype(s_weight)
+    logits_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    n = inputs.rows
+    vocab_student, hidden_student = s_weight.shape
+    vocab_div = spec.vocab_size if spec.has_div else 0
+    student_cols = vocab_student if spec.with_logps else vocab_div
+    s_weight = _as(s_weight, dtype)
+    bias = _as(inputs.student_bias, logits_dtype)
+    t_dtype = _compute_dtype(inputs.teacher_weight) if spec.needs_teacher else dtype
+    t_weight = _as(inputs.teacher_weight[:vocab_div], t_dtype) if spec.needs_teacher else None
+    r_weight = _as(inputs.ref_weight[:vocab_div], t_dtype) if spec.needs_ref else None
+
+    want_grads = row_grads is not None
+    grads = None
+    if want_grads:
+        grads = into if into is not None else new_grads(n, s_weight, inputs.student_bias, dtype)
+    plan = plan_chunks(spec, n, vocab_student, hidden_student, budget, grad_dtype=dtype, logits_dtype=logits_dtype,
+                       with_bias=bias is not None)
+    space = Workspace(plan.rows_per_chunk, logits_dtype, device)
+
+    f32 = dict(dtype=torch.float32, device=device)
+    div_out = torch.zeros(n, **f32) if spec.has_div else None
+    logp_out = torch.zeros(n, **f32) if spec.with_logps else None
+    lse_given = lse_lp is not None and not spec.has_div and want_grads
+    lse_out = lse_lp.float().contiguous() if lse_given else (torch.empty(n, **f32) if spec.with_logps else None)
+    g_div, g_logp = row_grads if want_grads else (None, None)
+    zeros = None
+    if want_grads and ((spec.has_div and g_div is None) or (spec.with_logps and g_logp is None)):
+        zeros = torch.zeros(n, **f32)
+    g_div = (g_div.float().contiguous() if g_div is not None else zeros) if spec.has_div else None
+    g_logp = (g_logp.float().contiguous() if g_logp is not None else zeros) if spec.with_logps else None
+    targets = inputs.targets.contiguous() if spec.with_logps else None
+
+    if interpreting():
+        blocks = dict(BLOCK_R=triton_rows.INTERPRETER_BLOCK_R, BLOCK_V=triton_rows.INTERPRETER_BLOCK_V)
+    else:
+        blocks = dict(BLOCK_R=triton_rows.BLOCK_R, BLOCK_V=triton_rows.BLOCK_V)
+    launch = {} if interpreting() else dict(num_warps=triton_rows.NUM_WARPS, num_stages=triton_rows.NUM_STAGES)
+    beta = spec.beta if spec.kind == "jsd" else 0.5
+    scalars = dict(inv_temp=1.0 / spec.temperature, inv_lp_temp=1.0 / spec.logp_temperature, beta=beta,
+                   log_beta=math.log(beta), log_one_minus_beta=math.log1p(-beta))
+    dummy = div_out if div_out is not None else logp_out
+
+    for start in range(0, n, plan.rows_per_chunk):
+        rows = slice(start, min(n, start + plan.rows_per_chunk))
+        count = rows.stop - rows.start
+        x = s_hidden[rows].to(dtype)
+        logits = logits_into(space.get("student", count, student_cols), x, s_weight[:student_cols])
+        if bias is not None:
+            logits += bias[:student_cols]
+        teacher = ref = logits  # placeholders for absent operands: their branches compile away
+        if spec.needs_teacher:
+            teacher = logits_into(space.get("teacher", count, vocab_div), inputs.teacher_hidden[rows].to(t_dtype),
+                                  t_weight)
+        if spec.needs_ref:
+            ref = logits_into(space.get("ref", count, vocab_div), inputs.ref_hidden[rows].to(t_dtype), r_weight)
+        grad_logits = _grad_view(logits, dtype) if want_grads else logits
+        pick = (lambda t: dummy if t is None else t[rows])
+        triton_rows.row_sweep_kernel[(triton.cdiv(count, blocks["BLOCK_R"]),)](
+            logits, logits.stride(0), teacher, teacher.stride(0), ref, ref.stride(0), grad_logits,
+            grad_logits.stride(0), targets[rows] if targets is not None else dummy, pick(g_div), pick(g_logp),
+            pick(div_out), pick(logp_out), pick(lse_out), count, student_cols, vocab_div, **scalars,
+            KIND=KIND_CODES[spec.kind], WITH_LOGPS=spec.with_logps, WITH_GRAD=want_grads, LSE_GIVEN=lse_given,
+            **blocks, **launch)
+        if want_grads:
+            accumulate_chunk_grads(grads, rows, grad_logits, x, s_weight)
+    return div_out, logp_out, (lse_out if spec.with_logps else None), grads

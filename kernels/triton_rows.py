@@ -1,0 +1,246 @@
+"""The chunked backend's one Triton kernel: everything row-wise about a chunk of logits, in one launch.
+
+The logit chunks come from cuBLAS (``chunked_backend``); this kernel takes ``BLOCK_R`` rows per
+program (one on CUDA) and sweeps them in ``BLOCK_V``-column tiles:
+
+1. statistics: the log-normalizers (log-prob logits over the student's whole head at
+   ``inv_lp_temp``; student, teacher and reference over the first ``n_div`` columns at ``inv_temp``),
+   the target's logit and the kind's accumulator, all streamed relative to a running max
+   (forward KL Σ e^{t−m_t}(t − s); reverse KL Σ e^{s−m_s}(s − t); advantage Σ e^{s−m_s}(t − r));
+2. JSD only: KL(teacher‖m) and KL(student‖m), which need both normalizers first;
+3. with ``WITH_GRAD``: d(Σ g·out)/d(raw student logit) for the row weights g, written over the
+   student's logits (the host hands a pointer that aliases them: the gradient needs no buffer).
+
+d/d(student logit), per output, before the 1/T of the logit scale:
+  log-prob       g·(onehot(target) − softmax)
+  forward KL     g·(p − q)
+  reverse KL     g·p·(log p − log q − KL(p‖q))
+  JSD(β)         g·(1−β)·p·(log p − log m − KL(p‖m))
+  advantage      g·p·(a − A),  a = log p_t − log p_r,  A = Σ p·a
+
+``LSE_GIVEN`` (log-prob rows only): the normalizer is the one a forward sweep stored, so the
+backward sweep is the gradient pass alone.
+"""
+import triton
+import triton.language as tl
+
+from .tl_utils import KIND_ADVANTAGE, KIND_CODES, KIND_FORWARD_KL, KIND_JSD, KIND_NONE, KIND_REVERSE_KL, logaddexp
+
+# CUDA launch configuration. One row per program: a chunk of R rows is R programs, several resident
+# per SM, so the work spreads evenly whatever R. 2048 columns over 8 warps is 8 fp32 values per
+# thread per tile: the widest pass (JSD's gradient: p, log p, log q, log m) stays far below the
+# register limit, and the resident programs keep enough loads in flight to stream at HBM bandwidth
+# (the kernel is memory-bound: two or three reads of each logit and one write).
+BLOCK_R = 1
+BLOCK_V = 2048
+NUM_WARPS = 8
+NUM_STAGES = 2
+# Under TRITON_INTERPRET=1 (numpy, one program at a time): many rows per program, and tiles small
+# enough that the tests' vocabularies span several of them.
+INTERPRETER_BLOCK_R = 16
+INTERPRETER_BLOCK_V = 32
+
+
+@triton.jit
+def _online_lse(m, z, x):
+    """Streaming log-sum-exp over one [rows, BLOCK_V] tile (masked entries −inf, ≥ 1 finite per
+    row): new max, new Σ exp(x − max), and the factor rescaling older accumulators to the new max."""
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    rescale = tl.exp(m - m_new)
+    return m_new, z * rescale + tl.sum(tl.exp(x - m_new[:, None]), axis=1), rescale
+
+
+@triton.jit
+def row_sweep_kernel(
+    s_ptr, s_stride, t_ptr, t_stride, r_ptr, r_stride, grad_ptr, grad_stride,
+    targets_ptr, g_div_ptr, g_lp_ptr, div_ptr, logp_ptr, lse_lp_ptr,
+    n_rows, n_student, n_div, inv_temp, inv_lp_temp, beta, log_beta, log_one_minus_beta,
+    KIND: tl.constexpr, WITH_LOGPS: tl.constexpr, WITH_GRAD: tl.constexpr, LSE_GIVEN: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    rows = rows.to(tl.int64)
+    s_rows = s_ptr + rows[:, None] * s_stride
+    t_rows = t_ptr + rows[:, None] * t_stride
+    r_rows = r_ptr + rows[:, None] * r_stride
+    cols = tl.arange(0, BLOCK_V)[None, :]
+    neg_inf = float("-inf")
+    zero = tl.zeros((BLOCK_R,), dtype=tl.float32)
+
+    m_lp = zero + neg_inf
+    z_lp = zero
+    target_logit = zero
+    m_s = zero + neg_inf
+    z_s = zero
+    m_t = zero + neg_inf
+    z_t = zero
+    m_r = zero + neg_inf
+    z_r = zero
+    acc = zero
+    kl_student = zero
+    tgt = rows
+    if WITH_LOGPS:
+        tgt = tl.load(targets_ptr + rows, mask=row_ok, other=0)
+
+    # --- pass 1: statistics --------------------------------------------------------------------------
+    # Rows past the chunk load zeros (finite statistics, never stored); columns past a head are −inf.
+    if not LSE_GIVEN:
+        for v0 in range(0, n_student, BLOCK_V):
+            offs = v0 + cols
+            in_row = offs < n_student
+            s_raw = tl.load(s_rows + offs, mask=row_ok[:, None] & in_row, other=0.0).to(tl.float32)
+            if WITH_LOGPS:
+                lp = tl.where(in_row, s_raw * inv_lp_temp, neg_inf)
+                m_lp, z_lp, _ = _online_lse(m_lp, z_lp, lp)
+                target_logit += tl.sum(tl.where(offs == tgt[:, None], s_raw, 0.0), axis=1)
+            if KIND != KIND_NONE:
+                if v0 < n_div:
+                    ok = offs < n_div
+                    load_ok = row_ok[:, None] & ok
+                    # "safe" copies are 0 where masked (for differences), the others −inf (for exp).
+                    s_safe = tl.where(ok, s_raw * inv_temp, 0.0)
+                    t_safe = tl.load(t_rows + offs, mask=load_ok, other=0.0).to(tl.float32) * inv_temp
+                    s = tl.where(ok, s_safe, neg_inf)
+                    t = tl.where(ok, t_safe, neg_inf)
+                    m_s, z_s, rescale_s = _online_lse(m_s, z_s, s)
+                    m_t, z_t, rescale_t = _online_lse(m_t, z_t, t)
+                    if KIND == KIND_FORWARD_KL:
+                        acc = acc * rescale_t + tl.sum(tl.exp(t - m_t[:, None]) * (t_safe - s_safe), axis=1)
+                    elif KIND == KIND_REVERSE_KL:
+                        acc = acc * rescale_s + tl.sum(tl.exp(s - m_s[:, None]) * (s_safe - t_safe), axis=1)
+                    elif KIND == KIND_ADVANTAGE:
+                        r_safe = tl.load(r_rows + offs, mask=load_ok, other=0.0).to(tl.float32) * inv_temp
+                        m_r, z_r, _ = _online_lse(m_r, z_r, tl.where(ok, r_safe, neg_inf))
+                        acc = acc * rescale_s + tl.sum(tl.exp(s - m_s[:, None]) * (t_safe - r_safe), axis=1)
+
+    lse_lp = zero
+    if WITH_LOGPS:
+        if LSE_GIVEN:
+            lse_lp = tl.load(lse_lp_ptr + rows, mask=row_ok, other=0.0)
+        else:
+            lse_lp = m_lp + tl.log(z_lp)
+            tl.store(lse_lp_ptr + rows, lse_lp, mask=row_ok)
+            tl.store(logp_ptr + rows, target_logit * inv_lp_temp - lse_lp, mask=row_ok)
+
+    lse_s = zero
+    lse_t = zero
+    lse_r = zero
+    if KIND != KIND_NONE:
+        lse_s = m_s + tl.log(z_s)
+        lse_t = m_t + tl.log(z_t)
+    if KIND == KIND_ADVANTAGE:
+        lse_r = m_r + tl.log(z_r)
+    div = zero
+    if KIND == KIND_FORWARD_KL:  # E_q[t − s] − lse_t + lse_s
+        div = acc / z_t - lse_t + lse_s
+    elif KIND == KIND_REVERSE_KL:  # E_p[s − t] − lse_s + lse_t
+        div = acc / z_s - lse_s + lse_t
+    elif KIND == KIND_ADVANTAGE:  # E_p[t − r] − lse_t + lse_r
+        div = acc / z_s - lse_t + lse_r
+    elif KIND == KIND_JSD:
+        # --- pass 2 (JSD): both normalizers known ------------------------------------------------------
+        kl_teacher = zero
+        for v0 in range(0, n_div, BLOCK_V):
+            offs = v0 + cols
+            ok = offs < n_div
+            load_ok = row_ok[:, None] & ok
+            log_p = tl.load(s_rows + offs, mask=load_ok, other=0.0).to(tl.float32) * inv_temp - lse_s[:, None]
+            log_q = tl.load(t_rows + offs, mask=load_ok, other=0.0).to(tl.float32) * inv_temp - lse_t[:, None]
+            log_m = logaddexp(log_beta + log_q, log_one_minus_beta + log_p)
+            kl_teacher += tl.sum(tl.where(ok, tl.exp(log_q) * (log_q - log_m), 0.0), axis=1)
+            kl_student += tl.sum(tl.where(ok, tl.exp(log_p) * (log_p - log_m), 0.0), axis=1)
+        div = beta * kl_teacher + (1.0 - beta) * kl_student
+    if KIND != KIND_NONE:
+        tl.store(div_ptr + rows, div, mask=row_ok)
+
+    # --- pass 3: d(Σ g·out)/d(raw student logits), over the student's logits ---------------------------
+    if WITH_GRAD:
+        grad_rows = grad_ptr + rows[:, None] * grad_stride
+        g_lp = zero
+        g_div = zero
+        if WITH_LOGPS:
+            g_lp = tl.load(g_lp_ptr + rows, mask=row_ok, other=0.0) * inv_lp_temp
+        if KIND != KIND_NONE:
+            g_div = tl.load(g_div_ptr + rows, mask=row_ok, other=0.0) * inv_temp
+        for v0 in range(0, n_student, BLOCK_V):
+            offs = v0 + cols
+            in_row = offs < n_student
+            store_ok = row_ok[:, None] & in_row
+            s_raw = tl.load(s_rows + offs, mask=store_ok, other=0.0).to(tl.float32)
+            grad = tl.zeros((BLOCK_R, BLOCK_V), dtype=tl.float32)
+            if WITH_LOGPS:
+                probs = tl.where(in_row, tl.exp(s_raw * inv_lp_temp - lse_lp[:, None]), 0.0)
+                grad = g_lp[:, None] * (tl.where(offs == tgt[:, None], 1.0, 0.0) - probs)
+            if KIND != KIND_NONE:
+                if v0 < n_div:
+                    ok = offs < n_div
+                    log_p = s_raw * inv_temp - lse_s[:, None]
+                    p = tl.where(ok, tl.exp(log_p), 0.0)
+                    log_q = (tl.load(t_rows + offs, mask=row_ok[:, None] & ok, other=0.0).to(tl.float32) * inv_temp
+                             - lse_t[:, None])
+                    if KIND == KIND_FORWARD_KL:
+                        d = p - tl.where(ok, tl.exp(log_q), 0.0)
+                    elif KIND == KIND_REVERSE_KL:
+                        d = p * (log_p - log_q - div[:, None])
+                    elif KIND == KIND_JSD:
+                        log_m = logaddexp(log_beta + log_q, log_one_minus_beta + log_p)
+                        d = (1.0 - beta) * p * (log_p - log_m - kl_student[:, None])
+                    else:  # KIND_ADVANTAGE
+                        log_r = (tl.load(r_rows + offs, mask=row_ok[:, None] & ok, other=0.0).to(tl.float32)
+                                 * inv_temp - lse_r[:, None])
+                        d = p * ((log_q - log_r) - div[:, None])
+                    grad += tl.where(ok, g_div[:, None] * d, 0.0)
+            # The gradient may be a narrower dtype written over the same rows' wider logits: this
+            # tile's stores land on logits of this and earlier tiles, so every thread's loads of
+            # them must be done before any thread stores.
+            tl.debug_barrier()
+            tl.store(grad_rows + offs, grad.to(grad_ptr.dtype.element_ty), mask=store_ok)
+
+
+# --- what the dispatch can launch (for the ahead-of-time compile report) --------------------------------
+
+_TRITON_DTYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+
+
+def specialization_flags():
+    """Every (kind, with_logps, with_grad, lse_given) combination ``chunked_backend`` launches."""
+    flags = []
+    for kind in KIND_CODES:
+        logps_options = (True,) if kind == "none" else (False,) if kind == "advantage" else (False, True)
+        for with_logps in logps_options:
+            for with_grad in (False, True):
+                flags.append((kind, with_logps, with_grad, False))
+                if kind == "none" and with_grad:
+                    flags.append((kind, with_logps, with_grad, True))
+    return flags
+
+
+def launch_specializations():
+    """One dict per kernel specialization the chunked backend can launch on CUDA: ``name``, ``fn``
+    (the @triton.jit function), ``signature`` (argument → type string, as
+    ``triton.compiler.ASTSource`` takes it), ``constexprs``, ``num_warps``, ``num_stages``.
+
+    The logits are always float32 (cuBLAS accumulates and writes them in fp32); the dtype is the
+    inputs' and is the gradient's, written over the logits.
+    """
+    specs = []
+    for dtype, grad_type in _TRITON_DTYPES.items():
+        for kind, with_logps, with_grad, lse_given in specialization_flags():
+            signature = {
+                "s_ptr": "*fp32", "s_stride": "i64", "t_ptr": "*fp32", "t_stride": "i64",
+                "r_ptr": "*fp32", "r_stride": "i64", "grad_ptr": grad_type, "grad_stride": "i64",
+                "targets_ptr": "*i64", "g_div_ptr": "*fp32", "g_lp_ptr": "*fp32", "div_ptr": "*fp32",
+                "logp_ptr": "*fp32", "lse_lp_ptr": "*fp32", "n_rows": "i32", "n_student": "i32", "n_div": "i32",
+                "inv_temp": "fp32", "inv_lp_temp": "fp32", "beta": "fp32", "log_beta": "fp32",
+                "log_one_minus_beta": "fp32",
+            }
+            constexprs = dict(KIND=KIND_CODES[kind], WITH_LOGPS=with_logps, WITH_GRAD=with_grad,
+                              LSE_GIVEN=lse_given, BLOCK_R=BLOCK_R, BLOCK_V=BLOCK_V)
+            for name, value in constexprs.items():
+                signature[name] = "constexpr"
+            tags = [kind] + (["targets"] if with_logps else []) + (["grad"] if with_grad else []) + \
+                (["lse_given"] if lse_given else []) + [dtype]
+            specs.append(dict(name="row_sweep[" + ",".join(tags) + "]", fn=row_sweep_kernel, signature=signature,
+                              constexprs=constexprs, num_warps=NUM_WARPS, num_stages=NUM_STAGES))
+    return specs

@@ -1,0 +1,371 @@
+"""The chunked backend (cuBLAS-style GEMMs + one Triton row kernel per chunk) against the naive float64
+reference: values and gradients (hidden, weight, bias) of every function and kind, with and without
+the grad_weights hint, the hint rejected, one output hinted and the other not; its Triton kernel runs
+under TRITON_INTERPRET=1 in fp32 (see ANCHORS.md on bf16 under the interpreter), its GEMMs in torch
+on CPU. Irregular shapes (prime vocabularies, rows no chunk or block divides, teacher hidden sizes
+that differ, padded teacher heads), masks, ignore_index, temperatures. And the chunk-size rule:
+peak bytes from the rule against the budget at V=256,000.
+"""
+import logging
+
+import pytest
+import torch
+
+from fastdadpo.kernels import (fused_linear_advantage, fused_linear_divergence, fused_linear_logprobs,
+                               naive_linear_advantage, naive_linear_divergence, naive_linear_logprobs,
+                               resolve_backend)
+
+KINDS = ("forward_kl", "reverse_kl", "jsd")
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 7 rows (the budget is tiny and the floor lowered): several chunks and a ragged last
+    one, each smaller than the interpreter's 16-row programs."""
+    from fastdadpo.kernels import chunked_backend
+
+    monkeypatch.setattr(chunked_backend, "MIN_CHUNK_ROWS", 7)
+    return 1e-6
+
+
+def _tensors(seed, n, hs, ht, vs, vt, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, std=1.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * std
+
+    return dict(
+        student_hidden=randn(n, hs), student_weight=randn(vs, hs, std=scale * 2 / hs**0.5),
+        teacher_hidden=randn(n, ht), teacher_weight=randn(vt, ht, std=scale * 2 / ht**0.5),
+        ref_hidden=randn(n, ht), ref_weight=randn(vt, ht, std=scale * 2 / ht**0.5),
+        bias=randn(vs, std=0.3), upstream=randn(n), upstream2=randn(n),
+        mask=torch.rand(n, generator=g) > 0.3, targets=torch.randint(0, vs, (n,), generator=g),
+    )
+
+
+def _run(fn, leaves64, upstreams, dtype):
+    leaves = [t.detach().to(dtype).clone().requires_grad_() for t in leaves64]
+    out = fn(*leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    sum((o.double() * u).sum() for o, u in zip(outs, upstreams)).backward()
+    return outs, [leaf.grad for leaf in leaves]
+
+
+def _assert_close(actual, expected, what, atol=2e-5, rtol=2e-4):
+    assert actual is not None, f"{what}: no gradient"
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def _compare(fused, naive, leaves, upstreams, names=("hidden", "weight", "bias")):
+    fused_out, fused_grads = _run(fused, leaves, upstreams, torch.float32)
+    naive_out, naive_grads = _run(naive, leaves, upstreams, torch.float64)
+    for i, (a, b) in enumerate(zip(fused_out, naive_out)):
+        assert a.dtype == torch.float32
+        _assert_close(a, b, f"output {i}")
+    for name, a, b in zip(names, fused_grads, naive_grads):
+        _assert_close(a, b, f"d {name}")
+    return fused_out
+
+
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("hint", [False, True])
+def test_logprobs_match_reference(temperature, with_bias, hint, small_chunks):
+    t = _tensors(0, n=23, hs=24, ht=8, vs=101, vt=101)
+    targets = t["targets"].clone()
+    targets[::4] = -100
+    leaves = [t["student_hidden"], t["student_weight"]] + ([t["bias"]] if with_bias else [])
+    weights = t["upstream"].float() if hint else None
+
+    def fused(h, w, *b):
+        return fused_linear_logprobs(h, w, targets, bias=b[0] if b else None, temperature=temperature,
+                                     grad_weights=weights, impl="chunked", chunk_budget_mb=small_chunks)
+
+    def naive(h, w, *b):
+        return naive_linear_logprobs(h, w, targets, bias=b[0] if b else None, temperature=temperature)
+
+    out = _compare(fused, naive, leaves, [t["upstream"]])
+    assert torch.all(out[0][::4] == 0), "ignore_index rows must be exactly 0"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("with_targets", [False, True])
+@pytest.mark.parametrize("hint", [False, True])
+def test_divergence_matches_reference(kind, with_targets, hint):
+    # Teacher head padded (109 rows) and wider hidden size; the shared vocabulary is 97 < 101.
+    t = _tensors(1, n=19, hs=24, ht=40, vs=101, vt=109)
+    targets = t["targets"].clone()
+    targets[::5] = -100
+    kwargs = dict(kind=kind, beta=0.3, temperature=2.3, mask=t["mask"], vocab_size=97)
+    if with_targets:
+        kwargs.update(targets=targets, logp_temperature=1.3)
+    hints = {}
+    if hint:
+        hints = dict(grad_weights=t["upstream"].float(), logp_grad_weights=t["upstream2"].float())
+    teacher = (t["teacher_hidden"], t["teacher_weight"])
+
+    def fused(h, w):
+        return fused_linear_divergence(h, w, teacher[0].float(), teacher[1].float(), impl="chunked", **kwargs,
+                                       **hints)
+
+    def naive(h, w):
+        return naive_linear_divergence(h, w, *teacher, **kwargs)
+
+    out = _compare(fused, naive, [t["student_hidden"], t["student_weight"]], [t["upstream"], t["upstream2"]])
+    assert torch.all(out[0][~t["mask"]] == 0), "masked rows must be exactly 0"
+
+
+def test_divergence_at_temperature_one_in_several_chunks(small_chunks):
+    t = _tensors(2, n=31, hs=16, ht=16, vs=67, vt=67)
+    teacher = (t["teacher_hidden"], t["teacher_weight"])
+    kwargs = dict(kind="forward_kl", targets=t["targets"])
+    _compare(lambda h, w: fused_linear_divergence(h, w, teacher[0].float(), teacher[1].float(), impl="chunked",
+                                                  chunk_budget_mb=small_chunks, grad_weights=t["upstream"].float(),
+                                                  logp_grad_weights=t["upstream2"].float(), **kwargs),
+             lambda h, w: naive_linear_divergence(h, w, *teacher, **kwargs),
+             [t["student_hidden"], t["student_weight"]], [t["upstream"], t["upstream2"]])
+
+
+@pytest.mark.parametrize("hint", [False, True])
+def test_advantage_matches_reference(hint, small_chunks):
+    t = _tensors(3, n=17, hs=16, ht=24, vs=53, vt=59)
+    kwargs = dict(temperature=0.7, mask=t["mask"], vocab_size=53)
+    frozen = [t[k] for k in ("teacher_hidden", "teacher_weight", "ref_hidden", "ref_weight")]
+    weights = t["upstream"].float() if hint else None
+    _compare(lambda h, w: fused_linear_advantage(h, w, *(x.float() for x in frozen), impl="chunked",
+                                                 grad_weights=weights, chunk_budget_mb=small_chunks, **kwargs),
+             lambda h, w: naive_linear_advantage(h, w, *frozen, **kwargs),
+             [t["student_hidden"], t["student_weight"]], [t["upstream"]])
+
+
+def test_huge_logits_stay_finite_and_exact():
+    """Logits of magnitude 1e4 (teacher probabilities underflow to exact zeros)."""
+    t = _tensors(4, n=13, hs=16, ht=16, vs=67, vt=67, scale=3e3)
+    teacher = (t["teacher_hidden"], t["teacher_weight"])
+    kwargs = dict(kind="reverse_kl", targets=t["targets"])
+    assert (torch.softmax((teacher[0] @ teacher[1].T).float(), -1) == 0).any()
+    fused_out, fused_grads = _run(lambda h, w: fused_linear_divergence(h, w, teacher[0].float(), teacher[1].float(),
+                                                                       impl="chunked", **kwargs),
+                                  [t["student_hidden"], t["student_weight"]], [t["upstream"], t["upstream2"]],
+                                  torch.float32)
+    naive_out, naive_grads = _run(lambda h, w: naive_linear_divergence(h, w, *teacher, **kwargs),
+                                  [t["student_hidden"], t["student_weight"]], [t["upstream"], t["upstream2"]],
+                                  torch.float64)
+    for out in fused_out + tuple(fused_grads):
+        assert torch.isfinite(out).all()
+    # fp32 logits of 1e4 carry absolute rounding of ~1e-3; compare at that scale.
+    _assert_close(fused_out[0], naive_out[0], "divergence", atol=5e-2, rtol=1e-3)
+    _assert_close(fused_out[1], naive_out[1], "logps", atol=5e-2, rtol=1e-3)
+    _assert_close(fused_grads[0], naive_grads[0], "d hidden", atol=5e-2 * 3e3 / 4, rtol=1e-3)
+
+
+def _spy_sweeps(monkeypatch):
+    """Record (kind, with_logps, forms gradients) of every chunked sweep."""
+    from fastdadpo.kernels import chunked_backend
+
+    calls = []
+    original = chunked_backend.sweep
+
+    def spy(spec, inputs, budget, row_grads=None, **kwargs):
+        calls.append((spec.kind, spec.with_logps, row_grads is not None))
+        return original(spec, inputs, budget, row_grads, **kwargs)
+
+    monkeypatch.setattr(chunked_backend, "sweep", spy)
+    return calls
+
+
+def test_hinted_divergence_with_unhinted_logps_recomputes_the_student_only(monkeypatch):
+    """dadpo_token's shape: a hinted divergence and DPO's unhinted log-probs, the teacher twice as
+    wide as the student. The forward forms the divergence's gradients (teacher once); the backward
+    is a log-prob sweep of the student alone. Exact either way."""
+    t = _tensors(5, n=21, hs=8, ht=24, vs=61, vt=61)
+    calls = _spy_sweeps(monkeypatch)
+    teacher = (t["teacher_hidden"], t["teacher_weight"])
+    kwargs = dict(kind="jsd", targets=t["targets"], mask=t["mask"])
+    _compare(lambda h, w: fused_linear_divergence(h, w, teacher[0].float(), teacher[1].float(), impl="chunked",
+                                                  grad_weights=t["upstream"].float(), **kwargs),
+             lambda h, w: naive_linear_divergence(h, w, *teacher, **kwargs),
+             [t["student_hidden"], t["student_weight"]], [t["upstream"], t["upstream2"]])
+    assert calls == [("jsd", True, True), ("none", True, True)], calls
+
+
+def test_unhinted_logprobs_backward_is_one_student_sweep(monkeypatch):
+    t = _tensors(6, n=15, hs=8, ht=8, vs=37, vt=37)
+    calls = _spy_sweeps(monkeypatch)
+    _compare(lambda h, w: fused_linear_logprobs(h, w, t["targets"], impl="chunked"),
+             lambda h, w: naive_linear_logprobs(h, w, t["targets"]),
+             [t["student_hidden"], t["student_weight"]], [t["upstream"]])
+    assert calls == [("none", True, False), ("none", True, True)], calls
+
+
+def test_rejected_hint_recomputes_exactly_and_says_so_once(monkeypatch, caplog):
+    """An incoming gradient not proportional to the hint: the forward's gradients are dropped, the
+    backward recomputes, the result is exact, and the log says so once per process."""
+    from fastdadpo.kernels import autograd
+
+    monkeypatch.setattr(autograd, "_warned_rejected_hint", False)
+    t = _tensors(7, n=13, hs=8, ht=8, vs=41, vt=41)
+    teacher = (t["teacher_hidden"].float(), t["teacher_weight"].float())
+    wrong = torch.ones(13)
+
+    def squared(h, w):
+        out = fused_linear_divergence(h, w, *teacher, kind="reverse_kl", grad_weights=wrong, impl="chunked")
+        return out * out
+
+    def squared_naive(h, w):
+        out = naive_linear_divergence(h, w, t["teacher_hidden"], t["teacher_weight"], kind="reverse_kl")
+        return out * out
+
+    with caplog.at_level(logging.WARNING, logger="fastdadpo.kernels"):
+        for _ in range(2):
+            _compare(squared, squared_naive, [t["student_hidden"], t["student_weight"]], [t["upstream"]])
+    rejected = [r for r in caplog.records if "not proportional" in r.getMessage()]
+    assert len(rejected) == 1, [r.getMessage() for r in caplog.records]
+
+
+def test_fully_masked_batch_stays_in_graph():
+    t = _tensors(8, n=11, hs=16, ht=16, vs=31, vt=31)
+    h, w = (t[k].float().requires_grad_() for k in ("student_hidden", "student_weight"))
+    out = fused_linear_divergence(h, w, t["teacher_hidden"].float(), t["teacher_weight"].float(),
+                                  mask=torch.zeros(11, dtype=torch.bool), impl="chunked")
+    assert torch.all(out == 0) and out.requires_grad
+    out.sum().backward()
+    assert torch.all(h.grad == 0) and torch.all(w.grad == 0)
+
+
+def test_narrow_gradient_written_over_wide_logits():
+    """On CUDA the row kernel writes a bf16 gradient over the first half of each fp32 logit row's
+    bytes; run that aliasing here and compare with the kernel's fp32 gradient."""
+    import triton
+
+    from fastdadpo.kernels import triton_rows
+
+    g = torch.Generator().manual_seed(9)
+    rows, cols = 5, 77
+    logits = torch.randn(rows, cols, generator=g) * 3
+    targets = torch.randint(0, cols, (rows,), generator=g)
+    weights = torch.randn(rows, generator=g)
+
+    def run(grad_of):
+        chunk = logits.clone()
+        grad = grad_of(chunk)
+        outs = [torch.zeros(rows) for _ in range(3)]
+        triton_rows.row_sweep_kernel[(triton.cdiv(rows, triton_rows.INTERPRETER_BLOCK_R),)](
+            chunk, chunk.stride(0), chunk, chunk.stride(0), chunk, chunk.stride(0), grad, grad.stride(0),
+            targets, weights, weights, *outs, rows, cols, cols, 1.0, 1.0, 0.5, -0.69, -0.69,
+            KIND=0, WITH_LOGPS=True, WITH_GRAD=True, LSE_GIVEN=False,
+            BLOCK_R=triton_rows.INTERPRETER_BLOCK_R, BLOCK_V=triton_rows.INTERPRETER_BLOCK_V)
+        return grad.float()
+
+    wide = run(lambda chunk: chunk)
+    narrow = run(lambda chunk: chunk.view(torch.bfloat16)[:, :cols])
+    expected = weights[:, None] * (torch.nn.functional.one_hot(targets, cols) - torch.softmax(logits, -1))
+    torch.testing.assert_close(wide, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(narrow, expected.bfloat16().float(), atol=1e-2, rtol=1e-2)
+
+
+# --- the chunk-size rule -----------------------------------------------------------------------------------
+
+def _plan(kind, with_logps, vocab, hidden, tokens=8192, budget_mb=None):
+    from fastdadpo.kernels import chunked_backend
+    from fastdadpo.kernels.sweep import SweepSpec
+
+    spec = SweepSpec(kind=kind, vocab_size=0 if kind == "none" else vocab, with_logps=with_logps)
+    return chunked_backend.plan_chunks(spec, tokens, vocab, hidden, chunked_backend.budget_bytes(budget_mb))
+
+
+@pytest.mark.parametrize("kind,with_logps", [("none", True), ("forward_kl", True), ("jsd", False),
+                                             ("advantage", False)])
+@pytest.mark.parametrize("vocab,hidden", [(256000, 2304), (128256, 2048), (151936, 1536)])
+def test_default_budget_keeps_a_call_within_1_5_gb(kind, with_logps, vocab, hidden, monkeypatch):
+    """The default plan at V=128k–256k (CCE's, Liger's, Qwen2.5's heads, N=8192, bf16): peak above
+    the inputs (gradients included) within the budget, the budget within 1.5 GB, and chunks of at
+    least the GEMM-friendly minimum."""
+    from fastdadpo.kernels import chunked_backend
+
+    monkeypatch.delenv(chunked_backend.CHUNK_BUDGET_ENV, raising=False)
+    plan = _plan(kind, with_logps, vocab, hidden)
+    assert plan.budget_bytes <= 1.5e9
+    assert plan.peak_bytes <= plan.budget_bytes, plan
+    assert plan.rows_per_chunk >= chunked_backend.MIN_CHUNK_ROWS
+    # The rule is tight: one more row per chunk would break the budget.
+    assert plan.peak_bytes + plan.row_bytes > plan.budget_bytes
+    per_row = 4 * (vocab * (2 if kind == "none" else 3 if kind == "advantage" else 2)) if kind != "none" else 4 * vocab
+    assert plan.row_bytes == per_row
+
+
+def test_budget_from_argument_and_environment(monkeypatch):
+    from fastdadpo.kernels import chunked_backend
+
+    monkeypatch.setenv(chunked_backend.CHUNK_BUDGET_ENV, "3000")
+    assert chunked_backend.budget_bytes() == 3000 * 2**20
+    assert chunked_backend.budget_bytes(500) == 500 * 2**20
+    assert _plan("forward_kl", True, 256000, 2304).rows_per_chunk > _plan("forward_kl", True, 256000, 2304,
+                                                                         budget_mb=1400).rows_per_chunk
+    monkeypatch.setenv(chunked_backend.CHUNK_BUDGET_ENV, "lots")
+    with pytest.raises(ValueError, match="FASTDADPO_CHUNK_BUDGET_MB"):
+        chunked_backend.budget_bytes()
+    with pytest.raises(ValueError, match="> 0"):
+        chunked_backend.budget_bytes(0)
+
+
+def test_workspace_is_what_the_rule_counts(monkeypatch):
+    """The buffers a sweep really allocates are the per-row bytes the rule charges."""
+    from fastdadpo.kernels import chunked_backend, row_chunks
+
+    allocated = []
+    original_get = row_chunks.Workspace.get
+
+    def get(self, name, rows, cols):
+        out = original_get(self, name, rows, cols)
+        allocated.append((name, self.buffers[name].numel() * self.buffers[name].element_size()))
+        return out
+
+    monkeypatch.setattr(row_chunks.Workspace, "get", get)
+    monkeypatch.setattr(chunked_backend, "MIN_CHUNK_ROWS", 4)
+    t = _tensors(10, n=20, hs=8, ht=8, vs=45, vt=45)
+    frozen = [t[k].float() for k in ("teacher_hidden", "teacher_weight", "ref_hidden", "ref_weight")]
+    budget_mb = 0.005
+    fused_linear_advantage(t["student_hidden"].float(), t["student_weight"].float(), *frozen, vocab_size=41,
+                           impl="chunked", chunk_budget_mb=budget_mb)
+    from fastdadpo.kernels.sweep import SweepSpec
+
+    plan = chunked_backend.plan_chunks(SweepSpec(kind="advantage", vocab_size=41), 20, 45, 8,
+                                       chunked_backend.budget_bytes(budget_mb), grad_dtype=torch.float32)
+    assert 1 < plan.rows_per_chunk < 20
+    assert sum(dict(allocated).values()) == plan.rows_per_chunk * plan.row_bytes
+
+
+# --- dispatch ------------------------------------------------------------------------------------------------
+
+def test_chunked_is_the_cuda_default_and_tile_fused_stays_selectable(monkeypatch):
+    monkeypatch.delenv("FASTDADPO_KERNEL_BACKEND", raising=False)
+    assert resolve_backend(torch.device("cuda")) == "chunked"
+    assert resolve_backend(torch.device("cpu")) == "torch"
+    assert resolve_backend(torch.device("cuda"), "triton") == "triton"
+    monkeypatch.setenv("FASTDADPO_KERNEL_BACKEND", "triton")
+    assert resolve_backend(torch.device("cuda")) == "triton"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        resolve_backend(torch.device("cpu"), "chunked")
+
+
+def test_launch_specializations_cover_the_dispatch():
+    from fastdadpo.kernels import triton_rows
+
+    specs = triton_rows.launch_specializations()
+    names = [s["name"] for s in specs]
+    assert len(names) == len(set(names))
+    # kinds x with/without targets x with/without grad (+ the backward's log-prob pass) x 3 dtypes
+    assert len(specs) == 3 * len(triton_rows.specialization_flags())
+    for spec in specs:
+        assert set(spec) == {"name", "fn", "signature", "constexprs", "num_warps", "num_stages"}
+        assert list(spec["signature"]) == spec["fn"].arg_names
+        assert all(spec["signature"][k] == "constexpr" for k in spec["constexprs"])
+    grad_types = {s["signature"]["grad_ptr"] for s in specs}
+    assert grad_types == {"*bf16", "*fp16", "*fp32"}
