@@ -34,7 +34,10 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout", "pytest-benchmark>=4", "hypothesis>=6"],
-        "bench": ["pytest-benchmark>=4", "liger-kernel>=0.5", "cut-cross-entropy"],
+        # trl: bench/test_peer_trainers.py (TRL's DPO, GKD and distillation trainers; needs Python 3.11+, and
+        # its requirements do not include torch, so it cannot pull a CUDA build over the pinned one).
+        "bench": ["pytest-benchmark>=4", "liger-kernel>=0.5", "cut-cross-entropy",
+                  "trl>=1.16; python_version >= '3.11'"],
     },
     entry_points={"console_scripts": ["fastdadpo=fastdadpo.cli:main"]},
 )

@@ -23,6 +23,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: a benchmark at a GPU size (skipped without CUDA)")
     config.addinivalue_line("markers", "cpu: a benchmark at a CPU size")
     config.addinivalue_line("markers", "train: the fastdadpo train step comparison")
+    config.addinivalue_line("markers", "peers: fastdadpo train against TRL's trainers (bench/test_peer_trainers.py)")
     settings = BenchSettings.of(config)
     if settings.quick:
         import torch
@@ -72,7 +73,7 @@ def machine_description() -> dict:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "versions": {name: _version(name) for name in ("torch", "triton", "transformers", "deepspeed", "liger-kernel",
-                                                       "cut-cross-entropy", "pytest-benchmark")},
+                                                       "cut-cross-entropy", "trl", "pytest-benchmark")},
     }
     description["kind"] = machine_kind(description)
     return description

@@ -49,6 +49,11 @@ def add_options(parser) -> None:
                     default=int(os.environ.get("FASTDADPO_BENCH_MAX_MICRO_BATCH", "0")) or None,
                     help="stop the micro-batch doubling here (default 256 on CPU, 4096 on GPU; "
                          "also FASTDADPO_BENCH_MAX_MICRO_BATCH)")
+    group.addoption("--peers-run-seconds", type=float,
+                    default=float(os.environ.get("FASTDADPO_BENCH_PEERS_RUN_SECONDS", "300")),
+                    help="peer-trainer sweep: skip the next micro-batch of a trainer whose run there would take "
+                         "longer than this, estimated from its last run (default 300; also "
+                         "FASTDADPO_BENCH_PEERS_RUN_SECONDS)")
 
 
 @dataclass
@@ -60,6 +65,7 @@ class BenchSettings:
     memory_baseline: MemoryBaseline
     train_memory_budget_bytes: int
     train_max_micro_batch: int
+    peers_run_seconds: float
 
     @property
     def compile_enabled(self) -> bool:
@@ -90,13 +96,14 @@ class BenchSettings:
         max_micro_batch = config.getoption("train_max_micro_batch") or (2 if quick else 4096 if gpu else 256)
         return BenchSettings(quick=quick, sizes=sizes, rounds=rounds, warmup_rounds=warmup, memory_baseline=baseline,
                              train_memory_budget_bytes=int(config.getoption("train_memory_budget") * 2**30),
-                             train_max_micro_batch=max_micro_batch)
+                             train_max_micro_batch=max_micro_batch,
+                             peers_run_seconds=config.getoption("peers_run_seconds"))
 
     def describe(self) -> dict:
         return {"quick": self.quick, "sizes": list(self.sizes), "rounds": self.rounds,
                 "warmup_rounds": self.warmup_rounds, "compile_enabled": self.compile_enabled,
                 "train_memory_budget_gib": self.train_memory_budget_bytes / 2**30,
-                "train_max_micro_batch": self.train_max_micro_batch}
+                "train_max_micro_batch": self.train_max_micro_batch, "peers_run_seconds": self.peers_run_seconds}
 
 
 def settings_or_none(config) -> Optional[BenchSettings]:
