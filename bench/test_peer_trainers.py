@@ -155,17 +155,17 @@ def _agreement_keys(trainer: Trainer, first_step: dict) -> List[Tuple[str, Optio
     return keys
 
 
-def check_agreement(trainer: Trainer, result: RunResult) -> List[str]:
+def check_agreement(trainer: Trainer, result: RunResult, seen=_FIRST_STEP) -> List[str]:
     """Compare this run's first step with every quantity an earlier run of the session recorded."""
     problems = []
     first = result.first_step
     for key in _agreement_keys(trainer, first):
         quantity, _ = key
         value = float(first[quantity])
-        if key not in _FIRST_STEP:
-            _FIRST_STEP[key] = (trainer.name, value)
+        if key not in seen:
+            seen[key] = (trainer.name, value)
             continue
-        other, expected = _FIRST_STEP[key]
+        other, expected = seen[key]
         if value != pytest.approx(expected, rel=TOLERANCE[quantity], abs=1e-6):
             problems.append(f"first-step {quantity}: {trainer.name} {value!r} against {other} {expected!r} "
                             f"(relative tolerance {TOLERANCE[quantity]})")
@@ -200,29 +200,33 @@ def _predicted_seconds(last: RunResult, micro_batch_size: int, steps: int) -> fl
 
 
 def sweep(world: World, trainer: Trainer, reference: RunResult, root: str, settings: BenchSettings):
-    points = [b for b in SWEEP if b <= min(MAX_MICRO_BATCH, settings.train_max_micro_batch)]
+    """(runs by micro-batch, the largest that fits, why the sweep stopped)."""
+    budget = settings.train_memory_budget_bytes
+
+    def run_at(micro_batch_size: int) -> RunResult:
+        return run_training(world, _spec(trainer, micro_batch_size, SWEEP_STEPS),
+                            os.path.join(root, trainer.name, f"micro_batch_{micro_batch_size}"), budget, RUN_TIMEOUT_S)
+
     search: List[RunResult] = []
     stopped = "micro-batch cap"
     last = reference
-    for micro_batch_size in points:
-        if micro_batch_size == reference.micro_batch_size:
-            run = reference
-        else:
-            if search and not search[-1].fits:
-                break
+    for micro_batch_size in [b for b in SWEEP if b <= min(MAX_MICRO_BATCH, settings.train_max_micro_batch)]:
+        if micro_batch_size != reference.micro_batch_size:
             predicted = _predicted_seconds(last, micro_batch_size, SWEEP_STEPS)
             if micro_batch_size > last.micro_batch_size and predicted > settings.peers_run_seconds:
-                stopped = f"time cap: micro-batch {micro_batch_size} predicted {predicted:.0f} s " \
-                          f"> --peers-run-seconds {settings.peers_run_seconds:.0f}"
+                stopped = (f"time cap: micro-batch {micro_batch_size} predicted {predicted:.0f} s "
+                           f"> --peers-run-seconds {settings.peers_run_seconds:.0f}")
                 break
-            run = run_training(world, _spec(trainer, micro_batch_size, SWEEP_STEPS),
-                               os.path.join(root, trainer.name, f"micro_batch_{micro_batch_size}"),
-                               settings.train_memory_budget_bytes, RUN_TIMEOUT_S)
-        search.append(run)
-        last = run
-        if not run.fits:
+        last = reference if micro_batch_size == reference.micro_batch_size else run_at(micro_batch_size)
+        search.append(last)
+        if not last.fits:
             stopped = "over the memory budget"
             break
+    fitting = [run.micro_batch_size for run in search if run.fits]
+    if search and not search[-1].fits and fitting and search[-1].micro_batch_size // 2 > max(fitting):
+        # A miss after a coarse jump: one run halfway (in doubling terms) sharpens the answer.
+        search.append(run_at(search[-1].micro_batch_size // 2))
+    search.sort(key=lambda run: run.micro_batch_size)
     largest = max((run.micro_batch_size for run in search if run.fits), default=0)
     return search, largest, stopped
 
@@ -281,3 +285,31 @@ def test_peer_trainer(benchmark, trainer, peer_world, reference_runs, tmp_path, 
     if problems:
         benchmark.has_error = True
         pytest.fail("; ".join(problems))
+
+
+@pytest.mark.peers
+def test_checks_catch_different_math_and_tokens(peer_world):
+    """The two guards above fail when they should: another loss or gradient norm of the same math,
+    other log-probs of the same student, a response token that differs from fastdadpo's."""
+    trl_dpo, ours_dpo, ours_dadpo = TRAINERS[0], TRAINERS[2], TRAINERS[4]
+    first = {"loss": 0.6931, "logps/chosen": -50.0, "logps/rejected": -40.0, "grad_norm": 1.0}
+
+    def result(**changes):
+        return RunResult("x", 2, True, 0, 0.0, False, steps=[dict(first, **changes)])
+
+    seen: dict = {}
+    assert check_agreement(trl_dpo, result(), seen) == []
+    assert check_agreement(ours_dpo, result(loss=0.6931 * (1 + 1e-6)), seen) == []
+    assert len(check_agreement(ours_dpo, result(loss=0.7), seen)) == 1
+    assert len(check_agreement(ours_dpo, result(grad_norm=1.1), seen)) == 1
+    # dadpo's loss is other math (no check), its student log-probs are not
+    assert check_agreement(ours_dadpo, result(loss=0.9, grad_norm=3.0), seen) == []
+    assert len(check_agreement(ours_dadpo, result(**{"logps/chosen": -51.0}), seen)) == 1
+
+    spec = _spec(trl_dpo, len(peer_world.rows), 1)
+    rows = [{"prompt": list(t.prompt_ids), "chosen": list(t.chosen_ids), "rejected": list(t.rejected_ids)}
+            for t in tokenize_ours(peer_world, spec)]
+    run = RunResult("x", spec.micro_batch_size, True, 0, 0.0, False, sequences=rows)
+    assert check_tokens(peer_world, trl_dpo, run) is None
+    rows[-1]["rejected"] = rows[-1]["rejected"][:-1]  # e.g. a template that drops the eos
+    assert "rejected tokens differ" in check_tokens(peer_world, trl_dpo, run)
