@@ -14,7 +14,7 @@ setup(
     python_requires=">=3.10",
     packages=["fastdadpo", "fastdadpo.kernels"],
     package_dir={"fastdadpo": "fastdadpo", "fastdadpo.kernels": "kernels"},
-    package_data={"fastdadpo": ["demo_data/teacher/*"]},
+    package_data={"fastdadpo": ["demo_data/teacher/*", "plan_data/*.json"]},
     install_requires=[
         # torch is pinned by scripts/setup.sh (CPU build) before this runs; any 2.4+ works.
         "torch>=2.4",

@@ -20,6 +20,7 @@ COMMANDS = {
     "prune": ("fastdadpo.prune", "structurally prune a causal LM (MLP channels, attention heads, layers)"),
     "eval": ("fastdadpo.evaluate", "compare a student with its teacher: divergence, win/preference rate, accuracy"),
     "run": ("fastdadpo.recipe", "run a whole recipe: prune, generate, dsft, precompute, train, eval"),
+    "plan": ("fastdadpo.plan", "the memory a training config needs per GPU (no weights loaded), and the largest micro-batch"),
     "demo": ("fastdadpo.demo", "the embedded end-to-end demo: a tiny distillation on CPU, nothing downloaded"),
 }
 
