@@ -15,6 +15,7 @@ import json
 import os
 import sys
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 if __package__ in (None, ""):  # run as a script: make `bench` importable from the repository root
@@ -65,6 +66,193 @@ def table(header: List[str], rows: List[List[str]]) -> List[str]:
             + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+# --- roofline model --------------------------------------------------------------------------------------------
+
+# The floor a design cannot beat on an H100/H200: its matmul FLOPs at the bf16 rate these machines
+# sustain, or its HBM traffic at their bandwidth, whichever is longer. A model, not a measurement.
+PEAK_FLOPS = 790e12  # bf16 dense tensor-core FLOP/s sustained by cuBLAS on an H100/H200
+PEAK_BYTES = 4.8e12  # HBM3e bytes/s (H200; an H100 SXM has 3.35e12)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One kernel call: N tokens, vocabulary V, student / frozen hidden sizes, element bytes.
+    ``frozen`` is the number of frozen heads swept (teacher; teacher and reference for ADPA's
+    advantage; none for log-probs), all of hidden size ``ht``."""
+
+    n: int
+    v: int
+    hs: int
+    ht: int
+    frozen: int
+    elem: int  # bytes per element of the inputs (2 for bf16)
+
+    @property
+    def f(self) -> float:  # FLOPs of one [N, H] x [H, V] GEMM per unit of H: F = 2·N·V
+        return 2.0 * self.n * self.v
+
+    @property
+    def hf(self) -> int:  # summed hidden size of the frozen heads
+        return self.frozen * self.ht
+
+    @property
+    def student_head(self) -> float:
+        return self.v * self.hs * self.elem
+
+    @property
+    def frozen_heads(self) -> float:
+        return self.v * self.hf * self.elem
+
+    @property
+    def rows(self) -> float:  # every hidden state, student and frozen
+        return self.n * (self.hs + self.hf) * self.elem
+
+
+def _formula(shape: Shape, student: int, frozen: int) -> str:
+    """"F·(a·Hs + b·Ht)" for this shape (b counts every frozen head: ADPA's teacher and reference)."""
+    b = frozen * shape.frozen
+    terms = [f"{student}·Hs"] + ([f"{'' if b == 1 else f'{b}·'}Ht"] if b else [])
+    return f"F·({' + '.join(terms)})" if b else f"F·{terms[0]}"
+
+
+def _chunks(shape: Shape, rows_per_chunk: int) -> int:
+    return -(-shape.n // max(1, min(shape.n, rows_per_chunk)))
+
+
+def _ours_chunk_rows(shape: Shape, kind: str, with_logps: bool) -> int:
+    """Rows per chunk of our chunked backend, from its own rule at its default budget."""
+    try:
+        import torch
+
+        from fastdadpo.kernels import chunked_backend
+        from fastdadpo.kernels.sweep import SweepSpec
+    except ImportError:  # no chunked backend in this tree: one chunk per 1,024 rows
+        return 1024
+    spec = SweepSpec(kind=kind, vocab_size=shape.v if kind != "none" else 0, with_logps=with_logps)
+    plan = chunked_backend.plan_chunks(spec, shape.n, shape.v, shape.hs, chunked_backend.budget_bytes(None),
+                                       grad_dtype=torch.bfloat16 if shape.elem == 2 else torch.float32)
+    return plan.rows_per_chunk
+
+
+def _chunked_bytes(shape: Shape, chunks: int, logit_elem: int, grad_elem: int, passes: int) -> float:
+    """A row-chunked design: per chunk, a GEMM per head writes its logits (re-reading that head),
+    one row-wise pass reads them and writes the gradient over the student's, and the two gradient
+    GEMMs read it (dh = G·W re-reads the student head; dW += Gᵀ·X reads and writes dW).
+    ``passes``: 1 when the gradient is formed in the forward, 2 when the backward recomputes."""
+    heads = 1 + shape.frozen
+    nv = shape.n * shape.v
+    logits = passes * nv * logit_elem * 2 * heads + nv * grad_elem * 3
+    weights = chunks * (passes * (shape.student_head + shape.frozen_heads) + shape.student_head
+                        + 2 * shape.v * shape.hs * grad_elem)
+    hidden = passes * shape.rows + 2 * shape.n * shape.hs * grad_elem
+    return logits + weights + hidden
+
+
+def _tile_fused_bytes(shape: Shape, passes: int) -> float:
+    """Tile-fused kernels: logits never leave the chip; every operand read once per pass (a lower
+    bound: tiles re-read across row blocks are assumed to hit L2), fp32 gradients written once.
+    The backward's atomic adds (N·V·Hs·(1/BLOCK_N + 1/BLOCK_V), ~5e10 at Liger's config) go to
+    L2 and are not counted here."""
+    operands = shape.rows + shape.student_head + shape.frozen_heads
+    return passes * operands + 4 * (shape.n + shape.v) * shape.hs
+
+
+# implementation family -> (FLOPs in units of F·H, HBM bytes, why), per (shape, kind, with_logps, hint).
+# kind "none" = log-probs only; hint = the caller's grad_weights (gradient formable in the forward).
+def _model_chunked(shape, kind, with_logps, hint):
+    chunks = _chunks(shape, _ours_chunk_rows(shape, kind, with_logps))
+    if hint:
+        flops = 3 * shape.hs + shape.hf
+        why = "hint: each head's logits once, gradient formed in the same sweep, two gradient GEMMs"
+    else:
+        flops = 4 * shape.hs + 2 * shape.hf
+        why = "no hint: the backward recomputes every head's logits (log-probs: the student's only)"
+    return flops, _chunked_bytes(shape, chunks, 4, shape.elem, 1 if hint else 2), \
+        f"{_formula(shape, 3, 1) if hint else _formula(shape, 4, 2)}: {why}; {chunks} chunks (its budget rule), " \
+        "fp32 logits"
+
+
+def _model_tile_fused(shape, kind, with_logps, hint):
+    passes = 2 if kind == "jsd" else 1  # JSD needs both normalizers before log m: a second forward pass
+    flops = (passes + 1) * (shape.hs + shape.hf) + 2 * shape.hs
+    text = _formula(shape, passes + 3, passes + 1)
+    return flops, _tile_fused_bytes(shape, passes + 1), \
+        f"{text}: forward sweep{'s' if passes == 2 else ''} and a backward that recomputes every head " \
+        "(the hint is not used), gradients through atomics"
+
+
+def _model_naive(shape, kind, with_logps, hint, compiled=False):
+    heads = 1 + shape.frozen
+    nv = shape.n * shape.v
+    # fp32 logits (it upcasts); eager: per head the GEMM output, log_softmax (read, write), the
+    # divergence's elementwise ops (~5 passes), and as many again in the student's backward;
+    # compiled: one write per head, one fused read of all, the gradient written once, read twice.
+    passes = (8 * heads + 8) if not compiled else (2 * heads + 3)
+    flops = 3 * shape.hs + shape.hf
+    return flops, nv * 4 * passes + shape.rows + shape.student_head + shape.frozen_heads, \
+        f"{_formula(shape, 3, 1)}: autograd on materialized fp32 logits (~{'8 passes per head + 8' if not compiled else '2 per head + 3'} " \
+        "over N×V); its GEMMs run in fp32 (inputs upcast), so the bf16 FLOP floor is out of its reach"
+
+
+def _model_liger(shape, kind, with_logps, hint):
+    chunks = _chunks(shape, 1024)  # its fused-linear chunked losses' default chunk of rows
+    return 3 * shape.hs + shape.hf, _chunked_bytes(shape, chunks, shape.elem, shape.elem, 1) + \
+        2 * shape.n * shape.v * 4 * (1 + shape.frozen), \
+        f"{_formula(shape, 3, 1)}: row chunks on cuBLAS, each chunk's gradient formed in its forward (torch.func), " \
+        "logits in the input dtype upcast to fp32 once per head"
+
+
+def _model_cce(shape, kind, with_logps, hint):
+    operands = shape.n * shape.hs * shape.elem + shape.student_head
+    return 4 * shape.hs, 2 * operands + 2 * shape.elem * (shape.n + shape.v) * shape.hs, \
+        "F·4·Hs: tiled log-sum-exp forward, backward recomputes the logits (an upper bound: its gradient " \
+        "filter skips tiles)"
+
+
+ROOFLINE_MODELS = {
+    "chunked": _model_chunked,
+    "tile-fused": _model_tile_fused,
+    "naive": _model_naive,
+    "naive-compiled": lambda *a: _model_naive(*a, compiled=True),
+    "liger": _model_liger,
+    "cce": _model_cce,
+}
+
+
+def design_of(implementation: str) -> Optional[str]:
+    """Which design a bench implementation runs on a GPU (None: no model for it)."""
+    if implementation.startswith("fastdadpo"):
+        if "tile" in implementation or "triton" in implementation:
+            return "tile-fused"
+        import torch
+
+        from bench import registry
+
+        backend = registry.fastdadpo_backend(torch.device("cuda"))
+        return "tile-fused" if backend == "triton" else "chunked"
+    return implementation if implementation in ROOFLINE_MODELS else None
+
+
+def design_roofline(design: str, case, size, tokens: int, hint: bool) -> Tuple[float, float, float, str]:
+    """(FLOPs, HBM bytes, floor seconds, why) of one design on one case and size."""
+    frozen = 2 if case.family == "advantage" else 1 if case.needs_teacher else 0
+    elem = 2 if str(size.dtype) in ("torch.bfloat16", "torch.float16") else 4
+    shape = Shape(tokens, size.vocab, size.student_hidden, size.teacher_hidden, frozen, elem)
+    kind = case.kind or ("advantage" if case.family == "advantage" else "none")
+    with_logps = case.family in ("kd", "nll", "dpo")
+    units, hbm, why = ROOFLINE_MODELS[design](shape, kind, with_logps, hint and case.family != "dpo")
+    flops = units * shape.f
+    return flops, hbm, max(flops / PEAK_FLOPS, hbm / PEAK_BYTES), why
+
+
+def roofline(case, size, tokens: int, implementation: str) -> Optional[Tuple[float, float, float, str]]:
+    """The model of one bench implementation (None: no model for it). DPO never has a hint."""
+    design = design_of(implementation)
+    if design is None:
+        return None
+    return design_roofline(design, case, size, tokens, hint="no-hint" not in implementation)
+
+
 # --- kernels -----------------------------------------------------------------------------------------------
 
 def kernel_index(benchmarks: List[dict]) -> Dict[Tuple[str, str, int], Dict[str, dict]]:
@@ -85,40 +273,84 @@ def _peak(bench: Optional[dict]) -> Optional[float]:
     return bench["extra_info"].get("peak_memory_bytes") if bench else None
 
 
+def _model_cells(case, size, tokens: int, implementation: str) -> List[str]:
+    if size.device != "cuda":  # the roofline is an H100/H200 model: CPU sizes get none
+        return [EMPTY] * 3
+    model = roofline(case, size, tokens, implementation)
+    if model is None:
+        return [EMPTY] * 3
+    flops, hbm, floor, _ = model
+    return [f"{flops / 1e12:.1f} T", f"{hbm / 1e9:.1f} GB", seconds(floor)]
+
+
 def kernel_section(index) -> List[str]:
     lines = ["## Kernels (forward + backward)", "",
              f"ours = {IMPLEMENTATIONS[REFERENCE_IMPLEMENTATION].label}; "
              "ratios are ours / implementation: below 1, ours is faster or smaller. Time: mean over the timed "
              "rounds. Peak memory: above the inputs (see the machine notes for how it was measured). "
-             "GPU sizes without a GPU run stay empty: they are never estimated from CPU figures.", ""]
+             "GPU sizes without a GPU run stay empty: they are never estimated from CPU figures.", "",
+             f"The last three columns are a **model, not a measurement** (GPU sizes only): each design's matmul "
+             f"FLOPs and HBM bytes, and its floor time, the larger of FLOPs at {PEAK_FLOPS / 1e12:.0f} TFLOP/s "
+             f"(bf16) and bytes at {PEAK_BYTES / 1e12:.1f} TB/s; see \"Roofline model\" below for each formula.", ""]
     header = ["size", "tokens", "V", "H student/teacher", "dtype", "implementation", "time", "± std", "peak memory",
-              "time ours/impl", "memory ours/impl"]
+              "time ours/impl", "memory ours/impl", "model FLOPs", "model HBM bytes", "model floor"]
     for case in CASES.values():
         rows = []
         for size in SIZES.values():
             if case not in cases_for(size):
                 continue
             for tokens in size.tokens:
-                found = index.get((case.name, size.name, tokens))
+                found = index.get((case.name, size.name, tokens)) or {}
                 shape = [size.name, str(tokens), f"{size.vocab:,}", f"{size.student_hidden}/{size.teacher_hidden}",
                          str(size.dtype).replace("torch.", "")]
-                if not found:
-                    if size.device == "cuda":  # GPU sizes stay in the table, empty, until a GPU run fills them
-                        rows.append(shape + ["not run (needs CUDA)"] + [EMPTY] * (len(header) - len(shape) - 1))
+                if not found and size.device != "cuda":
                     continue
                 ours = found.get(REFERENCE_IMPLEMENTATION)
                 for name, implementation in IMPLEMENTATIONS.items():
+                    if case.family not in implementation.families:
+                        continue
                     bench = found.get(name)
+                    model = _model_cells(case, size, tokens, name)
                     if bench is None:
+                        if size.device == "cuda":  # GPU sizes stay in the table, empty, until a GPU run fills them
+                            rows.append(shape + [implementation.label, "not run (needs CUDA)"]
+                                        + [EMPTY] * 4 + model)
                         continue
                     label = implementation.label if name != "cce" else bench["extra_info"].get("detail", name)
                     rows.append(shape + [label, seconds(_mean(bench)), seconds(bench["stats"]["stddev"]),
                                          size_bytes(_peak(bench)),
                                          EMPTY if name == REFERENCE_IMPLEMENTATION else ratio(_mean(ours), _mean(bench)),
-                                         EMPTY if name == REFERENCE_IMPLEMENTATION else ratio(_peak(ours), _peak(bench))])
+                                         EMPTY if name == REFERENCE_IMPLEMENTATION else ratio(_peak(ours), _peak(bench))]
+                                + model)
         if rows:
             lines += [f"### {case.name}: {case.loss}", ""] + table(header, rows) + [""]
-    return lines
+    return lines + roofline_section()
+
+
+def roofline_section() -> List[str]:
+    """The model behind the roofline columns: one line per design, at Liger's config."""
+    liger = SIZES.get("liger")
+    lines = ["## Roofline model", "",
+             "F = 2·N·V (one [N, H] x [H, V] GEMM per unit of H); Hs, Ht the student's and teacher's hidden "
+             "sizes. HBM bytes count compulsory traffic from each design's structure (stated per row); L2 "
+             "traffic (re-read tiles, atomics) is not counted. Example: Liger's config, N = 8192, forward KL "
+             "(log-probs for the log-prob designs).", "",
+             "| design | implementations | FLOPs | HBM bytes | floor | formula and why |", "|---|---|---|---|---|---|"]
+    if liger is None:
+        return []
+    by_design = defaultdict(list)
+    for name in IMPLEMENTATIONS:
+        design = design_of(name)
+        if design is not None:
+            by_design[design].append(name)
+    for design in ROOFLINE_MODELS:
+        case = CASES["logprobs"] if design == "cce" else CASES["forward_kl"]
+        for hint in ((True, False) if design == "chunked" else (True,)):
+            flops, hbm, floor, why = design_roofline(design, case, liger, 8192, hint)
+            names = ", ".join(by_design.get(design, [])) or "(none benchmarked)"
+            lines.append(f"| {design}{'' if hint or design != 'chunked' else ' (no hint)'} | {names} | "
+                         f"{flops / 1e12:.1f} T | {hbm / 1e9:.1f} GB | {seconds(floor)} | {why} |")
+    return lines + [""]
 
 
 def plot_kernels(index, out_dir: str, prefix: str) -> List[str]:

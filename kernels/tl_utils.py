@@ -2,13 +2,16 @@
 import triton
 import triton.language as tl
 
-# Kind codes (constexpr in the kernels); keep in step with ``KIND_CODES``.
-KIND_NONE = tl.constexpr(0)
-KIND_FORWARD_KL = tl.constexpr(1)
-KIND_REVERSE_KL = tl.constexpr(2)
-KIND_JSD = tl.constexpr(3)
-KIND_ADVANTAGE = tl.constexpr(4)
-KIND_CODES = {"none": 0, "forward_kl": 1, "reverse_kl": 2, "jsd": 3, "advantage": 4}
+from .sweep import SWEEP_KINDS
+
+# A sweep kind's code (the kernels' KIND constexpr) is its position in SWEEP_KINDS; the kernels
+# name the codes through the constants below, derived from that one definition.
+KIND_CODES = {kind: code for code, kind in enumerate(SWEEP_KINDS)}
+KIND_NONE = tl.constexpr(KIND_CODES["none"])
+KIND_FORWARD_KL = tl.constexpr(KIND_CODES["forward_kl"])
+KIND_REVERSE_KL = tl.constexpr(KIND_CODES["reverse_kl"])
+KIND_JSD = tl.constexpr(KIND_CODES["jsd"])
+KIND_ADVANTAGE = tl.constexpr(KIND_CODES["advantage"])
 
 
 @triton.jit

@@ -78,7 +78,11 @@ def sweep_backward_kernel(
                 d = p * ((log_q - log_r) - adv[:, None])
             grad_logits += tl.where(div_ok, (g * inv_temp)[:, None] * d, 0.0)
 
+    if HAS_BIAS:  # before the H loops, so that the float32 tile is dead during them
+        tl.atomic_add(grad_bias + offs_v, tl.sum(grad_logits, axis=0), mask=col_ok)
     grad_lo = grad_logits.to(s_weight.dtype.element_ty)
+    # Two loops over H rather than one: each holds one layout of the gradient tile (as is, and
+    # transposed) and one accumulator, which keeps the kernel within the register file on sm_80.
     for h0 in range(0, hs_size, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         h_ok = offs_h < hs_size
@@ -86,10 +90,11 @@ def sweep_backward_kernel(
                     other=0.0)
         tl.atomic_add(grad_hidden + offs_n[:, None] * hs_size + offs_h[None, :],
                       tl.dot(grad_lo, w, input_precision=DOT_PRECISION), mask=row_ok[:, None] & h_ok[None, :])
+    grad_lo_t = tl.trans(grad_lo)
+    for h0 in range(0, hs_size, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        h_ok = offs_h < hs_size
         hid = tl.load(s_hidden + offs_n[:, None] * hs_size + offs_h[None, :], mask=row_ok[:, None] & h_ok[None, :],
                       other=0.0)
         tl.atomic_add(grad_weight + offs_v[:, None] * hs_size + offs_h[None, :],
-                      tl.dot(tl.trans(grad_lo), hid, input_precision=DOT_PRECISION),
-                      mask=col_ok[:, None] & h_ok[None, :])
-    if HAS_BIAS:
-        tl.atomic_add(grad_bias + offs_v, tl.sum(grad_logits, axis=0), mask=col_ok)
+                      tl.dot(grad_lo_t, hid, input_precision=DOT_PRECISION), mask=col_ok[:, None] & h_ok[None, :])

@@ -5,7 +5,7 @@ student (and teacher, reference) logit tiles from the hidden rows and head weigh
 streaming log-sum-exp statistics plus one kind-specific accumulator, all relative to the running
 max so that nothing overflows. The host merges the splits (``triton_backend.merge_stats``).
 
-Statistics written per (split, row), in this order (STAT_* below):
+Statistics written per (split, row), in the order of ``STATS`` below:
   logp:        max and sum of exp of the log-prob logits, the target's logit
   divergence:  student max/sum, teacher max/sum, the kind accumulator, reference max/sum,
                and for JSD's second pass the two KL(·‖m) sums.
@@ -19,11 +19,24 @@ import triton.language as tl
 from .tl_utils import (KIND_ADVANTAGE, KIND_FORWARD_KL, KIND_NONE, KIND_REVERSE_KL, logaddexp,
                        online_lse_update, tile_logits)
 
-# Row index of each statistic in the [NUM_STATS, splits, rows] buffer (literals in the kernel).
-STAT_M_LP, STAT_Z_LP, STAT_TARGET = 0, 1, 2
-STAT_M_S, STAT_Z_S, STAT_M_T, STAT_Z_T, STAT_ACC, STAT_M_R, STAT_Z_R = 3, 4, 5, 6, 7, 8, 9
-STAT_KL_TEACHER, STAT_KL_STUDENT = 10, 11
-NUM_STATS = 12
+# The [NUM_STATS, splits, rows] statistics buffer holds one row per name, in this order; the kernel
+# and the host (``int(STAT_X)``) index it through the STAT_* constants, derived from this tuple.
+STATS = ("m_lp", "z_lp", "target",  # log-probs: max, Σexp, the target's logit
+         "m_s", "z_s", "m_t", "z_t", "acc", "m_r", "z_r",  # divergence: normalizers, the kind accumulator
+         "kl_teacher", "kl_student")  # JSD's second pass
+NUM_STATS = len(STATS)
+STAT_M_LP = tl.constexpr(STATS.index("m_lp"))
+STAT_Z_LP = tl.constexpr(STATS.index("z_lp"))
+STAT_TARGET = tl.constexpr(STATS.index("target"))
+STAT_M_S = tl.constexpr(STATS.index("m_s"))
+STAT_Z_S = tl.constexpr(STATS.index("z_s"))
+STAT_M_T = tl.constexpr(STATS.index("m_t"))
+STAT_Z_T = tl.constexpr(STATS.index("z_t"))
+STAT_ACC = tl.constexpr(STATS.index("acc"))
+STAT_M_R = tl.constexpr(STATS.index("m_r"))
+STAT_Z_R = tl.constexpr(STATS.index("z_r"))
+STAT_KL_TEACHER = tl.constexpr(STATS.index("kl_teacher"))
+STAT_KL_STUDENT = tl.constexpr(STATS.index("kl_student"))
 
 
 @triton.jit
@@ -106,19 +119,19 @@ def sweep_forward_kernel(
                     kl_student += tl.sum(tl.where(div_ok, tl.exp(log_p) * (log_p - log_m), 0.0), axis=1)
 
     if WITH_LOGPS:
-        _store(stats, 0, pid_k, n_splits, n_rows, offs_n, row_ok, m_lp)
-        _store(stats, 1, pid_k, n_splits, n_rows, offs_n, row_ok, z_lp)
-        _store(stats, 2, pid_k, n_splits, n_rows, offs_n, row_ok, target_logit)
+        _store(stats, STAT_M_LP, pid_k, n_splits, n_rows, offs_n, row_ok, m_lp)
+        _store(stats, STAT_Z_LP, pid_k, n_splits, n_rows, offs_n, row_ok, z_lp)
+        _store(stats, STAT_TARGET, pid_k, n_splits, n_rows, offs_n, row_ok, target_logit)
     if KIND != KIND_NONE:
         if PASS == 1:
-            _store(stats, 3, pid_k, n_splits, n_rows, offs_n, row_ok, m_s)
-            _store(stats, 4, pid_k, n_splits, n_rows, offs_n, row_ok, z_s)
-            _store(stats, 5, pid_k, n_splits, n_rows, offs_n, row_ok, m_t)
-            _store(stats, 6, pid_k, n_splits, n_rows, offs_n, row_ok, z_t)
-            _store(stats, 7, pid_k, n_splits, n_rows, offs_n, row_ok, acc)
+            _store(stats, STAT_M_S, pid_k, n_splits, n_rows, offs_n, row_ok, m_s)
+            _store(stats, STAT_Z_S, pid_k, n_splits, n_rows, offs_n, row_ok, z_s)
+            _store(stats, STAT_M_T, pid_k, n_splits, n_rows, offs_n, row_ok, m_t)
+            _store(stats, STAT_Z_T, pid_k, n_splits, n_rows, offs_n, row_ok, z_t)
+            _store(stats, STAT_ACC, pid_k, n_splits, n_rows, offs_n, row_ok, acc)
             if KIND == KIND_ADVANTAGE:
-                _store(stats, 8, pid_k, n_splits, n_rows, offs_n, row_ok, m_r)
-                _store(stats, 9, pid_k, n_splits, n_rows, offs_n, row_ok, z_r)
+                _store(stats, STAT_M_R, pid_k, n_splits, n_rows, offs_n, row_ok, m_r)
+                _store(stats, STAT_Z_R, pid_k, n_splits, n_rows, offs_n, row_ok, z_r)
         else:
-            _store(stats, 10, pid_k, n_splits, n_rows, offs_n, row_ok, acc)
-            _store(stats, 11, pid_k, n_splits, n_rows, offs_n, row_ok, kl_student)
+            _store(stats, STAT_KL_TEACHER, pid_k, n_splits, n_rows, offs_n, row_ok, acc)
+            _store(stats, STAT_KL_STUDENT, pid_k, n_splits, n_rows, offs_n, row_ok, kl_student)
