@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Iterator, List, Optional, Sequence
@@ -33,7 +34,7 @@ from .errors import ConfigError, DataError
 RESPONSE_FIELDS = ("chosen", "rejected")
 KNOWN_FIELDS = ("prompt", *RESPONSE_FIELDS, "answer")
 IGNORE_INDEX = -100
-_CACHE_FORMAT = 1  # bump when the cached layout or the tokenization policy changes
+_CACHE_FORMAT = 2  # bump when the cached layout or the tokenization policy changes
 
 
 # --- loading -------------------------------------------------------------------------------------------------
@@ -270,7 +271,8 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, *, max_length: int
     """Token ids of every example under the truncation policy: the prompt keeps its last
     ``max_prompt_length`` tokens, then each response keeps its first ``max_length - len(prompt)``.
     A row with an empty response is dropped and counted. With ``cache_dir``, results are stored
-    there keyed by a fingerprint of the examples, the tokenizer, the lengths and the fields."""
+    there keyed by a fingerprint of the examples, the tokenizer, the lengths and the fields, with a
+    digest of their contents; an entry that is unreadable or fails its digest is said and rebuilt."""
     _check_lengths(max_length, max_prompt_length)
     unknown = set(fields) - set(RESPONSE_FIELDS)
     if unknown:
@@ -280,12 +282,15 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, *, max_length: int
     if cache_dir is not None:
         key = _fingerprint(examples, tokenizer, max_length, max_prompt_length, fields)
         cache_path = os.path.join(cache_dir, f"tokenized-{key[:24]}.npz")
-        cached = _read_cache(cache_path, fields)
+        cached, problem = _read_cache(cache_path, key, fields)
         if cached is not None:
             return cached
+        if problem is not None and os.environ.get("RANK", "0") == "0":  # said once, not by every rank
+            print(f"fastdadpo: tokenization cache {cache_path}: {problem}; tokenizing again", file=sys.stderr,
+                  flush=True)
     tokenized, report = _tokenize_all(examples, tokenizer, max_length, max_prompt_length, fields)
     if cache_path is not None:
-        _write_cache(cache_path, tokenized, report, fields)
+        _write_cache(cache_path, key, tokenized, report, fields)
     return tokenized, report
 
 
@@ -382,11 +387,23 @@ def _unflatten(flat: np.ndarray, offsets: np.ndarray) -> list[list[int]]:
     return [values[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
 
 
-def _write_cache(path: str, tokenized: list[TokenizedExample], report: TokenizationReport, fields) -> None:
+def _cache_digest(arrays: dict) -> str:
+    """sha256 of every array of an entry (name, dtype, shape, bytes) but the digest itself."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        if name != "digest":
+            array = np.ascontiguousarray(arrays[name])
+            digest.update(f"{name}:{array.dtype.str}:{array.shape}:".encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _write_cache(path: str, key: str, tokenized: list[TokenizedExample], report: TokenizationReport, fields) -> None:
     arrays = {"index": np.array([t.index for t in tokenized], dtype=np.int64),
-              "report": np.array(json.dumps(report.__dict__))}
+              "report": np.array(json.dumps(report.__dict__)), "key": np.array(key)}
     for name in ("prompt", *fields):
         arrays[f"{name}_flat"], arrays[f"{name}_offsets"] = _flatten([getattr(t, f"{name}_ids") for t in tokenized])
+    arrays["digest"] = np.array(_cache_digest(arrays))
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     # Several ranks may write the same entry at once: each writes its own temporary file, and
     # os.replace makes whichever finishes last the entry, whole.
@@ -394,6 +411,8 @@ def _write_cache(path: str, tokenized: list[TokenizedExample], report: Tokenizat
     try:
         with os.fdopen(handle, "wb") as out:
             np.savez(out, **arrays)
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -401,20 +420,29 @@ def _write_cache(path: str, tokenized: list[TokenizedExample], report: Tokenizat
         raise
 
 
-def _read_cache(path: str, fields) -> Optional[tuple[list[TokenizedExample], TokenizationReport]]:
-    """The cached entry, or None when there is none or it cannot be read (it is then rebuilt)."""
+def _read_cache(path: str, key: str, fields) -> tuple[Optional[tuple[list[TokenizedExample], TokenizationReport]],
+                                                       Optional[str]]:
+    """(the cached entry, None), or (None, why it is not usable; None when there is no entry). An
+    entry is used only when it loads without pickle, was made for ``key`` and matches its digest."""
+    if not os.path.exists(path):
+        return None, None
     try:
         with np.load(path, allow_pickle=False) as stored:
-            report = TokenizationReport(**json.loads(str(stored["report"])))
-            columns = {name: _unflatten(stored[f"{name}_flat"], stored[f"{name}_offsets"])
-                       for name in ("prompt", *fields)}
-            indices = stored["index"].tolist()
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    tokenized = [TokenizedExample(columns["prompt"][i], columns["chosen"][i] if "chosen" in columns else None,
-                                  columns["rejected"][i] if "rejected" in columns else None, index)
-                 for i, index in enumerate(indices)]
-    return tokenized, report
+            arrays = {name: stored[name] for name in stored.files}
+        if "digest" not in arrays or str(arrays["digest"]) != _cache_digest(arrays):
+            return None, "its contents do not match their digest (truncated or edited)"
+        if str(arrays["key"]) != key:
+            return None, "it was written for other inputs"
+        report = TokenizationReport(**json.loads(str(arrays["report"])))
+        columns = {name: _unflatten(arrays[f"{name}_flat"], arrays[f"{name}_offsets"])
+                   for name in ("prompt", *fields)}
+        indices = arrays["index"].tolist()
+        tokenized = [TokenizedExample(columns["prompt"][i], columns["chosen"][i] if "chosen" in columns else None,
+                                      columns["rejected"][i] if "rejected" in columns else None, index)
+                     for i, index in enumerate(indices)]
+    except Exception as exc:  # noqa: BLE001 (zipfile, zlib, numpy and JSON errors alike: the entry is rebuilt)
+        return None, f"unreadable ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
+    return (tokenized, report), None
 
 
 # --- tokenizer compatibility ---------------------------------------------------------------------------------

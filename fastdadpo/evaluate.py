@@ -256,6 +256,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--judge-url", help="http judge: an OpenAI-compatible server (…/v1/chat/completions)")
     parser.add_argument("--judge-api-key-env", help="http judge: environment variable holding the API key")
     parser.add_argument("--judge-timeout", type=float, default=60.0, help="http judge: seconds per request")
+    parser.add_argument("--judge-allow-http", action="store_true",
+                        help="http judge: allow plain http:// to a host other than this machine (the prompts and "
+                             "the API key then cross the network unencrypted)")
     parser.add_argument("--judge-workers", type=int, default=8, help="http judge: requests in flight")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -288,9 +291,12 @@ def run(args) -> int:
                         ("--limit", args.limit), ("--judge-workers", args.judge_workers)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag}: {value} must be at least 1")
+    if not math.isfinite(args.judge_timeout) or args.judge_timeout <= 0:
+        raise ConfigError(f"--judge-timeout: must be a positive number of seconds, got {args.judge_timeout:g}")
     device = resolve_device(args.device)
     judge = build_judge(args.judge, JudgeOptions(model=args.judge_model, url=args.judge_url,
                                                  api_key_env=args.judge_api_key_env, timeout=args.judge_timeout,
+                                                 allow_http=args.judge_allow_http,
                                                  workers=args.judge_workers, batch_size=args.batch_size,
                                                  device=device, dtype=args.dtype))
     examples = load_prompts(args.data)[:args.limit]

@@ -13,8 +13,11 @@ from its own distribution: its ``generation_config.json`` (repetition penalties,
 Resumption. Rows are appended as each step finishes (flushed and fsynced), in batch order; a
 rerun reads the output, drops a trailing partial line left by a kill, and generates only the
 batches with missing rows. When every row is there the file is rewritten sorted by ``index``
-(atomically). ``OUT.settings.json`` records the settings; a rerun with other settings is refused
-rather than mixing two samplings in one file.
+(atomically). ``OUT.settings.json`` records the settings, with a fingerprint of each model's config
+and weights; a rerun with other settings, or other weights at the same path, is refused rather than
+mixing two samplings in one file. Every kept row is checked (an in-range ``index``, string
+``chosen`` and ``rejected``, the prompt of its index): a row this command did not write is an error
+naming its line, never trusted.
 
 Several processes (``torchrun --nproc_per_node=N -m fastdadpo generate ...``): both models are
 sharded with ZeRO-3, each step gives every rank one batch (a rank with none left generates a
@@ -181,7 +184,7 @@ def _rows_done(out: str, job: _Job, info: distributed.DistInfo) -> set[int]:
     verdict = None
     if info.is_main:
         try:
-            verdict = (None, _prepare_output(out, job.settings, len(job.examples)))
+            verdict = (None, _prepare_output(out, job.settings, job.examples))
         except UserError as exc:
             verdict = (str(exc), None)
     error, done = distributed.broadcast_object(verdict)
@@ -279,19 +282,24 @@ def _settings_path(out: str) -> str:
 
 
 def _settings(args, examples: Sequence[Example], dtype: str) -> dict:
-    """What the rows depend on; a resumed run must match it."""
+    """What the rows depend on; a resumed run must match it. The models count by their path and by a
+    fingerprint of their config and weights: other weights at the same path sample otherwise."""
+    from .precompute import model_fingerprint
+
     digest = hashlib.sha256()
     for example in examples:
         digest.update(json.dumps([example.prompt, example.answer, example.extra], sort_keys=True,
                                  default=str).encode())
     return {"teacher": os.path.realpath(args.teacher), "student": os.path.realpath(args.student),
+            "teacher_weights": model_fingerprint(args.teacher), "student_weights": model_fingerprint(args.student),
             "prompts_sha256": digest.hexdigest(), "max_new_tokens": args.max_new_tokens,
             "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, "batch_size": args.batch_size,
             "max_prompt_length": args.max_prompt_length, "dtype": dtype}
 
 
-def _prepare_output(out: str, settings: dict, num_prompts: int) -> set[int]:
-    """Indices already in ``out`` (after dropping a partial last line); records the settings of a new output."""
+def _prepare_output(out: str, settings: dict, examples: Sequence[Example]) -> set[int]:
+    """Indices already in ``out`` (after dropping a partial last line), each row checked; records the
+    settings of a new output."""
     settings_path = _settings_path(out)
     if not os.path.exists(out) or os.path.getsize(out) == 0:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -307,11 +315,15 @@ def _prepare_output(out: str, settings: dict, num_prompts: int) -> set[int]:
                         f"or delete the file") from None
     changed = [f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in settings.items()
                if recorded.get(key) != value]
+    for role in ROLES:
+        if f"{role}_weights" in recorded and recorded[f"{role}_weights"] != settings[f"{role}_weights"] \
+                and recorded.get(role) == settings[role]:
+            changed.append(f"the {role}'s config or weights at {settings[role]} changed since")
     if changed:
         raise UserError(f"{out} was generated with other settings ({'; '.join(changed)}); continuing it would mix "
                         f"two samplings in one file; rerun with the recorded settings, or choose another --out")
     _drop_partial_last_line(out)
-    return set(_read_rows(out, num_prompts))
+    return set(_read_rows(out, len(examples), [_prompt_field(example) for example in examples]))
 
 
 def _drop_partial_last_line(out: str) -> None:
@@ -323,18 +335,35 @@ def _drop_partial_last_line(out: str) -> None:
             print(f"generate: dropped a partial last line of {out} (an interrupted write)", file=sys.stderr)
 
 
-def _read_rows(out: str, num_prompts: int) -> dict[int, str]:
-    """index -> line of every row in ``out``."""
+def _prompt_field(example: Example):
+    """The ``prompt`` of the row ``output_row`` writes for ``example``, as JSON reads it back."""
+    return json.loads(json.dumps(output_row(example, 0, chosen="", rejected="")["prompt"], default=str))
+
+
+def _read_rows(out: str, num_prompts: int, prompts: Optional[list] = None) -> dict[int, str]:
+    """index -> line of every row in ``out``. Each must be what this command writes: a JSON object
+    with an in-range int ``index``, string ``chosen`` and ``rejected``, and (given ``prompts``) the
+    prompt of that index; anything else is a UserError naming the line, never a row kept."""
     lines: dict[int, str] = {}
     with open(out, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
+            where = f"{out} line {number}"
             try:
-                index = json.loads(line)["index"]
+                row = json.loads(line)
+                index = row["index"]
             except (json.JSONDecodeError, TypeError, KeyError):
-                raise UserError(f"{out} line {number}: not a row written by fastdadpo generate (malformed JSON or "
+                raise UserError(f"{where}: not a row written by fastdadpo generate (malformed JSON or "
                                 f"no 'index'); repair or delete the file") from None
-            if not isinstance(index, int) or not 0 <= index < num_prompts:
-                raise UserError(f"{out} line {number}: 'index' {index!r} is not a row of the {num_prompts} prompts")
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < num_prompts:
+                raise UserError(f"{where}: 'index' {index!r} is not a row of the {num_prompts} prompts")
+            bad = [name for name in ("chosen", "rejected") if not isinstance(row.get(name), str)]
+            if bad:
+                raise UserError(f"{where}: {' and '.join(repr(b) for b in bad)} must be strings (a generated "
+                                f"response), got {', '.join(type(row.get(b)).__name__ for b in bad)}; not a row "
+                                f"this command wrote: repair or delete the file")
+            if prompts is not None and row.get("prompt") != prompts[index]:
+                raise UserError(f"{where}: its 'prompt' is not prompt {index} of --prompts; the file belongs to "
+                                f"other prompts: choose another --out or delete it")
             if index in lines:
                 raise UserError(f"{out} line {number}: a second row for prompt {index}")
             lines[index] = line

@@ -9,11 +9,15 @@ both orders agree (else a tie), which cancels the judge's position bias.
 """
 from __future__ import annotations
 
+import base64
+import ipaddress
 import json
+import math
 import os
 import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -213,13 +217,51 @@ def parse_verdict(reply: str) -> Optional[str]:
 
 
 def chat_completions_url(url: str) -> str:
-    """``url`` if it names the chat completions route, else ``url`` + ``/v1/chat/completions``."""
-    if not re.match(r"https?://", url or ""):
-        raise ConfigError(f"--judge-url: {url!r} is not an http(s) URL (e.g. http://127.0.0.1:8000)")
-    url = url.rstrip("/")
-    if url.endswith("/chat/completions"):
-        return url
-    return url + ("/chat/completions" if url.endswith("/v1") else "/v1/chat/completions")
+    """``url`` if its path names the chat completions route, else that path + ``/v1/chat/completions``
+    (``/chat/completions`` after a ``/v1``); the query string is kept, a fragment dropped."""
+    parts = urllib.parse.urlsplit(url or "")
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"--judge-url: {display_url(url or '')!r} is not an http(s) URL (e.g. http://127.0.0.1:8000)")
+    path = parts.path.rstrip("/")
+    if not path.endswith("/chat/completions"):
+        path += "/chat/completions" if path.endswith("/v1") else "/v1/chat/completions"
+    return urllib.parse.urlunsplit((parts.scheme.lower(), parts.netloc, path, parts.query, ""))
+
+
+def display_url(url: str) -> str:
+    """``url`` fit for messages: without user:password, each query value replaced by ``***``."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.netloc.rpartition("@")[2]
+        query = "&".join(f"{name}=***" for name, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+        return urllib.parse.urlunsplit((parts.scheme, host, parts.path, query, ""))
+    except ValueError:
+        return "<an unparsable URL>"
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1); names are not resolved."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class _Redirected(Exception):
+    def __init__(self, code: int, target: str):
+        super().__init__(code, target)
+        self.code, self.target = code, target
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is never followed: the request carries the API key, which must reach only the
+    endpoint the user named (not another origin a redirect points at), and a POST's body would not
+    be re-sent anyway."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise _Redirected(code, urllib.parse.urljoin(req.full_url, newurl))
 
 
 class HttpJudge(PreferenceJudge):
@@ -232,22 +274,52 @@ class HttpJudge(PreferenceJudge):
     retryable_status = (429, 500, 502, 503, 504)
 
     def __init__(self, url: Optional[str], model: Optional[str], *, api_key_env: Optional[str] = None,
-                 timeout: float = 60.0, retries: int = 2, backoff: float = 1.0, workers: int = 8, max_tokens: int = 16):
-        self.endpoint = chat_completions_url(url)
+                 timeout: float = 60.0, retries: int = 2, backoff: float = 1.0, workers: int = 8, max_tokens: int = 16,
+                 allow_http: bool = False):
+        url = chat_completions_url(url)
+        parts = urllib.parse.urlsplit(url)
+        if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+            raise ConfigError(f"--judge-timeout: must be a positive number of seconds, got {timeout!r}")
         if not model:
             raise ConfigError("--judge-model: the http judge needs the model name the endpoint serves")
+        # The request carries the prompts and the API key: in clear text only to this machine.
+        self.display = display_url(url)
+        if parts.scheme == "http" and not is_loopback(parts.hostname) and not allow_http:
+            raise ConfigError(f"--judge-url: {self.display} is plain http to another machine, which would send the "
+                              f"prompts and the API key unencrypted; use https, or pass --judge-allow-http if the "
+                              f"network is trusted")
         self.model, self.timeout, self.retries, self.backoff = model, timeout, retries, backoff
         self.workers, self.max_tokens = workers, max_tokens
         self.headers = {"Content-Type": "application/json"}
+        self.secrets = []
+        if parts.username is not None:  # user:password@ in the URL: HTTP basic auth, never part of the request line
+            if api_key_env:
+                raise ConfigError("--judge-url / --judge-api-key-env: give the credentials one way, not both "
+                                  "(user:password in the URL, or an API key)")
+            user, password = urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or "")
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            self.headers["Authorization"] = f"Basic {token}"
+            self.secrets += [s for s in (user, password, parts.username, parts.password, token) if s]
         if api_key_env:
             if not os.environ.get(api_key_env):
                 raise ConfigError(f"--judge-api-key-env: the environment variable {api_key_env} is not set")
             self.headers["Authorization"] = f"Bearer {os.environ[api_key_env]}"
+            self.secrets.append(os.environ[api_key_env])
+        self.secrets += [value for _, value in urllib.parse.parse_qsl(parts.query) if len(value) >= 4]
+        self.endpoint = urllib.parse.urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path,
+                                                 parts.query, ""))
+        self._opener = urllib.request.build_opener(_RefuseRedirects)
         self.unparsed_replies = 0
 
     def describe(self) -> dict:
-        return {"name": self.name, "url": self.endpoint, "model": self.model,
+        return {"name": self.name, "url": self.display, "model": self.model,
                 "unparsed_replies": self.unparsed_replies}
+
+    def _redacted(self, text: str) -> str:
+        """``text`` (a server's reply, an error) with every credential replaced by ``***``."""
+        for secret in sorted(self.secrets, key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return text
 
     def prefer(self, comparisons: Sequence[Comparison]) -> List[str]:
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
@@ -263,23 +335,29 @@ class HttpJudge(PreferenceJudge):
         attempt = 0
         while True:
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                with self._opener.open(request, timeout=self.timeout) as response:
                     return self._reply_text(response.read())
+            except _Redirected as exc:
+                raise UserError(f"the judge endpoint {self.display} answered with a redirect (HTTP {exc.code}) to "
+                                f"{display_url(exc.target)}, which is not followed: the request carries the "
+                                f"credentials, sent only to --judge-url. Give the final address as --judge-url") \
+                    from None
             except urllib.error.HTTPError as exc:
                 if exc.code not in self.retryable_status or attempt == self.retries:
-                    detail = exc.read().decode("utf-8", "replace")[:300]
-                    raise UserError(f"the judge endpoint {self.endpoint} answered HTTP {exc.code} {exc.reason}: "
-                                    f"{detail or 'no details'}; check --judge-url, --judge-model and the API "
-                                    f"key") from None
+                    detail = self._redacted(exc.read().decode("utf-8", "replace")[:300])
+                    raise UserError(f"the judge endpoint {self.display} answered HTTP {exc.code} "
+                                    f"{self._redacted(str(exc.reason))}: {detail or 'no details'}; check --judge-url, "
+                                    f"--judge-model and the API key") from None
             except urllib.error.URLError as exc:
                 if isinstance(exc.reason, ConnectionRefusedError):
-                    raise UserError(f"cannot reach the judge endpoint {self.endpoint}: connection refused. Start the "
+                    raise UserError(f"cannot reach the judge endpoint {self.display}: connection refused. Start the "
                                     f"OpenAI-compatible server there, or pass the right --judge-url") from None
                 if not isinstance(exc.reason, TimeoutError) or attempt == self.retries:
-                    raise UserError(f"cannot reach the judge endpoint {self.endpoint}: {exc.reason}") from None
+                    raise UserError(f"cannot reach the judge endpoint {self.display}: "
+                                    f"{self._redacted(str(exc.reason))}") from None
             except TimeoutError:
                 if attempt == self.retries:
-                    raise UserError(f"the judge endpoint {self.endpoint} sent no reply within {self.timeout:g} s, "
+                    raise UserError(f"the judge endpoint {self.display} sent no reply within {self.timeout:g} s, "
                                     f"{self.retries + 1} times; raise --judge-timeout or check the server") from None
             time.sleep(self.backoff * 2 ** attempt)
             attempt += 1
@@ -288,8 +366,8 @@ class HttpJudge(PreferenceJudge):
         try:
             content = json.loads(raw)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
-            raise UserError(f"the judge endpoint {self.endpoint} sent a reply that is not an OpenAI chat completion "
-                            f"(no choices[0].message.content): {raw[:200]!r}") from None
+            raise UserError(f"the judge endpoint {self.display} sent a reply that is not an OpenAI chat completion "
+                            f"(no choices[0].message.content): {self._redacted(repr(raw[:200]))}") from None
         return content if isinstance(content, str) else ""
 
 
@@ -299,6 +377,7 @@ class JudgeOptions:
     url: Optional[str] = None
     api_key_env: Optional[str] = None
     timeout: float = 60.0
+    allow_http: bool = False             # plain http:// to a host other than this machine
     workers: int = 8
     batch_size: int = 8
     device: Optional[torch.device] = None
@@ -310,7 +389,8 @@ JUDGES = {
     "model": lambda options: ModelJudge(options.model, device=options.device, dtype=options.dtype,
                                         batch_size=options.batch_size),
     "http": lambda options: HttpJudge(options.url, options.model, api_key_env=options.api_key_env,
-                                      timeout=options.timeout, workers=options.workers),
+                                      timeout=options.timeout, workers=options.workers,
+                                      allow_http=options.allow_http),
 }
 
 

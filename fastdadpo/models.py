@@ -127,6 +127,7 @@ def zero3_loading(ds_config: Optional[dict]):
 
 def load_causal_lm(path: str, *, dtype: torch.dtype, device: torch.device, ds_config: Optional[dict] = None,
                    key: str = "model", trainable: bool = False):
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     check_model_dir(path, key)
@@ -134,6 +135,10 @@ def load_causal_lm(path: str, *, dtype: torch.dtype, device: torch.device, ds_co
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
                                                          attn_implementation=attention_implementation(device, dtype))
+        except SafetensorError as exc:
+            raise ConfigError(f"{key}: the weights in {path!r} cannot be read ({exc}); a .safetensors file there is "
+                              f"truncated or corrupt (an interrupted copy or download?): copy or export the model "
+                              f"again") from None
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{key}: cannot load a causal LM from {path!r}: {exc}") from None
     check_fused_head_supported(model, key)

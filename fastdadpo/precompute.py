@@ -4,14 +4,17 @@
 every chosen and rejected response is computed in one pass before training and kept as a small
 [examples, 2] table, so no reference model stays in memory during training. The cache key is a
 fingerprint of the model's files and of the tokenized data, so a rerun (or a resumed run, or a
-second objective on the same data) reuses it.
+second objective on the same data) reuses it. An entry is a safetensors file (loading it runs no
+code) that records its key and a digest of its contents: a truncated, corrupt or edited entry is
+said once and rebuilt, never trusted.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from typing import Callable, List, Sequence
+import sys
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -54,22 +57,73 @@ def data_fingerprint(examples: Sequence) -> str:
     return digest.hexdigest()[:16]
 
 
+def _table_digest(key_text: str, table: torch.Tensor) -> str:
+    digest = hashlib.sha256(key_text.encode())
+    digest.update(f"{table.dtype}{tuple(table.shape)}".encode())
+    digest.update(table.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def read_cached_table(path: str, key_text: str):
+    """(table, None) from a cache file, or (None, why it is not usable). A file is used only when its
+    recorded key is ``key_text`` and its digest matches its contents (so a truncated, corrupt or
+    edited file is rebuilt, never trusted); safetensors, so reading it runs no code."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.exists(path):
+        return None, None
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            table = handle.get_tensor("table")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        return None, f"unreadable ({' '.join(str(exc).split())[:120]})"
+    if metadata.get("key") != key_text:
+        return None, "it was written for other inputs"
+    if metadata.get("sha256") != _table_digest(key_text, table):
+        return None, "its contents do not match their digest (truncated or edited)"
+    return table, None
+
+
+def write_cached_table(path: str, key_text: str, table: torch.Tensor) -> None:
+    """Written to a temporary file, fsynced, renamed into place: a kill leaves the old entry or none."""
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    table = table.detach().cpu().contiguous()
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        save_file({"table": table}, tmp, metadata={"key": key_text, "sha256": _table_digest(key_text, table)})
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def cached(cache_dir: str, key: dict, compute: Callable[[], torch.Tensor], is_main: bool,
-           broadcast: Callable) -> torch.Tensor:
-    """Load the tensor for ``key`` from the cache, or compute it (collectively) and store it."""
-    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    path = os.path.join(cache_dir, "logps", f"{name}.pt")
-    found = broadcast(os.path.exists(path))  # every rank takes the same branch
-    if found:
-        return torch.load(path, weights_only=True)
+           broadcast: Callable, log: Optional[Callable[[str], None]] = None) -> torch.Tensor:
+    """Load the tensor for ``key`` from the cache, or compute it (collectively) and store it. Rank 0
+    reads and checks the entry and sends its table (small: [rows, 2]) to every rank, so all ranks
+    take the same branch; an entry that fails the check is said once (``log``, else stderr) and rebuilt."""
+    key_text = json.dumps(key, sort_keys=True)
+    name = hashlib.sha256(key_text.encode()).hexdigest()[:24]
+    path = os.path.join(cache_dir, "logps", f"{name}.safetensors")
+    table, problem = read_cached_table(path, key_text) if is_main else (None, None)
+    if problem is not None:
+        message = f"cached log-probs {path}: {problem}; computing them again"
+        (log or (lambda text: print(f"fastdadpo: {text}", file=sys.stderr, flush=True)))(message)
+    table = broadcast(table)
+    if table is not None:
+        return table
     table = compute()
     if is_main:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        torch.save(table, tmp)
-        os.replace(tmp, path)
-        with open(path[:-3] + ".json", "w", encoding="utf-8") as handle:
-            json.dump(key, handle, indent=2)
+        write_cached_table(path, key_text, table)
     return table
 
 

@@ -49,6 +49,7 @@ import copy
 import json
 import os
 import random
+import shutil
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -524,6 +525,38 @@ def _check_output_dir(path: str) -> None:
                         f"(pruning never overwrites a model)")
 
 
+def _save_atomic(out: str, pruned, tokenizer, report: dict) -> None:
+    """The pruned model, its tokenizer and the report, written into ``.NAME.partial`` beside ``out``,
+    every file fsynced, then renamed to ``out``: a killed prune leaves no half-written model where a
+    finished one is expected (a directory holding only config.json)."""
+    out = os.path.abspath(out)
+    partial = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        pruned.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        with open(os.path.join(partial, REPORT_FILE), "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2)
+        for name in os.listdir(partial):
+            fd = os.open(os.path.join(partial, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty: checked before pruning
+        os.replace(partial, out)
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise UserError(f"--out: cannot write the pruned model to {out}: {exc.strerror or exc} "
+                        f"({exc.filename or partial}); nothing was left there") from None
+    fd = os.open(os.path.dirname(out), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def run(args) -> int:
     check_amounts(args.ratio, args.drop_layers)
     for flag, value in (("--calibration-samples", args.calibration_samples),
@@ -550,10 +583,7 @@ def run(args) -> int:
                         pad_id=pad_token_id(tokenizer))
     pruned = apply_pruning(model, plan)
     report = pruning_report(model, pruned, plan, ratio=args.ratio, drop_layers=args.drop_layers)
-    pruned.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
-    with open(os.path.join(args.out, REPORT_FILE), "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2)
+    _save_atomic(args.out, pruned, tokenizer, report)
     print(f"pruned {args.model} -> {args.out}: {format_report(report)}")
     for note in plan.notes:
         print(f"note: {note}")

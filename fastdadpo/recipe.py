@@ -4,7 +4,10 @@
 
 Each stage writes its output under the recipe's ``output_dir`` and is skipped when that output is
 already complete, so an interrupted run continues where it stopped (trainings resume from their
-latest checkpoint). Each stage runs as its own ``fastdadpo`` process, under ``launcher`` (e.g.
+latest checkpoint). Complete means: the stage's process exited 0 and the runner then wrote its
+completion marker, ``stages/NAME.json`` (the command it ran, and a hash of a training's config),
+and the output is still there; a directory existing proves nothing (a killed stage leaves
+partial ones). A stage whose command or config changed since its marker runs again. Each stage runs as its own ``fastdadpo`` process, under ``launcher`` (e.g.
 ``torchrun --nproc_per_node=8``) for the stages that shard models over ranks.
 
 A recipe (see configs/recipes/):
@@ -27,9 +30,11 @@ A recipe (see configs/recipes/):
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -38,6 +43,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from .checkpoint import write_json_atomic
 from .config import apply_override, config_from_mapping, read_yaml_mapping
 from .errors import ConfigError, UserError
 
@@ -146,6 +152,32 @@ class Runner:
             if stage in self.stages:
                 getattr(self, f"stage_{stage}")()
 
+    # --- completion markers ---
+    def _marker_path(self, log_name: str) -> str:
+        return self.recipe.path("stages", f"{log_name}.json")
+
+    def _identity(self, args: List[str]) -> dict:
+        """What a stage's result depends on: its command, and the contents of a config file it reads."""
+        identity = {"command": list(args)}
+        if args and args[0] == "train":
+            with open(args[1], "rb") as handle:
+                identity["config_sha256"] = hashlib.sha256(handle.read()).hexdigest()
+        return identity
+
+    def is_complete(self, log_name: str, args: List[str], output: str) -> bool:
+        """The stage finished with these arguments (its marker says so) and its output is there."""
+        try:
+            with open(self._marker_path(log_name), encoding="utf-8") as handle:
+                marker = json.load(handle)
+        except (OSError, ValueError):
+            return False
+        return isinstance(marker, dict) and marker.get("identity") == self._identity(args) and os.path.exists(output)
+
+    def _mark_complete(self, log_name: str, args: List[str]) -> None:
+        path = self._marker_path(log_name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_json_atomic(path, {"stage": log_name, "identity": self._identity(args), "finished": time.time()})
+
     def fastdadpo(self, args: List[str], distributed: bool, log_name: str) -> None:
         launcher = shlex.split(self.recipe.launcher) if distributed and self.recipe.launcher else []
         command = (launcher + ["-m", "fastdadpo"] if launcher else [sys.executable, "-m", "fastdadpo"]) + args
@@ -160,28 +192,35 @@ class Runner:
                 tail = log.read()[-1500:]
             raise StageFailed(f"stage {log_name} failed (exit {result.returncode}); its log is {log_path}. "
                               f"Last lines: {tail}")
+        self._mark_complete(log_name, args)
         self.echo(f"[run] {log_name}: done in {time.time() - started:.0f}s")
 
     def stage_prune(self) -> None:
         r = self.recipe
         if not r.prune:
             return
-        if os.path.exists(os.path.join(r.pruned_dir, "config.json")):
-            self.echo(f"[run] prune: {r.pruned_dir} exists, skipped")
-            return
         options = dict(r.prune)
         args = ["prune", "--model", r.student, "--out", r.pruned_dir, "--ratio", str(options.pop("ratio", 0.2)),
                 "--calibration", options.pop("calibration", r.prompts)]
         args += _flags(options)
+        if self.is_complete("prune", args, os.path.join(r.pruned_dir, "config.json")):
+            self.echo(f"[run] prune: {r.pruned_dir} complete, skipped")
+            return
+        if os.path.exists(r.pruned_dir):
+            # This recipe's own pruned directory, without the marker of a finished prune with these
+            # settings: what an interrupted prune (or other settings) left. Pruning never overwrites.
+            self.echo(f"[run] prune: {r.pruned_dir} is not a finished prune with these settings; removed, pruning "
+                      f"again")
+            shutil.rmtree(r.pruned_dir)
         self.fastdadpo(args, distributed=False, log_name="prune")
 
     def stage_generate(self) -> None:
         r = self.recipe
-        if _jsonl_rows(r.pairs) >= _jsonl_rows(r.prompts) > 0:
-            self.echo(f"[run] generate: {r.pairs} complete, skipped")
-            return
         args = ["generate", "--teacher", r.teacher, "--student", r.start_student, "--prompts", r.prompts,
                 "--out", r.pairs] + _flags(r.generate)
+        if self.is_complete("generate", args, r.pairs):
+            self.echo(f"[run] generate: {r.pairs} complete, skipped")
+            return
         self.fastdadpo(args, distributed=True, log_name="generate")
 
     def _training_config(self, name: str, overrides: dict, student: str) -> str:
@@ -193,13 +232,17 @@ class Runner:
 
     def _train(self, name: str, overrides: dict, student: str, precompute_only: bool = False) -> None:
         final = os.path.join(self.recipe.training_dir(name), "final")
-        if os.path.exists(os.path.join(final, "config.json")):
-            if not precompute_only:
-                self.echo(f"[run] {name}: {final} exists, skipped")
-            return
         config = self._training_config(name, overrides, student)
-        args = ["train", config] + (["--precompute-only"] if precompute_only else [])
-        self.fastdadpo(args, distributed=True, log_name=f"{'precompute' if precompute_only else 'train'}-{_slug(name)}")
+        train_args = ["train", config]
+        if self.is_complete(f"train-{_slug(name)}", train_args, os.path.join(final, "config.json")):
+            if not precompute_only:
+                self.echo(f"[run] {name}: {final} complete, skipped")
+            return
+        args = train_args + (["--precompute-only"] if precompute_only else [])
+        log_name = f"{'precompute' if precompute_only else 'train'}-{_slug(name)}"
+        if precompute_only and self.is_complete(log_name, args, self.recipe.training_dir(name)):
+            return
+        self.fastdadpo(args, distributed=True, log_name=log_name)
 
     def stage_dsft(self) -> None:
         self._train(*self.recipe.trainings()[0])
@@ -220,17 +263,20 @@ class Runner:
         results_path = r.path("eval.json")
         models = {"student (before)": r.start_student, "after dSFT": r.dsft_final}
         models.update({f"after {name}": os.path.join(r.training_dir(name), "final") for name in r.students})
-        if os.path.exists(results_path) and _newer_than_models(results_path, models.values()):
-            with open(results_path, encoding="utf-8") as handle:
-                if set(json.load(handle).get("models", {})) >= set(models):
-                    self.echo(f"[run] eval: {results_path} complete, skipped")
-                    self._plots()
-                    return
         models_file = r.path("eval-models.json")
-        with open(models_file, "w", encoding="utf-8") as handle:
-            json.dump(models, handle, indent=2)
         args = ["eval", "--teacher", r.teacher, "--students", models_file, "--data", r.eval_prompts,
                 "--out", results_path] + _flags(r.eval)
+        if self.is_complete("eval", args, results_path) and _newer_than_models(results_path, models.values()):
+            try:
+                with open(results_path, encoding="utf-8") as handle:
+                    evaluated = set(json.load(handle).get("models", {}))
+            except (OSError, ValueError, AttributeError):
+                evaluated = set()
+            if evaluated >= set(models):
+                self.echo(f"[run] eval: {results_path} complete, skipped")
+                self._plots()
+                return
+        write_json_atomic(models_file, models)
         self.fastdadpo(args, distributed=False, log_name="eval")
         self._plots()
 
@@ -266,13 +312,6 @@ def _merge(base: dict, extra: dict) -> dict:
         else:
             base[key] = copy.deepcopy(value)
     return base
-
-
-def _jsonl_rows(path: str) -> int:
-    if not path or not os.path.exists(path):
-        return 0
-    with open(path, encoding="utf-8") as handle:
-        return sum(1 for line in handle if line.strip())
 
 
 def add_arguments(parser) -> None:

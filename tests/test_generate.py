@@ -225,3 +225,52 @@ def test_a_foreign_output_file_is_not_continued(capsys, tmp_path, teacher_dir, s
     out = write(tmp_path / "out.jsonl", '{"index": 0}\n')
     expect_user_error(capsys, generate_command(teacher_dir, student_dir, prompts_file, out),
                       f"{out}: the file exists but {out}.settings.json")
+
+
+# --- resuming only what this command wrote, with the same models ---------------------------------------------
+
+def _continued_copy(greedy_output, tmp_path, edit):
+    """A copy of the greedy output (and its settings) whose rows ``edit`` changes."""
+    rows = read_rows(greedy_output)
+    edit(rows)
+    out = tmp_path / "pairs.jsonl"
+    out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "pairs.jsonl.settings.json").write_bytes(
+        (greedy_output.parent / "pairs.jsonl.settings.json").read_bytes())
+    return out
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda rows: rows[2].pop("chosen"), "line 3: 'chosen' must be strings"),
+    (lambda rows: rows[1].update(rejected=7), "line 2: 'rejected' must be strings (a generated response), got int"),
+    (lambda rows: rows[0].update(prompt="something else"), "line 1: its 'prompt' is not prompt 0 of --prompts"),
+    (lambda rows: rows[4].update(index=True), "line 5: 'index' True is not a row"),
+], ids=["no-chosen", "number", "other-prompt", "bool-index"])
+def test_resume_refuses_rows_this_command_did_not_write(capsys, greedy_output, teacher_dir, student_dir,
+                                                        prompts_file, tmp_path, edit, fragment):
+    out = _continued_copy(greedy_output, tmp_path, edit)
+    before = out.read_bytes()
+    expect_user_error(capsys, generate_command(teacher_dir, student_dir, prompts_file, out, "--temperature", "0"),
+                      f"{out} {fragment}")
+    assert out.read_bytes() == before
+
+
+def test_resume_refuses_other_weights_at_the_same_path(capsys, teacher_dir, student_dir, prompts_file, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    student = tmp_path / "student"
+    shutil.copytree(student_dir, student)
+    out = tmp_path / "pairs.jsonl"
+    command = generate_command(teacher_dir, str(student), prompts_file, out, "--temperature", "0",
+                               "--max-new-tokens", "2")
+    assert main(command) == 0
+    capsys.readouterr()
+    finished = out.read_bytes()
+    weights = load_file(str(student / "model.safetensors"))
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1e-3  # a fine-tune, saved over the same directory
+    save_file(weights, str(student / "model.safetensors"), metadata={"format": "pt"})
+    expect_user_error(capsys, command, f"the student's config or weights at {os.path.realpath(student)} changed since")
+    assert out.read_bytes() == finished

@@ -1,5 +1,6 @@
 """The judges: exact, model, http against a fake OpenAI-compatible server, both-order verdicts,
 verdict parsing and configuration errors."""
+import base64
 import json
 import socket
 import threading
@@ -235,3 +236,106 @@ def test_judge_configuration_errors(monkeypatch, tmp_path):
         build_judge("http", _judge_options(model="m"))
     with pytest.raises(ConfigError, match="NO_SUCH_KEY"):
         build_judge("http", _judge_options(url="http://127.0.0.1:9", model="m", api_key_env="NO_SUCH_KEY"))
+
+
+# --- the http judge's transport: redirects, plain http, URLs, secrets, timeouts ----------------------------------
+
+class _ScriptedServer:
+    """An HTTP server on 127.0.0.1 whose every POST is answered by ``respond(handler, body)``."""
+
+    def __init__(self, respond):
+        self.requests = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                server.requests.append({"path": self.path, "headers": dict(self.headers)})
+                respond(self, body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def scripted_server():
+    servers = []
+
+    def start(respond):
+        servers.append(_ScriptedServer(respond))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def _send(handler, status, payload: bytes, headers=()):
+    handler.send_response(status)
+    for name, value in headers:
+        handler.send_header(name, value)
+    handler.send_header("Content-Length", str(len(payload)))
+    handler.end_headers()
+    handler.wfile.write(payload)
+
+
+def test_http_judge_follows_no_redirect_with_the_api_key(scripted_server, chat_server, monkeypatch):
+    elsewhere = chat_server()  # another origin (port): it must never see the request or the key
+    redirecting = scripted_server(lambda handler, body: _send(
+        handler, 307, b"", [("Location", elsewhere.url + "/v1/chat/completions")]))
+    monkeypatch.setenv("JUDGE_KEY", "sk-very-secret")
+    judge = HttpJudge(redirecting.url, "m", api_key_env="JUDGE_KEY", backoff=0.0)
+    with pytest.raises(UserError, match=r"redirect \(HTTP 307\).*not followed") as error:
+        judge.ask(Comparison("q", "a", "b"))
+    assert elsewhere.requests == [] and len(redirecting.requests) == 1
+    assert "sk-very-secret" not in str(error.value) and elsewhere.url in str(error.value)
+
+
+def test_http_judge_plain_http_only_to_this_machine(monkeypatch):
+    with pytest.raises(ConfigError, match="plain http to another machine.*--judge-allow-http"):
+        HttpJudge("http://judge.example.com:8000", "m")
+    for url in ("https://judge.example.com", "http://localhost:8000", "http://127.0.0.2:1", "http://[::1]:8000"):
+        HttpJudge(url, "m")
+    judge = build_judge("http", _judge_options(url="http://judge.example.com:8000", model="m", allow_http=True))
+    assert judge.endpoint == "http://judge.example.com:8000/v1/chat/completions"
+
+
+def test_http_judge_urls_with_query_strings_and_credentials(scripted_server):
+    assert chat_completions_url("https://h/api?version=2") == "https://h/api/v1/chat/completions?version=2"
+    assert chat_completions_url("https://h/v1/?x=1#top") == "https://h/v1/chat/completions?x=1"
+    assert chat_completions_url("HTTPS://h/openai/chat/completions?k=v") == "https://h/openai/chat/completions?k=v"
+    # A server that echoes the credentials it got: they must not reach the message either.
+    echo = scripted_server(lambda handler, body: _send(
+        handler, 401, json.dumps({"error": handler.headers["Authorization"]}).encode()))
+    url = echo.url.replace("http://", "http://alice:s3cr3t-pass@") + "/v1?api-version=7&key=k-123456"
+    judge = HttpJudge(url, "m")
+    assert "s3cr3t" not in json.dumps(judge.describe()) and "k-123456" not in json.dumps(judge.describe())
+    with pytest.raises(UserError, match="HTTP 401") as error:
+        judge.ask(Comparison("q", "a", "b"))
+    (request,) = echo.requests
+    assert request["path"] == "/v1/chat/completions?api-version=7&key=k-123456"
+    token = request["headers"]["Authorization"].removeprefix("Basic ")
+    assert base64.b64decode(token) == b"alice:s3cr3t-pass"
+    for secret in ("s3cr3t-pass", token, "k-123456"):
+        assert secret not in str(error.value)
+
+
+def test_http_judge_timeout_must_be_positive(capsys, tmp_path):
+    for timeout in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="--judge-timeout: must be a positive number"):
+            HttpJudge("http://127.0.0.1:9", "m", timeout=timeout)
+    from fastdadpo.cli import main
+
+    assert main(["eval", "--teacher", str(tmp_path), "--student", str(tmp_path), "--data", str(tmp_path / "x.jsonl"),
+                 "--judge", "http", "--judge-url", "http://127.0.0.1:9", "--judge-model", "m",
+                 "--judge-timeout", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--judge-timeout: must be a positive number of seconds, got -1" in err and "Traceback" not in err

@@ -1,0 +1,377 @@
+"""Hardening against hostile or damaged files: nothing loaded from a checkpoint or cache runs code,
+damaged caches are rebuilt (never trusted, never a traceback), checkpoint writes that fail leave the
+earlier ones intact, old checkpoints rotate, damaged model weights are clear errors, and recipe
+stages are complete only by their completion marker."""
+import io
+import json
+import os
+import pickle
+import resource
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from fastdadpo import checkpoint, data, precompute
+from fastdadpo.cli import main
+
+TIMEOUT = 600
+
+
+def _env(**extra):
+    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
+
+
+def _cli(args, preexec_fn=None):
+    return subprocess.run([sys.executable, "-m", "fastdadpo", *args], capture_output=True, text=True, timeout=TIMEOUT,
+                          env=_env(), preexec_fn=preexec_fn)
+
+
+def _flat(text: str) -> str:
+    """Without whitespace: the CLI wraps its message at 100 columns, inside paths too."""
+    return "".join(text.split())
+
+
+def _assert_clear_error(result, *fragments):
+    """Exit 2, one paragraph (the CLI's message, nothing after it), no traceback, naming ``fragments``."""
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
+    message = result.stderr[result.stderr.index("fastdadpo: error:"):]
+    assert "\n\n" not in message.strip(), message
+    for fragment in fragments:
+        assert _flat(fragment) in _flat(message), message
+
+
+class _Payload:
+    """Unpickling this creates ``path``: what a hostile checkpoint or cache would run."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _payload_pickle(marker) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"module": _Payload(marker)}, buffer)
+    return buffer.getvalue()
+
+
+# --- checkpoints: training runs --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def run_with_checkpoint(tmp_path_factory, student_dir, tokenizer):
+    """An SFT run of 3 steps, a checkpoint after each, the newest 2 kept (ZeRO-3, one rank); its
+    root, config and the step-2 checkpoint."""
+    from fastdadpo.synthetic import make_examples
+
+    root = tmp_path_factory.mktemp("hardening")
+    rows = [{"prompt": r["prompt"], "chosen": r["answer"]} for r in make_examples(8, seed=4, tasks=("repeat",))]
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {
+        "model": {"student": student_dir},
+        "data": {"train": str(root / "train.jsonl"), "max_length": 48, "max_prompt_length": 32,
+                 "cache_dir": str(root / "cache")},
+        "objective": {"name": "sft"},
+        "train": {"micro_batch_size": 2, "grad_accum": 1, "lr": 1e-3, "max_steps": 3, "warmup_ratio": 0.0,
+                  "save_every": 1, "keep_checkpoints": 2, "output_dir": str(root / "run"), "seed": 3},
+        "deepspeed": {"zero_stage": 3},
+    }
+    path = root / "sft.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = _cli(["train", str(path)])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    step = root / "run" / "checkpoints" / "step-2"
+    assert (step / checkpoint.COMPLETE).exists()
+    return root, str(path), step
+
+
+def _resume_copy(run_with_checkpoint, tmp_path, *sets):
+    """Train from a copy of the step-2 checkpoint; returns (result, the copy)."""
+    _, config, step = run_with_checkpoint
+    copy = tmp_path / "step-2"
+    shutil.copytree(step, copy)
+    return lambda: _cli(["train", config, "--set", f"train.output_dir={tmp_path / 'out'}",
+                         "--set", f"train.resume={copy}", "--set", "train.max_steps=3", *sets]), copy
+
+
+def test_pickle_payload_in_a_checkpoint_is_refused(run_with_checkpoint, tmp_path):
+    resume, copy = _resume_copy(run_with_checkpoint, tmp_path)
+    marker = tmp_path / "payload-ran"
+    target = next((copy / checkpoint.TAG).glob("*model_states.pt"))
+    target.write_bytes(_payload_pickle(marker))
+    result = resume()
+    _assert_clear_error(result, str(target), "refused to load", "(it names")
+    assert not marker.exists()
+    assert not (tmp_path / "out" / "final").exists()
+
+
+def _damaged_copy(run_with_checkpoint, tmp_path):
+    copy = tmp_path / "step-2"
+    shutil.copytree(run_with_checkpoint[2], copy)
+    checkpoint.check_loadable(str(copy), rank=0)  # the intact copy passes
+    return copy
+
+
+def test_truncated_checkpoint_tensors_are_refused(run_with_checkpoint, tmp_path):
+    """What ``train`` checks on every rank before DeepSpeed reads anything (its CLI path is the
+    payload test's)."""
+    copy = _damaged_copy(run_with_checkpoint, tmp_path)
+    target = next((copy / checkpoint.TAG).glob("*optim_states.safetensors"))
+    target.write_bytes(target.read_bytes()[:100])
+    with pytest.raises(checkpoint.UnsafeState, match="truncated or corrupt") as error:
+        checkpoint.check_loadable(str(copy), rank=0)
+    assert str(target) in str(error.value)
+
+
+def test_truncated_checkpoint_structure_is_refused(run_with_checkpoint, tmp_path):
+    copy = _damaged_copy(run_with_checkpoint, tmp_path)
+    target = next((copy / checkpoint.TAG).glob("*optim_states.pt"))
+    target.write_bytes(target.read_bytes()[:200])
+    with pytest.raises(checkpoint.UnsafeState, match="truncated or corrupt") as error:
+        checkpoint.check_loadable(str(copy), rank=0)
+    assert str(target) in str(error.value)
+
+
+def test_pickled_rng_state_of_an_earlier_version_is_refused(run_with_checkpoint, tmp_path):
+    copy = _damaged_copy(run_with_checkpoint, tmp_path)
+    os.remove(copy / "rng-rank0.safetensors")
+    marker = tmp_path / "payload-ran"
+    (copy / "rng-rank0.pt").write_bytes(_payload_pickle(marker))
+    with pytest.raises(checkpoint.UnsafeState, match="refused"):
+        checkpoint.check_loadable(str(copy), rank=0)
+    assert not marker.exists()
+
+
+def test_full_disk_while_saving_keeps_the_earlier_checkpoints(run_with_checkpoint, tmp_path):
+    """A file-size limit makes every write past 64 KiB fail (EFBIG, as ENOSPC would): the save of
+    step 4 fails, its partial directory is removed, steps 2 and 3 stay complete, step 3 is named."""
+    root, config, step = run_with_checkpoint
+    out = tmp_path / "out"
+    shutil.copytree(step.parent, out / "checkpoints")
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+    result = _cli(["train", config, "--set", f"train.output_dir={out}", "--set", "train.resume=true",
+                   "--set", "train.max_steps=5"], preexec_fn=limit_file_size)
+    _assert_clear_error(result, f"cannot write the checkpoint {out / 'checkpoints' / 'step-4'}", "File too large",
+                        f"the last good checkpoint is {out / 'checkpoints' / 'step-3'}")
+    assert sorted(os.listdir(out / "checkpoints")) == ["step-2", "step-3"]
+    assert sorted(os.listdir(out / "checkpoints" / "step-3")) == sorted(os.listdir(step))
+    checkpoint.check_loadable(str(out / "checkpoints" / "step-3"), rank=0)
+    assert not (out / "final").exists()
+
+
+def test_keep_checkpoints_rotates_complete_ones(run_with_checkpoint):
+    """The fixture's run saved steps 1, 2, 3 with train.keep_checkpoints=2."""
+    checkpoints = run_with_checkpoint[0] / "run" / "checkpoints"
+    assert sorted(os.listdir(checkpoints)) == ["step-2", "step-3"]
+    assert all((checkpoints / name / checkpoint.COMPLETE).exists() for name in ("step-2", "step-3"))
+
+
+# --- checkpoints: the format and rotation in-process ------------------------------------------------------------
+
+def test_state_files_round_trip_without_pickle(tmp_path):
+    from collections import OrderedDict
+
+    shared = torch.arange(6.0)
+    state = {"module": OrderedDict(a=shared, b=shared, c=shared[2:4], empty=torch.empty(0)),
+             "optimizer": {"state": {0: {"exp_avg": torch.ones(3, dtype=torch.bfloat16), "step": 7}},
+                           "param_groups": [{"lr": 1e-3, "params": [0]}]},
+             "lr_scheduler": {"base_lrs": [1e-3], "lr_lambdas": [None]}, "shape": torch.Size([2, 3]), "t": (1, "x")}
+    path = str(tmp_path / "state.pt")
+    checkpoint.save_state(state, path)
+    torch.load(path, weights_only=True)  # the structure alone: plain containers
+    loaded = checkpoint.load_state(path)
+    assert isinstance(loaded["module"], OrderedDict) and list(loaded["module"]) == ["a", "b", "c", "empty"]
+    assert torch.equal(loaded["module"]["a"], shared) and loaded["module"]["a"] is loaded["module"]["b"]
+    assert torch.equal(loaded["module"]["c"], shared[2:4]) and loaded["module"]["empty"].shape == (0,)
+    assert loaded["optimizer"]["state"][0]["exp_avg"].dtype == torch.bfloat16
+    assert loaded["optimizer"]["state"][0]["step"] == 7 and loaded["shape"] == torch.Size([2, 3])
+    assert loaded["lr_scheduler"] == state["lr_scheduler"] and loaded["t"] == (1, "x")
+
+
+def test_rng_state_round_trips(tmp_path):
+    import random
+
+    path = str(tmp_path / "rng.safetensors")
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.gauss(0, 1), np.random.standard_normal()  # cached Gaussians are part of the state
+    checkpoint.save_rng_state(path)
+    expected = (random.random(), random.gauss(0, 1), np.random.standard_normal(), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    checkpoint.load_rng_state(path)
+    actual = (random.random(), random.gauss(0, 1), np.random.standard_normal(), torch.rand(3))
+    assert actual[:3] == expected[:3] and torch.equal(actual[3], expected[3])
+
+
+def _fake_checkpoint(root, step, complete=True):
+    path = root / "checkpoints" / (f"step-{step}" if complete else f".step-{step}.partial")
+    path.mkdir(parents=True)
+    if complete:
+        (path / checkpoint.COMPLETE).write_text(json.dumps({"step": step, "world_size": 1}))
+    return path
+
+
+def test_rotate_keeps_the_newest_complete_checkpoints(tmp_path):
+    for step in (1, 2, 3, 4):
+        _fake_checkpoint(tmp_path, step)
+    incomplete = tmp_path / "checkpoints" / "step-5"  # no complete.json: never counted, never deleted
+    incomplete.mkdir()
+    _fake_checkpoint(tmp_path, 2, complete=False)  # a dead leftover of an interrupted save
+    _fake_checkpoint(tmp_path, 6, complete=False)  # newer than every complete one: may still finish
+    assert checkpoint.rotate(str(tmp_path), 2, is_main=False) == []
+    removed = checkpoint.rotate(str(tmp_path), 2, is_main=True)
+    assert len(removed) == 3
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == [".step-6.partial", "step-3", "step-4", "step-5"]
+    assert checkpoint.latest(str(tmp_path)).endswith("step-4")
+    checkpoint.rotate(str(tmp_path), 0, is_main=True)  # 0 keeps all
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == [".step-6.partial", "step-3", "step-4", "step-5"]
+
+
+# --- caches ------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def examples(tmp_path):
+    rows = [{"prompt": f"repeat {w}", "chosen": w, "rejected": "no"} for w in ("red cat", "blue sky", "green tree")]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data.load_examples(str(path))
+
+
+def _tokenize(examples, tokenizer, cache_dir):
+    return data.tokenize_examples(examples, tokenizer, max_length=32, max_prompt_length=16, cache_dir=str(cache_dir))
+
+
+def _cache_file(cache_dir):
+    (name,) = [n for n in os.listdir(cache_dir) if n.endswith(".npz")]
+    return cache_dir / name
+
+
+def test_truncated_tokenization_cache_is_rebuilt(examples, tokenizer, tmp_path, capsys):
+    expected, _ = _tokenize(examples, tokenizer, tmp_path)
+    entry = _cache_file(tmp_path)
+    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
+    again, _ = _tokenize(examples, tokenizer, tmp_path)
+    assert again == expected
+    err = capsys.readouterr().err
+    assert err.count("tokenizing again") == 1 and "unreadable" in err and "Traceback" not in err
+    assert _tokenize(examples, tokenizer, tmp_path)[0] == expected and capsys.readouterr().err == ""
+
+
+def test_tampered_tokenization_cache_is_rebuilt(examples, tokenizer, tmp_path, capsys):
+    expected, _ = _tokenize(examples, tokenizer, tmp_path)
+    entry = _cache_file(tmp_path)
+    with np.load(entry) as stored:
+        arrays = dict(stored)
+    arrays["chosen_flat"] = arrays["chosen_flat"] + 1  # other token ids, the digest left as it was
+    np.savez(entry, **arrays)
+    again, _ = _tokenize(examples, tokenizer, tmp_path)
+    assert again == expected
+    assert "do not match their digest" in capsys.readouterr().err
+
+
+def test_pickle_payload_in_a_tokenization_cache_never_runs(examples, tokenizer, tmp_path, capsys):
+    expected, _ = _tokenize(examples, tokenizer, tmp_path)
+    entry = _cache_file(tmp_path)
+    marker = tmp_path / "payload-ran"
+    payload = np.empty(1, dtype=object)
+    payload[0] = _Payload(marker)
+    with np.load(entry) as stored:
+        arrays = dict(stored)
+    arrays["index"] = payload
+    with open(entry, "wb") as handle:
+        np.savez(handle, **arrays)
+    assert _tokenize(examples, tokenizer, tmp_path)[0] == expected
+    assert not marker.exists() and "tokenizing again" in capsys.readouterr().err
+
+
+def _cached(cache_dir, compute, messages):
+    return precompute.cached(str(cache_dir), {"kind": "test", "model": "m"}, compute, True, lambda value: value,
+                             log=messages.append)
+
+
+def test_damaged_log_prob_cache_is_rebuilt(tmp_path):
+    table = torch.arange(8.0).reshape(4, 2)
+    calls, messages = [], []
+
+    def compute():
+        calls.append(1)
+        return table.clone()
+
+    assert torch.equal(_cached(tmp_path, compute, messages), table) and len(calls) == 1
+    assert torch.equal(_cached(tmp_path, compute, messages), table) and len(calls) == 1 and not messages
+    (entry,) = (tmp_path / "logps").iterdir()
+    content = entry.read_bytes()
+    entry.write_bytes(content[:-8] + np.float32(99.0).tobytes() + content[-4:])  # one value changed
+    assert torch.equal(_cached(tmp_path, compute, messages), table) and len(calls) == 2
+    assert len(messages) == 1 and "do not match their digest" in messages[0]
+    entry.write_bytes(content[: len(content) // 2])  # truncated
+    assert torch.equal(_cached(tmp_path, compute, messages), table) and len(calls) == 3
+    assert len(messages) == 2 and "unreadable" in messages[1]
+    marker = tmp_path / "payload-ran"
+    entry.write_bytes(_payload_pickle(marker))  # a pickle where the entry should be
+    assert torch.equal(_cached(tmp_path, compute, messages), table) and len(calls) == 4
+    assert not marker.exists() and len(messages) == 3
+
+
+# --- damaged model weights ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def truncated_student(student_dir, tmp_path):
+    broken = tmp_path / "broken-student"
+    shutil.copytree(student_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return str(broken)
+
+
+def test_truncated_weights_in_train_are_a_clear_error(run_with_checkpoint, truncated_student, tmp_path):
+    _, config, _ = run_with_checkpoint
+    result = _cli(["train", config, "--set", f"model.student={truncated_student}",
+                   "--set", f"train.output_dir={tmp_path / 'out'}"])
+    _assert_clear_error(result, "model.student", truncated_student, "truncated or corrupt")
+
+
+def test_truncated_weights_in_generate_are_a_clear_error(teacher_dir, truncated_student, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "repeat red"}) + "\n")
+    result = _cli(["generate", "--teacher", teacher_dir, "--student", truncated_student, "--prompts", str(prompts),
+                   "--out", str(tmp_path / "pairs.jsonl"), "--max-new-tokens", "2"])
+    _assert_clear_error(result, "--student", truncated_student, "truncated or corrupt")
+
+
+def test_truncated_weights_in_prune_are_a_clear_error(truncated_student, tmp_path, capsys):
+    assert main(["prune", "--model", truncated_student, "--out", str(tmp_path / "pruned"), "--ratio", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and _flat(f"--model: the weights in '{truncated_student}'") in _flat(err)
+    assert not (tmp_path / "pruned").exists()
+
+
+# --- recipe stages ------------------------------------------------------------------------------------------------
+
+def test_a_pruned_directory_without_its_marker_is_pruned_again(student_dir, tmp_path):
+    """A pruned directory holding only config.json (a killed prune) is not taken as done."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"repeat {w}", "answer": w}) + "\n"
+                               for w in ("red", "blue", "green", "stone")))
+    recipe = {"output_dir": str(tmp_path / "out"), "teacher": student_dir, "student": student_dir,
+              "prompts": str(prompts), "prune": {"ratio": 0.25, "calibration_samples": 4, "calibration_length": 16}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    pruned = tmp_path / "out" / "student-pruned"
+    pruned.mkdir(parents=True)
+    shutil.copy(os.path.join(student_dir, "config.json"), pruned / "config.json")
+    result = _cli(["run", str(path), "--stages", "prune"])
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "not a finished prune" in result.stdout and "skipped" not in result.stdout
+    assert (pruned / "model.safetensors").exists() and (pruned / "pruning_report.json").exists()
+    assert (tmp_path / "out" / "stages" / "prune.json").exists()
+    again = _cli(["run", str(path), "--stages", "prune"])
+    assert again.returncode == 0 and "prune: " in again.stdout and "complete, skipped" in again.stdout
