@@ -101,6 +101,17 @@ class Architecture:
         (or LM head, V·H) or the widest projection (an MLP matrix H·I, or q_proj H·q_dim)."""
         return max(self.embedding_params, self.hidden * self.intermediate, self.hidden * self.q_dim)
 
+    def linear_shapes(self) -> Dict[str, Tuple[int, int]]:
+        """(in, out) features of each decoder projection, by the module names LoRA targets."""
+        h, i = self.hidden, self.intermediate
+        return {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
+                "o_proj": (self.q_dim, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def lora_params(self, rank: int, targets: Tuple[str, ...]) -> int:
+        """LoRA adapters: A [r, in] and B [out, r] per targeted projection per layer, r·(in + out)."""
+        shapes = self.linear_shapes()
+        return self.layers * sum(rank * sum(shapes[t]) for t in targets if t in shapes)
+
     def describe(self) -> str:
         kv = f" ({self.kv_heads} KV)" if self.kv_heads != self.heads else ""
         return (f"{self.params / 1e9:.2f}B parameters, hidden {self.hidden}, {self.layers} layers, {self.heads} heads"
@@ -206,6 +217,9 @@ class Setting:
     max_live: int = DS_MAX_LIVE
     persistence_threshold: int = DS_PERSISTENCE
     chunk_budget_mb: float = GPU_CHUNK_BUDGET_MB
+    lora_rank: int = 0  # model.lora.r; 0: every parameter is trained
+    lora_targets: Tuple[str, ...] = ()
+    lora_dropout: float = 0.0
 
     @property
     def tokens(self) -> int:
@@ -219,11 +233,23 @@ class Setting:
 
 # --- the terms: one function each, bytes per rank -----------------------------------------------------------------
 # P: parameters, W: ranks, b: the model dtype's bytes (2 bf16/fp16, 4 fp32), V/H: vocabulary and hidden size.
+# With model.lora the weights are the frozen base plus the adapters, and everything the optimizer holds
+# (gradients, master weights, moments) covers the adapters only: ``trained_params``.
+
+def stored_params(arch: Architecture, s: Setting) -> int:
+    """Parameters held as weights: the model's, plus LoRA's adapters when there are some."""
+    return arch.params + (arch.lora_params(s.lora_rank, s.lora_targets) if s.lora_rank else 0)
+
+
+def trained_params(arch: Architecture, s: Setting) -> int:
+    """Parameters the optimizer updates: all of them, or LoRA's adapters only."""
+    return arch.lora_params(s.lora_rank, s.lora_targets) if s.lora_rank else arch.params
+
 
 def student_params_bytes(arch: Architecture, s: Setting) -> int:
     """The student's weights in the model dtype: P·b on every rank below stage 3; stage 3 keeps a
     1/W shard (P·b/W), and none on the GPU with offload_param (the shard lives in host memory)."""
-    total = arch.params * s.dtype_bytes
+    total = stored_params(arch, s) * s.dtype_bytes
     if s.zero_stage < 3:
         return total
     if s.offload_param and s.on_gpu:
@@ -235,7 +261,7 @@ def student_grads_bytes(arch: Architecture, s: Setting) -> int:
     """The gradients in the model dtype, before the optimizer step. Stages 0-1: every rank holds the
     full P·b (stage 1 partitions the optimizer only). Stage 2: the rank's reduced partition P·b/W.
     Stage 3: its flat partition buffer P·b/W (host memory with offload_optimizer)."""
-    total = arch.params * s.dtype_bytes
+    total = trained_params(arch, s) * s.dtype_bytes
     if s.zero_stage <= 1:
         return total
     if s.zero_stage == 3 and s.offload_optimizer and s.on_gpu:
@@ -246,11 +272,21 @@ def student_grads_bytes(arch: Architecture, s: Setting) -> int:
 def student_reduce_bucket_bytes(arch: Architecture, s: Setting) -> int:
     """Stages 2-3 copy gradients into a contiguous reduce bucket of reduce_bucket_size elements in
     the model dtype (allocated whole on a GPU; on a CPU only the pages written count, at most the
-    P elements of the model)."""
+    P elements of the model). Stage 3's reduce-scatter concatenates the bucket's padded partitions
+    into one more flat tensor of the same size while it reduces: twice the bucket."""
     if s.zero_stage < 2:
         return 0
-    elements = s.reduce_bucket if s.on_gpu else min(s.reduce_bucket, arch.params)
-    return elements * s.dtype_bytes
+    elements = s.reduce_bucket if s.on_gpu else min(s.reduce_bucket, trained_params(arch, s))
+    return elements * s.dtype_bytes * (2 if s.zero_stage == 3 else 1)
+
+
+def student_allreduce_bytes(arch: Architecture, s: Setting) -> int:
+    """Stage 0 all-reduces the gradients after backward through flattened copies of up to 5e8
+    elements (DeepSpeed's buffered all-reduce): min(5e8, P)·b alive with every gradient, before the
+    step."""
+    if s.zero_stage != 0:
+        return 0
+    return min(500_000_000, trained_params(arch, s)) * s.dtype_bytes
 
 
 def student_master_bytes(arch: Architecture, s: Setting) -> int:
@@ -260,8 +296,8 @@ def student_master_bytes(arch: Architecture, s: Setting) -> int:
     if s.offload_optimizer and s.on_gpu:
         return 0
     if s.zero_stage == 0:
-        return 4 * arch.params if s.dtype_bytes < 4 else 0
-    return _ceil_div(4 * arch.params, s.ranks)
+        return 4 * trained_params(arch, s) if s.dtype_bytes < 4 else 0
+    return _ceil_div(4 * trained_params(arch, s), s.ranks)
 
 
 def student_moments_bytes(arch: Architecture, s: Setting) -> int:
@@ -269,7 +305,8 @@ def student_moments_bytes(arch: Architecture, s: Setting) -> int:
     partition at stages 1-3 (8P/W), whole at stage 0 (8P); host memory with offload_optimizer."""
     if s.offload_optimizer and s.on_gpu:
         return 0
-    return 8 * arch.params if s.zero_stage == 0 else _ceil_div(8 * arch.params, s.ranks)
+    trained = trained_params(arch, s)
+    return 8 * trained if s.zero_stage == 0 else _ceil_div(8 * trained, s.ranks)
 
 
 def student_step_fp32_grads_bytes(arch: Architecture, s: Setting) -> int:
@@ -279,8 +316,8 @@ def student_step_fp32_grads_bytes(arch: Architecture, s: Setting) -> int:
     if s.offload_optimizer and s.on_gpu:
         return 0
     if s.zero_stage == 0:
-        return 4 * arch.params if s.dtype_bytes < 4 else 0
-    return _ceil_div(4 * arch.params, s.ranks)
+        return 4 * trained_params(arch, s) if s.dtype_bytes < 4 else 0
+    return _ceil_div(4 * trained_params(arch, s), s.ranks)
 
 
 def student_optimizer_temp_bytes(arch: Architecture, s: Setting) -> int:
@@ -289,7 +326,11 @@ def student_optimizer_temp_bytes(arch: Architecture, s: Setting) -> int:
     one: the flat fp32 partition at stages 1-3 (P/W), the largest parameter at stage 0 (V·H)."""
     if s.on_gpu and not s.offload_optimizer:
         return 0
-    largest = _ceil_div(arch.params, s.ranks) if s.zero_stage else arch.largest_module_params
+    if s.zero_stage:
+        largest = _ceil_div(trained_params(arch, s), s.ranks)
+    else:
+        largest = max(s.lora_rank * max(map(sum, arch.linear_shapes().values())), 1) if s.lora_rank \
+            else arch.largest_module_params
     return 4 * largest
 
 
@@ -318,7 +359,18 @@ def layer_activation_bytes_per_token(arch: Architecture, s: Setting) -> int:
     b, h = s.dtype_bytes, arch.hidden
     norms = 0 if s.liger else 2 * 8 * h
     mlp = (3 if s.liger else 4) * arch.intermediate
-    return norms + (2 * h + 4 * arch.q_dim + mlp + s.max_length) * b + (arch.heads + 2) * 4
+    return norms + (2 * h + 4 * arch.q_dim + mlp + s.max_length) * b + (arch.heads + 2) * 4 + lora_activation_bytes(arch, s)
+
+
+def lora_activation_bytes(arch: Architecture, s: Setting) -> int:
+    """Per token and layer, what LoRA adds: each adapted projection keeps its A-projection's output
+    (r·b) and, with dropout, the dropped-out copy of its input (in·b) and dropout's mask (in bytes)."""
+    if not s.lora_rank:
+        return 0
+    shapes = arch.linear_shapes()
+    targets = [t for t in s.lora_targets if t in shapes]
+    dropped = sum(shapes[t][0] for t in targets) * (s.dtype_bytes + 1) if s.lora_dropout > 0 else 0
+    return len(targets) * s.lora_rank * s.dtype_bytes + dropped
 
 
 def student_activation_bytes(arch: Architecture, s: Setting, checkpointing: Optional[bool] = None) -> int:
@@ -495,6 +547,7 @@ def build_plan(models: Models, objective, s: Setting) -> Plan:
         Term("student parameters", student_params_bytes(st, s)),
         Term("student gradients", student_grads_bytes(st, s)),
         Term("student reduce bucket", student_reduce_bucket_bytes(st, s)),
+        Term("student stage-0 all-reduce copy", student_allreduce_bytes(st, s)),
         Term("student fp32 master weights", student_master_bytes(st, s)),
         Term("student AdamW moments", student_moments_bytes(st, s)),
         Term("student fp32 gradients at the step", student_step_fp32_grads_bytes(st, s)),
@@ -546,6 +599,8 @@ def build_plan(models: Models, objective, s: Setting) -> Plan:
         terms.append(Term("kernel buffers (precompute)", kernel_workspace_bytes(KernelSweep(s.tokens), st, s, st.vocab)))
 
     phases = {
+        "gradient all-reduce": _unique(persistent + ["student gradients", "student stage-0 all-reduce copy"]
+                                       + teacher_terms),
         "student forward/backward": persistent + accumulated + teacher_terms + teacher_hidden + [
             "student ZeRO-3 gathered", "student activations", "student backward workspace",
             "kernel row-chunk buffers", "kernel dW [V, H] and dh accumulators"],
@@ -598,6 +653,9 @@ def setting_from_config(config, *, ranks: int, device: str, micro_batch: Optiona
         persistence_threshold=int(zero.get("stage3_param_persistence_threshold",
                                            zero.get("param_persistence_threshold", DS_PERSISTENCE))),
         chunk_budget_mb=float(os.environ.get("FASTDADPO_CHUNK_BUDGET_MB") or GPU_CHUNK_BUDGET_MB))
+    lora = getattr(config.model, "lora", None)
+    if lora is not None:
+        values.update(lora_rank=int(lora.r), lora_targets=tuple(lora.target_modules), lora_dropout=float(lora.dropout))
     values.update(changes)
     return Setting(**values)
 
