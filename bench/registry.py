@@ -269,11 +269,12 @@ class Implementation:
     ours: bool = False
     compiles: bool = False  # the first call compiles (torch.compile): warm up before measuring
     module: Optional[str] = None  # a package it needs
+    backend: Optional[str] = None  # ours: a kernel backend pinned (None: the device's default)
 
     def detail(self, device: torch.device) -> str:
         """What exactly runs, for the results."""
         if self.name.startswith("fastdadpo"):
-            return f"fastdadpo.kernels, {fastdadpo_backend(device)} backend"
+            return f"fastdadpo.kernels, {self.backend or fastdadpo_backend(device)} backend"
         if self.name == "cce":
             # CCE's own default and published setting: its backward skips gradient entries below a
             # threshold (an approximation fastdadpo does not make); stated so the row is read as such.
@@ -283,8 +284,9 @@ class Implementation:
 
 
 def fastdadpo_backend(device: torch.device) -> str:
-    # Pinned, so that FASTDADPO_KERNEL_BACKEND in the environment cannot turn "ours" into the reference.
-    return "triton" if device.type == "cuda" else "torch"
+    # Pinned, so that FASTDADPO_KERNEL_BACKEND in the environment cannot turn "ours" into the reference:
+    # the default of fastdadpo.kernels on each device.
+    return "chunked" if device.type == "cuda" else "torch"
 
 
 def cce_impl(device: torch.device) -> str:
@@ -293,9 +295,14 @@ def cce_impl(device: torch.device) -> str:
     return "cce" if device.type == "cuda" else "torch_compile"
 
 
-def _build_fastdadpo(hint: bool):
+def _build_fastdadpo(hint: bool, pinned: Optional[str] = None):
     def build(case: Case, t: Inputs, device: torch.device) -> LossFn:
-        backend = fastdadpo_backend(device)
+        if pinned is not None and device.type != "cuda":
+            import pytest
+
+            # The Triton backends run on CPU only under the interpreter: far too slow to benchmark.
+            pytest.skip(f"the {pinned} backend is benchmarked on CUDA only")
+        backend = pinned or fastdadpo_backend(device)
         return lambda: case_loss(case, *fused_per_token(case, t, backend, hint))
 
     return build
@@ -347,6 +354,11 @@ IMPLEMENTATIONS: Dict[str, Implementation] = {i.name: i for i in (
     Implementation("fastdadpo", "fastdadpo (grad_weights hint)", _ALL, _build_fastdadpo(hint=True), ours=True),
     Implementation("fastdadpo-no-hint", "fastdadpo (no hint: recompute in backward)", _ALL - {"dpo"},
                    _build_fastdadpo(hint=False), ours=True),
+    # Both CUDA designs side by side (GPU sizes only): the chunked default and the tile-fused kernels.
+    Implementation("fastdadpo-chunked", "ours (chunked)", _ALL, _build_fastdadpo(hint=True, pinned="chunked"),
+                   ours=True, backend="chunked"),
+    Implementation("fastdadpo-tile-fused", "ours (tile-fused)", _ALL, _build_fastdadpo(hint=True, pinned="triton"),
+                   ours=True, backend="triton"),
     Implementation("naive", "naive torch (materialized logits)", _ALL, _build_naive),
     Implementation("naive-compiled", "torch.compile(naive)", _ALL, _build_naive_compiled, compiles=True),
     Implementation("liger", "Liger-Kernel chunked loss", frozenset({"divergence", "kd", "dpo"}), _build_liger,

@@ -8,7 +8,9 @@ produce the gradients in the same pass when the caller says how the outputs will
 sweep again with the incoming gradient as ``row_grads``.
 
 Every buffer below is written in place where the math allows: on CPU each extra pass over an
-R x V buffer costs about as much as a quarter of a matmul.
+R x V buffer costs about as much as a quarter of a matmul. The workspace and the gradient GEMMs are
+shared with the CUDA chunked backend (``row_chunks``); the row-wise math here is torch's own, the
+ground truth beside that backend's Triton row kernel.
 """
 from __future__ import annotations
 

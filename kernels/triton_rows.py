@@ -198,9 +198,22 @@ def row_sweep_kernel(
             tl.store(grad_rows + offs, grad.to(grad_ptr.dtype.element_ty), mask=store_ok)
 
 
-# --- what the dispatch can launch (for the ahead-of-time compile report) --------------------------------
+# --- launches: built by one function for the dispatch and for the compile report ------------------------
 
-_TRITON_DTYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+def launch(logits, teacher, ref, grad, targets, g_div, g_lp, div, logp, lse_lp, n_rows: int, n_student: int,
+           n_div: int, scalars: dict, *, kind: str, with_logps: bool, with_grad: bool, lse_given: bool,
+           interpreted: bool = False):
+    """(positional arguments, constexprs, launch options) of one ``row_sweep_kernel`` launch over
+    a chunk: [rows, C] logit buffers (``teacher``/``ref`` stand in with ``logits`` when absent),
+    the gradient view written over the logits, and per-row vectors of the chunk's rows."""
+    args = (logits, logits.stride(0), teacher, teacher.stride(0), ref, ref.stride(0), grad, grad.stride(0),
+            targets, g_div, g_lp, div, logp, lse_lp, n_rows, n_student, n_div, scalars["inv_temp"],
+            scalars["inv_lp_temp"], scalars["beta"], scalars["log_beta"], scalars["log_one_minus_beta"])
+    constexprs = dict(KIND=KIND_CODES[kind], WITH_LOGPS=with_logps, WITH_GRAD=with_grad, LSE_GIVEN=lse_given,
+                      BLOCK_R=INTERPRETER_BLOCK_R if interpreted else BLOCK_R,
+                      BLOCK_V=INTERPRETER_BLOCK_V if interpreted else BLOCK_V)
+    options = {} if interpreted else dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    return args, constexprs, options
 
 
 def specialization_flags():
@@ -216,31 +229,59 @@ def specialization_flags():
     return flags
 
 
+# A representative chunk for the report: Liger's vocabulary (128,256, a multiple of 16 like every
+# real head, which Triton specializes on) and a ragged row count.
+_REPORT_ROWS, _REPORT_VOCAB = 885, 128256
+
+
 def launch_specializations():
     """One dict per kernel specialization the chunked backend can launch on CUDA: ``name``, ``fn``
     (the @triton.jit function), ``signature`` (argument → type string, as
-    ``triton.compiler.ASTSource`` takes it), ``constexprs``, ``num_warps``, ``num_stages``.
+    ``triton.compiler.ASTSource`` takes it), ``constexprs``, ``num_warps``, ``num_stages`` and,
+    where Triton's binder is available, ``attrs`` (the divisibility it specializes on).
 
-    The logits are always float32 (cuBLAS accumulates and writes them in fp32); the dtype is the
-    inputs' and is the gradient's, written over the logits.
+    Built by ``launch`` on meta tensors, as the dispatch builds its launches. The logits are float32
+    (cuBLAS writes them in fp32); the dtype named is the inputs', the gradient's, written over them.
     """
+    import torch
+
+    try:
+        from .tl_utils import jit_specialization
+    except ImportError:  # an older tile-fused module: types without divisibility attributes
+        jit_specialization = None
+    if not hasattr(row_sweep_kernel, "params"):  # imported under TRITON_INTERPRET=1: no JIT binder
+        jit_specialization = None
+    rows, vocab = _REPORT_ROWS, _REPORT_VOCAB
+    meta = dict(device="meta")
     specs = []
-    for dtype, grad_type in _TRITON_DTYPES.items():
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
         for kind, with_logps, with_grad, lse_given in specialization_flags():
-            signature = {
-                "s_ptr": "*fp32", "s_stride": "i64", "t_ptr": "*fp32", "t_stride": "i64",
-                "r_ptr": "*fp32", "r_stride": "i64", "grad_ptr": grad_type, "grad_stride": "i64",
-                "targets_ptr": "*i64", "g_div_ptr": "*fp32", "g_lp_ptr": "*fp32", "div_ptr": "*fp32",
-                "logp_ptr": "*fp32", "lse_lp_ptr": "*fp32", "n_rows": "i32", "n_student": "i32", "n_div": "i32",
-                "inv_temp": "fp32", "inv_lp_temp": "fp32", "beta": "fp32", "log_beta": "fp32",
-                "log_one_minus_beta": "fp32",
-            }
-            constexprs = dict(KIND=KIND_CODES[kind], WITH_LOGPS=with_logps, WITH_GRAD=with_grad,
-                              LSE_GIVEN=lse_given, BLOCK_R=BLOCK_R, BLOCK_V=BLOCK_V)
-            for name, value in constexprs.items():
-                signature[name] = "constexpr"
-            tags = [kind] + (["targets"] if with_logps else []) + (["grad"] if with_grad else []) + \
-                (["lse_given"] if lse_given else []) + [dtype]
-            specs.append(dict(name="row_sweep[" + ",".join(tags) + "]", fn=row_sweep_kernel, signature=signature,
-                              constexprs=constexprs, num_warps=NUM_WARPS, num_stages=NUM_STAGES))
+            logits = torch.empty(rows, vocab, dtype=torch.float32, **meta)
+            # The gradient over the logits: same buffer (fp32) or a strided half-width view of it.
+            grad = logits if dtype == torch.float32 else torch.empty(rows, 2 * vocab, dtype=dtype, **meta)[:, :vocab]
+            vector = torch.empty(rows, dtype=torch.float32, **meta)
+            targets = torch.empty(rows, dtype=torch.int64, **meta)
+            scalars = dict(inv_temp=1.0 / 1.7, inv_lp_temp=1.0, beta=0.5, log_beta=-0.69, log_one_minus_beta=-0.69)
+            args, constexprs, options = launch(
+                logits, logits, logits, grad, targets, vector, vector, vector, vector, vector, rows, vocab, vocab,
+                scalars, kind=kind, with_logps=with_logps, with_grad=with_grad, lse_given=lse_given)
+            tags = [kind] + (["targets"] if with_logps and kind != "none" else []) + \
+                (["grad"] if with_grad else []) + (["lse_given"] if lse_given else []) + [dtype_name]
+            name = "row_sweep[" + ",".join(tags) + "]"
+            if jit_specialization is not None:
+                specs.append(jit_specialization(name, row_sweep_kernel, args, constexprs, **options))
+                continue
+            signature = {arg: _type_string(value) for arg, value in zip(row_sweep_kernel.arg_names, args)}
+            signature.update({key: "constexpr" for key in constexprs})
+            specs.append(dict(name=name, fn=row_sweep_kernel, signature=signature, constexprs=constexprs, **options))
     return specs
+
+
+def _type_string(value) -> str:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return "*" + {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+                      torch.int64: "i64"}[value.dtype]
+    return "fp32" if isinstance(value, float) else "i32"
