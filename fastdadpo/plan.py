@@ -599,14 +599,15 @@ def build_plan(models: Models, objective, s: Setting) -> Plan:
         terms.append(Term("kernel buffers (precompute)", kernel_workspace_bytes(KernelSweep(s.tokens), st, s, st.vocab)))
 
     phases = {
-        "gradient all-reduce": _unique(persistent + ["student gradients", "student stage-0 all-reduce copy"]
-                                       + teacher_terms),
         "student forward/backward": persistent + accumulated + teacher_terms + teacher_hidden + [
             "student ZeRO-3 gathered", "student activations", "student backward workspace",
             "kernel row-chunk buffers", "kernel dW [V, H] and dh accumulators"],
         "optimizer step": _unique(persistent + ["student gradients", "student fp32 gradients at the step",
                                                 "AdamW temporary"] + teacher_terms),
     }
+    if s.zero_stage == 0:  # after backward, before the step: every gradient and its flattened copy
+        phases["gradient all-reduce"] = persistent + ["student gradients", "student stage-0 all-reduce copy"] + \
+            teacher_terms
     if models.teachers:
         phases["teacher forward"] = persistent + accumulated + teacher_terms + teacher_forward
     if models.precomputed:
@@ -822,8 +823,13 @@ def headline(report: Report) -> str:
     other = "with" if not s.checkpointing else "without"
     verdict = "fits" if report.fits else "does NOT fit"
     return (f"plan: peak {_gib(report.plan.peak_bytes)} per {where} at micro-batch {s.micro_batch} "
-            f"({report.plan.peak_phase}, {ck} activation checkpointing), {verdict} in {report.memory_bytes / GIB:g} GiB; "
-            f"largest micro-batch {report.largest} ({report.largest_other_checkpointing} {other} checkpointing)")
+            f"({report.plan.peak_phase}, {ck} activation checkpointing), {verdict} in {report.memory_bytes / GIB:.1f} "
+            f"GiB; largest micro-batch {_capped(report.largest)} ({_capped(report.largest_other_checkpointing)} {other} "
+            f"checkpointing)")
+
+
+def _capped(micro_batch: int) -> str:
+    return f">= {micro_batch}" if micro_batch >= MAX_MICRO_BATCH else str(micro_batch)
 
 
 def render(report: Report) -> str:
