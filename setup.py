@@ -28,6 +28,7 @@ setup(
         "datasets",
         "pyarrow",
         "deepspeed>=0.15",
+        "peft>=0.13",  # LoRA students (model.lora)
         "psutil",
         "tqdm",
         "matplotlib",

@@ -503,3 +503,32 @@ def load(engine, path: str, rank: int, world_size: int) -> int:
         raise ConfigError(f"train.resume: DeepSpeed could not load the engine state from {path}")
     load_rng_state(_rng_path(path, rank))
     return step
+
+def export_final(engine, student_model, tokenizer, output_dir: str, zero_stage: int, is_main: bool,
+                 lora=None, base_model: str = "") -> str:
+    """Collective. ``final/``: a Hugging Face model directory gathered from the shards, written as
+    ``.final.partial`` and renamed, so it is visible only when complete; with LoRA adapters, the
+    merged model, and the adapter alone in ``final-adapter/``. Returns the path of ``final/``."""
+    from .models import merge_lora_state, save_lora_adapter
+
+    if zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()  # collective; full tensors on rank 0 only
+    else:
+        state = engine.module.state_dict()
+    final, partial = os.path.join(output_dir, "final"), os.path.join(output_dir, ".final.partial")
+    if is_main:
+        prefix = "model."  # the engine wraps the model as its ``model`` attribute
+        state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+        shutil.rmtree(partial, ignore_errors=True)
+        if lora is not None:
+            state, adapter = merge_lora_state(state, lora)
+            adapter_dir = os.path.join(output_dir, "final-adapter")
+            shutil.rmtree(adapter_dir, ignore_errors=True)
+            save_lora_adapter(adapter_dir, adapter, lora, base_model)
+        student_model.save_pretrained(partial, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(partial)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(partial, final)
+    barrier()
+    return final

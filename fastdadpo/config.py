@@ -1,13 +1,19 @@
-"""The training config: every default lives here, once.
+"""The training config: one dataclass per section, each field with its default and, beside it,
+what it means and where the default comes from; each section validates its own keys.
 
 A config is plain YAML with the sections below; ``--set KEY=VALUE`` (dot paths, later wins) changes
-any key, the value parsed as YAML (``--set train.lr=1e-5``, ``--set model.teacher=null``). Unknown
-keys, wrong types and bad values are ``ConfigError``s naming the key and the file.
+any key, the value parsed as YAML (``--set train.lr=1e-5``, ``--set model.teacher=null``). The
+``objective:`` section parses into the chosen objective's own dataclass (``fastdadpo.objectives``):
+a key that objective does not have is an error. Unknown keys, duplicate keys, wrong types,
+non-finite numbers and bad values are ``ConfigError``s naming the key and where it was set (the
+file, or ``--set``).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -16,13 +22,32 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from .errors import ConfigError
+from .objectives import DEFAULT_OBJECTIVE, OBJECTIVES, Objective, ParameterError
 
-# Where a default comes from is said next to it. Zephyr = Tunstall et al. 2023 (dSFT, dDPO);
-# ADPA = Gao, Wan et al. 2025 and its released recipe (github.com/SLIT-AI/ADPA).
-DEFAULT_LR = {  # train.lr when unset
-    "sft": 2e-5, "kd": 2e-5, "dckd": 2e-5, "adpa": 2e-5,  # Zephyr dSFT
-    "dpo": 5e-7, "dadpo": 5e-7, "dadpo_token": 5e-7,  # Zephyr dDPO
-}
+PROMPT_SHARE = 0.5  # data.max_prompt_length when unset: this share of data.max_length (TRL's 1024/512 ratio)
+
+
+@dataclass
+class LoraSettings:
+    """``model.lora``: train low-rank adapters (PEFT's LoRA) instead of the whole student; the export
+    writes the merged model to final/ and the adapter to final-adapter/."""
+
+    r: int = 16  # rank; 16 with alpha 32 and dropout 0.05: the TRL and PEFT examples' settings
+    alpha: float = 32.0  # the update is scaled by alpha / r
+    dropout: float = 0.05
+    # Every linear projection of the decoder (QLoRA, Dettmers et al. 2023: adapting them all matters).
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                               "up_proj", "down_proj"])
+
+    def validate(self, fail) -> None:
+        if self.r < 1:
+            fail("model.lora.r", f"must be >= 1, got {self.r}")
+        if not self.alpha > 0:
+            fail("model.lora.alpha", f"must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            fail("model.lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            fail("model.lora.target_modules", "must name at least one module (e.g. q_proj)")
 
 
 @dataclass
@@ -32,54 +57,106 @@ class ModelConfig:
     reference: Optional[str] = None  # π_ref; default: the starting student
     teacher_reference: Optional[str] = None  # ADPA: the teacher before its alignment
     dtype: Optional[str] = None  # bf16 | fp16 | fp32; default bf16 on GPU, fp32 on CPU
+    # Liger's RMSNorm, RoPE and SwiGLU kernels in every model (never its losses: ours compute those):
+    # auto = on CUDA for the architectures Liger supports; true = required (an error where impossible).
+    liger_kernels: Any = "auto"
+    lora: Optional[LoraSettings] = None  # null: train every parameter
+
+    def validate(self, fail, objective: Objective) -> None:
+        if not self.student:
+            fail("model.student", "is required: a Hugging Face model directory or hub name")
+        for needed in objective.required_models():
+            if not getattr(self, needed):
+                fail(f"model.{needed}", f"is required by objective {objective.name!r}")
+        if self.dtype not in (None, "bf16", "fp16", "fp32"):
+            fail("model.dtype", f"is {self.dtype!r}; choose bf16, fp16 or fp32 (or leave it unset)")
+        if self.liger_kernels not in ("auto", True, False):
+            fail("model.liger_kernels", f"is {self.liger_kernels!r}; choose auto, true or false")
+        if self.liger_kernels is True:
+            from .models import liger_unavailable_reason
+
+            reason = liger_unavailable_reason()
+            if reason:
+                fail("model.liger_kernels", f"is true, but {reason}; use auto (on where possible) or false")
+        if self.lora is not None:
+            self.lora.validate(fail)
 
 
 @dataclass
 class DataConfig:
     train: str = ""
     eval: Optional[str] = None
-    max_length: int = 1024
-    max_prompt_length: int = 512
+    max_length: int = 1024  # prompt + response tokens per sequence (TRL's DPO default)
+    max_prompt_length: Optional[int] = None  # default: PROMPT_SHARE of max_length
     packing: bool = False  # padding-free batches (sequences concatenated, positions restarting)
     cache_dir: Optional[str] = None  # tokenization and log-prob caches; default $FASTDADPO_CACHE or ~/.cache/fastdadpo
 
+    @property
+    def prompt_length(self) -> int:
+        """The prompt limit in force: the one given, or the documented share of ``max_length``."""
+        if self.max_prompt_length is not None:
+            return self.max_prompt_length
+        return max(1, int(self.max_length * PROMPT_SHARE))
 
-@dataclass
-class ObjectiveConfig:
-    name: str = "dadpo"
-    beta: float = 0.1  # dpo, dadpo_token; Zephyr dDPO
-    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge
-    label_smoothing: float = 0.0
-    average_logps: bool = False  # length-normalized sequence log-probs (IPO-style)
-    beta1: float = 0.1  # dadpo: weight of KL(π‖π_ref); equals dDPO's β when beta2 = 0
-    beta2: float = 0.1  # dadpo: weight of KL(π‖π_te); no published default in the sources we have
-    alpha: float = 0.1  # dadpo_token: weight of the token-level divergence; no published default
-    kind: str = "forward_kl"  # forward_kl | reverse_kl | jsd (kd, dadpo_token, dckd)
-    jsd_beta: float = 0.5
-    temperature: float = 1.0  # divides both models' logits in divergences and ADPA's advantage
-    lambda_chosen: float = 0.1  # dckd; ADPA's released recipe
-    lambda_rejected: float = 0.1  # dckd; ADPA's released recipe
-    gamma: float = 1.6  # adpa; ADPA's released recipe
-    ce_weight: float = 0.0  # kd: weight of the cross-entropy on the teacher's responses
+    def validate(self, fail) -> None:
+        if not self.train:
+            fail("data.train", "is required: a JSONL, JSON or Parquet file, or a datasets directory")
+        if self.max_length < 2:
+            fail("data.max_length", f"must be at least 2 (a prompt token and a response token), got {self.max_length}")
+        if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
+            fail("data.max_prompt_length", f"({self.max_prompt_length}) must be positive and below data.max_length "
+                                           f"({self.max_length})")
+
+    def resolved_cache_dir(self) -> str:
+        return self.cache_dir or os.environ.get("FASTDADPO_CACHE") or os.path.join(
+            os.path.expanduser("~"), ".cache", "fastdadpo")
 
 
 @dataclass
 class TrainConfig:
     micro_batch_size: int = 1  # pairs (or sequences, for chosen-only objectives) per rank per micro-step
     grad_accum: int = 1
-    lr: Optional[float] = None  # default per objective: DEFAULT_LR
+    lr: Optional[float] = None  # default: the objective's default_lr
     epochs: float = 1.0
     max_steps: Optional[int] = None  # optimizer steps; wins over epochs
-    warmup_ratio: float = 0.1
+    warmup_ratio: float = 0.1  # Zephyr
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # gradient clipping; 0 turns it off
     seed: int = 42
     save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end (and on SIGTERM)
+    keep_checkpoints: int = 0  # the newest K complete checkpoints are kept, older ones deleted; 0 keeps all
     eval_every: int = 0  # optimizer steps between evaluations on data.eval; 0: only at the end
     log_every: int = 1
     output_dir: str = "runs/fastdadpo"
     resume: Any = False  # true: the latest complete checkpoint in output_dir; a path: that checkpoint
     timeout_minutes: float = 30.0  # collectives; a rank that diverges fails loudly after this
+    # Recompute the student's layer activations in backward instead of keeping them (non-reentrant, as
+    # torch recommends): activation memory falls from every layer's to about one layer's, for roughly one
+    # more forward of compute. Off by default: the tiny CPU runs do not need it; long sequences on GPUs do.
+    gradient_checkpointing: bool = False
+
+    def validate(self, fail) -> None:
+        for key in ("micro_batch_size", "grad_accum", "log_every"):
+            if getattr(self, key) < 1:
+                fail(f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
+        for key in ("save_every", "eval_every", "keep_checkpoints", "seed"):
+            if getattr(self, key) < 0:
+                fail(f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            fail("train.max_steps", f"must be >= 1, got {self.max_steps}")
+        for key in ("epochs", "timeout_minutes") + (("lr",) if self.lr is not None else ()):
+            if not getattr(self, key) > 0:
+                fail(f"train.{key}", f"must be > 0, got {getattr(self, key)}")
+        for key in ("weight_decay", "max_grad_norm"):
+            if getattr(self, key) < 0:
+                fail(f"train.{key}", f"must be >= 0 (0: off), got {getattr(self, key)}")
+        if not 0 <= self.warmup_ratio < 1:
+            fail("train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        if not isinstance(self.resume, (bool, str)):
+            fail("train.resume", f"must be true, false or a checkpoint path, got {self.resume!r}")
+        if isinstance(self.resume, str) and not os.path.isdir(self.resume):
+            fail("train.resume", f"is {self.resume!r}, which is not a directory; give a checkpoint directory "
+                                 f"(OUTPUT_DIR/checkpoints/step-N) or true for the latest in train.output_dir")
 
 
 @dataclass
@@ -88,43 +165,71 @@ class DeepSpeedSection:
     teacher_offload: bool = False  # teachers' ZeRO-3 shards live in CPU memory
     extra: Dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed config
 
+    def validate(self, fail, source: str) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            fail("deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.teacher_offload and self.zero_stage != 3:
+            fail("deepspeed.teacher_offload", "needs deepspeed.zero_stage 3")
+        from .ds_config import validate_extra
+
+        self.extra = validate_extra(self.extra, source)
+
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    objective: Objective = field(default_factory=OBJECTIVES[DEFAULT_OBJECTIVE])
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     source: str = field(default="<defaults>", compare=False)
 
     def to_dict(self) -> dict:
-        raw = dataclasses.asdict(self)
-        raw.pop("source")
-        return raw
+        raw = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)
+               if f.name not in ("source", "objective")}
+        return {**raw, "objective": self.objective.to_dict()}
 
     @property
     def lr(self) -> float:
-        return self.train.lr if self.train.lr is not None else DEFAULT_LR[self.objective.name]
+        return self.train.lr if self.train.lr is not None else self.objective.default_lr
 
 
-SECTIONS = {name: hint for name, hint in typing.get_type_hints(Config).items() if name != "source"}
+SECTIONS = {name: hint for name, hint in typing.get_type_hints(Config).items() if name not in ("source", "objective")}
+SECTION_NAMES = ("model", "data", "objective", "train", "deepspeed")
 
 
 # --- loading -----------------------------------------------------------------------------------------------
 
 def load_config(path: Optional[str], overrides: List[str] = ()) -> Config:
     raw = read_yaml_mapping(path, "config") if path else {}
+    overridden = {}
     for override in overrides:
-        apply_override(raw, override)
-    return config_from_mapping(raw, path or "<command line>")
+        overridden[apply_override(raw, override)] = override
+    return config_from_mapping(raw, path or "<command line>", overridden)
 
 
-def config_from_mapping(raw: Dict[str, Any], source: str) -> Config:
-    """A validated Config from the raw mapping of a YAML file; ``source`` names it in errors."""
-    config = _build(raw, source)
-    validate(config)
+def config_from_mapping(raw: Dict[str, Any], source: str, overridden: Optional[Dict[str, str]] = None) -> Config:
+    """A validated Config from the raw mapping of a YAML file; ``source`` names it in errors, and
+    ``overridden`` ({dot path: the --set that gave it}) names the --set for keys given there."""
+    where = _Where(source, overridden or {})
+    config = _build(raw, where)
+    validate(config, where)
     return config
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key written twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is written twice (first at line {seen[key] + 1}); one of them would "
+                                f"be silently dropped", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 def read_yaml_mapping(path: str, what: str) -> Dict[str, Any]:
@@ -133,7 +238,7 @@ def read_yaml_mapping(path: str, what: str) -> Dict[str, Any]:
         raise ConfigError(f"{what} file {path} does not exist")
     with open(path, encoding="utf-8") as handle:
         try:
-            raw = yaml.safe_load(handle) or {}
+            raw = yaml.load(handle, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = f" line {mark.line + 1}" if mark else ""
@@ -143,8 +248,20 @@ def read_yaml_mapping(path: str, what: str) -> Dict[str, Any]:
     return raw
 
 
-def apply_override(raw: dict, override: str) -> None:
-    """``--set a.b.c=VALUE`` into the raw mapping, VALUE read as YAML (a plain string if it is not)."""
+def merge_mappings(base: dict, extra: dict) -> dict:
+    """A new mapping: ``base`` with ``extra`` merged in, nested mappings merged key by key."""
+    merged = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_mappings(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def apply_override(raw: dict, override: str) -> str:
+    """``--set a.b.c=VALUE`` into the raw mapping, VALUE read as YAML (a plain string if it is not);
+    returns the dot path."""
     if "=" not in override:
         raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. --set train.lr=1e-5")
     key, _, text = override.partition("=")
@@ -159,30 +276,70 @@ def apply_override(raw: dict, override: str) -> None:
             raise ConfigError(f"--set {key}: {part!r} is not a section")
         node = node[part]
     node[parts[-1]] = value
+    return ".".join(parts)
 
 
-def _build(raw: dict, source: str) -> Config:
+@dataclass
+class _Where:
+    """Where a key was set, for errors: the --set that gave it, else the file."""
+
+    source: str
+    overridden: Dict[str, str]
+
+    def __call__(self, key: str) -> str:
+        for path, override in self.overridden.items():
+            if key == path or key.startswith(path + ".") or path.startswith(key + "."):
+                return f"--set {override.split('=', 1)[0]}"
+        return self.source
+
+    def fail(self, key: str, message: str):
+        raise ConfigError(f"{self(key)}: {key} {message}")
+
+
+def _build(raw: dict, where: _Where) -> Config:
     sections = {}
     for name, value in raw.items():
-        if name not in SECTIONS:
-            raise ConfigError(f"{source}: unknown config section {name!r}{_suggest(name, SECTIONS)}; sections are "
-                              f"{', '.join(SECTIONS)}")
+        if name not in SECTION_NAMES:
+            raise ConfigError(f"{where(name)}: unknown config section {name!r}{_suggest(name, SECTION_NAMES)}; "
+                              f"sections are {', '.join(SECTION_NAMES)}")
         if not isinstance(value, dict):
-            raise ConfigError(f"{source}: section {name!r} must be a mapping of keys, got {value!r}")
-        sections[name] = _build_section(SECTIONS[name], value, name, source)
-    return Config(**sections, source=source)
+            raise ConfigError(f"{where(name)}: section {name!r} must be a mapping of keys, got {value!r}")
+        if name == "objective":
+            sections[name] = _build_objective(value, where)
+        else:
+            sections[name] = SECTIONS[name](**_section_values(SECTIONS[name], value, name, where))
+    return Config(**sections, source=where.source)
 
 
-def _build_section(section_type, values: dict, section: str, source: str):
+def _section_values(section_type, values: dict, section: str, where: _Where) -> dict:
     hints = typing.get_type_hints(section_type)
-    known = {f.name for f in dataclasses.fields(section_type)}
+    known = [f.name for f in dataclasses.fields(section_type)]
     kwargs = {}
     for key, value in values.items():
         path = f"{section}.{key}"
         if key not in known:
-            raise ConfigError(f"{source}: unknown config key {path!r}{_suggest(key, known, section)}")
-        kwargs[key] = _coerce(value, hints[key], path, source)
-    return section_type(**kwargs)
+            raise ConfigError(f"{where(path)}: unknown config key {path!r}{_suggest(key, known, section)}")
+        kwargs[key] = _coerce(value, hints[key], path, where)
+    return kwargs
+
+
+def _build_objective(values: dict, where: _Where) -> Objective:
+    values = dict(values)
+    name = values.pop("name", DEFAULT_OBJECTIVE)
+    if name not in OBJECTIVES:
+        where.fail("objective.name", f"is {name!r}; choose one of {', '.join(OBJECTIVES)}")
+    objective_type = OBJECTIVES[name]
+    for key in values:
+        if key not in {f.name for f in objective_type.parameters()}:
+            users = [other for other, cls in OBJECTIVES.items() if key in {f.name for f in cls.parameters()}]
+            used_by = f" (it is a parameter of {', '.join(users)})" if users else ""
+            params = ", ".join(f.name for f in objective_type.parameters()) or "no parameters"
+            raise ConfigError(f"{where('objective.' + key)}: objective.{key} is not a parameter of objective "
+                              f"{name!r}{used_by}; {name!r} has {params}")
+    try:
+        return objective_type(**_section_values(objective_type, values, "objective", where))
+    except ParameterError as exc:
+        where.fail(f"objective.{exc.key}", exc.message)
 
 
 def _suggest(key: str, options, section: str = "") -> str:
@@ -190,8 +347,10 @@ def _suggest(key: str, options, section: str = "") -> str:
     return f" (did you mean {(section + '.' if section else '') + match[0]!r}?)" if match else ""
 
 
-def _coerce(value, annotation, path: str, source: str):
+def _coerce(value, annotation, path: str, where: _Where):
     """Check (and gently convert) a YAML value against a field's type."""
+    if isinstance(annotation, str):
+        annotation = {"str": str, "int": int, "float": float, "bool": bool}.get(annotation, Any)
     origin = typing.get_origin(annotation)
     if annotation is Any:
         return value
@@ -199,7 +358,7 @@ def _coerce(value, annotation, path: str, source: str):
         if value is None:
             return None
         inner = [a for a in typing.get_args(annotation) if a is not type(None)][0]
-        return _coerce(value, inner, path, source)
+        return _coerce(value, inner, path, where)
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -211,23 +370,41 @@ def _coerce(value, annotation, path: str, source: str):
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             return int(value)
     elif annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        number = _number(value)
+        if number is not None:
+            if not math.isfinite(number):
+                where.fail(path, f"must be a finite number, got {value!r}")
+            return number
     elif annotation is str:
         if isinstance(value, str):
             return value
     elif origin in (dict, typing.Dict) or annotation is dict:
         if isinstance(value, dict):
             return value
+    elif origin in (list, typing.List):
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return list(value)
+        where.fail(path, f"must be a list of strings, got {value!r}")
+    elif dataclasses.is_dataclass(annotation):
+        if isinstance(value, dict):
+            return annotation(**_section_values(annotation, value, path, where))
+        where.fail(path, f"must be a mapping of keys ({', '.join(f.name for f in dataclasses.fields(annotation))}), "
+                         f"got {value!r}")
     else:
         return value
     expected = getattr(annotation, "__name__", str(annotation))
-    raise ConfigError(f"{source}: {path} must be {_article(expected)}, got {value!r}")
+    where.fail(path, f"must be {_article(expected)}, got {value!r}")
+
+
+def _number(value) -> Optional[float]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def _article(type_name: str) -> str:
@@ -238,76 +415,9 @@ def _article(type_name: str) -> str:
 
 # --- validation --------------------------------------------------------------------------------------------
 
-_NEEDS = {  # what each objective needs from model.*
-    "kd": ("teacher",), "dadpo": ("teacher",), "dadpo_token": ("teacher",), "dckd": ("teacher",),
-    "adpa": ("teacher", "teacher_reference"),
-}
-
-
-def validate(config: Config) -> None:
-    from .objectives import LOSS_TYPES, OBJECTIVES
-
-    src = config.source
-    o, t, d = config.objective, config.train, config.data
-
-    def fail(key: str, message: str):
-        raise ConfigError(f"{src}: {key} {message}")
-
-    if o.name not in OBJECTIVES:
-        fail("objective.name", f"is {o.name!r}; choose one of {', '.join(OBJECTIVES)}")
-    for key in ("beta", "beta1", "temperature"):
-        if not getattr(o, key) > 0:
-            fail(f"objective.{key}", f"must be > 0, got {getattr(o, key)}")
-    for key in ("beta2", "alpha", "lambda_chosen", "lambda_rejected", "gamma", "ce_weight"):
-        if getattr(o, key) < 0:
-            fail(f"objective.{key}", f"must be >= 0, got {getattr(o, key)}")
-    if not 0 < o.jsd_beta < 1:
-        fail("objective.jsd_beta", f"must be in (0, 1), got {o.jsd_beta}")
-    if o.loss_type not in LOSS_TYPES:
-        fail("objective.loss_type", f"is {o.loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
-    if o.kind not in ("forward_kl", "reverse_kl", "jsd"):
-        fail("objective.kind", f"is {o.kind!r}; choose one of forward_kl, reverse_kl, jsd")
-    if not 0 <= o.label_smoothing < 0.5:
-        fail("objective.label_smoothing", f"must be in [0, 0.5), got {o.label_smoothing}")
-    if o.label_smoothing and o.loss_type != "sigmoid":
-        fail("objective.label_smoothing", f"applies to loss_type sigmoid only, not {o.loss_type!r}")
-    if not config.model.student:
-        fail("model.student", "is required: a Hugging Face model directory or hub name")
-    for needed in _NEEDS.get(o.name, ()):
-        if not getattr(config.model, needed):
-            fail(f"model.{needed}", f"is required by objective {o.name!r}")
-    if not d.train:
-        fail("data.train", "is required: a JSONL, JSON or Parquet file, or a datasets directory")
-    if not 0 < d.max_prompt_length < d.max_length:
-        fail("data.max_prompt_length", f"({d.max_prompt_length}) must be positive and below data.max_length "
-                                       f"({d.max_length})")
-    for key in ("micro_batch_size", "grad_accum", "log_every"):
-        if getattr(t, key) < 1:
-            fail(f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
-    for key in ("save_every", "eval_every"):
-        if getattr(t, key) < 0:
-            fail(f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
-    if t.max_steps is not None and t.max_steps < 1:
-        fail("train.max_steps", f"must be >= 1, got {t.max_steps}")
-    if not t.epochs > 0:
-        fail("train.epochs", f"must be > 0, got {t.epochs}")
-    if config.lr <= 0:
-        fail("train.lr", f"must be > 0, got {config.lr}")
-    if not 0 <= t.warmup_ratio < 1:
-        fail("train.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}")
-    if not isinstance(t.resume, (bool, str)):
-        fail("train.resume", f"must be true, false or a checkpoint path, got {t.resume!r}")
-    if t.timeout_minutes <= 0:
-        fail("train.timeout_minutes", f"must be > 0, got {t.timeout_minutes}")
-    if config.deepspeed.zero_stage not in (0, 1, 2, 3):
-        fail("deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {config.deepspeed.zero_stage}")
-    if config.deepspeed.teacher_offload and config.deepspeed.zero_stage != 3:
-        fail("deepspeed.teacher_offload", "needs deepspeed.zero_stage 3")
-    from .ds_config import validate_extra
-
-    config.deepspeed.extra = validate_extra(config.deepspeed.extra, src)
-
-
-def cache_dir(config: Config) -> str:
-    return config.data.cache_dir or os.environ.get("FASTDADPO_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "fastdadpo")
+def validate(config: Config, where: Optional[_Where] = None) -> None:
+    where = where or _Where(config.source, {})
+    config.model.validate(where.fail, config.objective)
+    config.data.validate(where.fail)
+    config.train.validate(where.fail)
+    config.deepspeed.validate(where.fail, where("deepspeed.extra"))

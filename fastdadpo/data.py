@@ -1,6 +1,6 @@
 """Preference data: loading and validating rows, tokenizing them under one truncation policy,
-checking that teacher and student share a vocabulary, cutting an epoch into micro-batches that
-every rank agrees on, and collating micro-batches (padded or packed) with pre-shifted targets.
+checking that teacher and student share a vocabulary, and collating micro-batches (padded or
+packed) into a ``Batch`` with pre-shifted targets and the pair layout.
 
 Files
     ``.jsonl``   one JSON object per line (blank lines are skipped); errors name ``FILE line N``.
@@ -16,20 +16,21 @@ conversations that share their opening messages) are split at the last shared me
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import math
 import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Iterator, List, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
 from . import chat
 from .errors import ConfigError, DataError
+from .models import padded
 
 RESPONSE_FIELDS = ("chosen", "rejected")
 KNOWN_FIELDS = ("prompt", *RESPONSE_FIELDS, "answer")
@@ -475,79 +476,85 @@ def _vocab_difference(student_vocab: dict, teacher_vocab: dict) -> str:
     return f"token {token!r} is id {teacher_vocab[token]} in the teacher's tokenizer and absent from the student's"
 
 
-# --- micro-batches -------------------------------------------------------------------------------------------
-
-def padded_example_count(num_examples: int, micro_batch_size: int, world_size: int) -> int:
-    """Examples ``micro_batches`` repeats per epoch so every rank gets the same number of full micro-batches."""
-    per_step = micro_batch_size * world_size
-    return math.ceil(num_examples / per_step) * per_step - num_examples
-
-
-def shard_rounds(num_examples: int, micro_batch_size: int, rank: int, world_size: int) -> List[List[int]]:
-    """This rank's micro-batches (example indices) of a one-pass sweep that counts each example once:
-    a stride shard, cut into micro-batches. Every rank gets the same number of rounds (ZeRO-3 ranks
-    must make the same collective calls); a round with no examples left is ``[]`` (run a stand-in,
-    drop its result)."""
-    shard = list(range(rank, num_examples, world_size))
-    rounds = -(-(-(-num_examples // world_size)) // micro_batch_size)  # ceil(ceil(n / ranks) / micro)
-    return [shard[r * micro_batch_size:(r + 1) * micro_batch_size] for r in range(rounds)]
-
-
-def micro_batches(tokenized: Sequence[TokenizedExample], micro_batch_size: int, *, seed: int, epoch: int,
-                  rank: int = 0, world_size: int = 1, group_by_length: bool = True,
-                  length_window: int = 64) -> list[list[TokenizedExample]]:
-    """This rank's micro-batches for one epoch, the same on every call with the same arguments.
-
-    The examples are shuffled (seeded by ``seed`` and ``epoch``); the order is extended by repeating
-    its first examples up to a multiple of ``micro_batch_size * world_size`` (see
-    ``padded_example_count``), so every rank gets the same number of full micro-batches and all
-    ranks make the same collective calls. Step ``s`` gives rank ``r`` the ``r``-th micro-batch of
-    that step's ``micro_batch_size * world_size`` examples. With ``group_by_length``, each window
-    of ``length_window`` steps is sorted by length before it is cut (similar lengths share a step:
-    less padding, balanced ranks) and the steps are then shuffled."""
-    if micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"micro_batches: bad micro_batch_size={micro_batch_size}, rank={rank}, "
-                         f"world_size={world_size}")
-    if not tokenized:
-        raise DataError("no examples to batch")
-    rng = np.random.default_rng([seed, epoch])
-    per_step = micro_batch_size * world_size
-    steps = math.ceil(len(tokenized) / per_step)
-    order = np.resize(rng.permutation(len(tokenized)), steps * per_step)
-    if group_by_length:
-        lengths = np.array([example.length() for example in tokenized])
-        window = per_step * length_window
-        for start in range(0, len(order), window):
-            chunk = order[start:start + window]
-            order[start:start + window] = chunk[np.argsort(-lengths[chunk], kind="stable")]
-    step_order = rng.permutation(steps) if group_by_length else np.arange(steps)
-    by_step = order.reshape(steps, world_size, micro_batch_size)
-    return [[tokenized[i] for i in by_step[step, rank]] for step in step_order]
-
-
 # --- collating -----------------------------------------------------------------------------------------------
 
-def collate(examples: Sequence[TokenizedExample], *, pad_token_id: int, include_rejected: bool = True,
-            packing: bool = False) -> dict:
-    """Tensors for one micro-batch of ``B`` examples.
+@dataclass
+class Batch:
+    """One micro-batch of ``B`` examples: the tensors and the pair layout.
 
-    Sequences (``S`` of them) are prompt + chosen for examples ``0..B-1``, then, with
-    ``include_rejected``, prompt + rejected for the same examples: pair ``i`` is sequences ``i`` and
-    ``B + i``. Padded: one row per sequence, right padding to the longest (pad positions continue
-    counting, so with right padding the real tokens need no attention mask at all). Packed: one row,
-    the sequences end to end, no padding, ``attention_mask`` None and positions restarting at 0 for
-    each sequence (transformers derives the block-diagonal causal mask from them, but only in a
-    forward without a KV cache: run it with ``use_cache=False``, as ``models.final_hidden_states``
-    does, or every token attends to the sequences before it in the row).
+    Sequences (``S`` of them) are prompt + chosen for examples ``0..B-1``, then, with rejected
+    responses, prompt + rejected for the same examples: pair ``i`` is sequences ``i`` and ``B + i``.
+    Padded: one row per sequence, right padding to the longest (pad positions continue counting, so
+    with right padding the real tokens need no attention mask at all). Packed: one row, the sequences
+    end to end, no padding, ``attention_mask`` None and positions restarting at 0 for each sequence
+    (transformers derives the block-diagonal causal mask from them, but only in a forward without a
+    KV cache: run it with ``use_cache=False``, as ``models.final_hidden_states`` does, or every token
+    attends to the sequences before it in the row).
 
-    Returns ``input_ids``, ``attention_mask`` (None when packed), ``position_ids``, ``targets``
-    (pre-shifted: ``targets[r, t]`` is the token at ``t + 1`` when that is a response token of the
-    same sequence, else -100, so hidden state ``[r, t]`` predicts it), ``target_sequence`` (the
-    sequence of each target, -1 where none), all ``[R, T]`` long; ``response_tokens`` ``[S]`` and
-    ``example_index`` ``[B]`` (rows of the loaded data) long; ``num_sequences`` ``S``, ``num_examples``
-    ``B``, and ``num_pairs``, also ``B``: the first rejected sequence's index, as the objectives read it
-    (without rejected sequences there are none from there on).
+    ``targets`` are pre-shifted: ``targets[r, t]`` is the token at ``t + 1`` when that is a response
+    token of the same sequence, else -100, so hidden state ``[r, t]`` predicts it; ``target_sequence``
+    is the sequence of each target, -1 where none. The methods below are the one place that layout
+    is read.
     """
+
+    input_ids: torch.Tensor  # [R, T] long
+    attention_mask: Optional[torch.Tensor]  # [R, T]; None when packed
+    position_ids: torch.Tensor  # [R, T]
+    targets: torch.Tensor  # [R, T]
+    target_sequence: torch.Tensor  # [R, T]
+    response_tokens: torch.Tensor  # [S] response length of each sequence
+    example_index: torch.Tensor  # [B] rows of the loaded data
+    has_rejected: bool
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.example_index.numel())
+
+    @property
+    def num_sequences(self) -> int:
+        return self.num_pairs * (2 if self.has_rejected else 1)
+
+    def chosen_rows(self) -> torch.Tensor:
+        return (self.target_sequence >= 0) & (self.target_sequence < self.num_pairs)
+
+    def rejected_rows(self) -> torch.Tensor:
+        return self.target_sequence >= self.num_pairs
+
+    def response_rows(self) -> torch.Tensor:
+        return self.target_sequence >= 0
+
+    def split_pairs(self, per_sequence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sequence values [S] as (chosen [B], rejected [B]; empty without rejected responses)."""
+        b = self.num_pairs
+        return per_sequence[:b], per_sequence[b:2 * b]
+
+    def per_sequence(self, table: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """A cached [data rows, 2] table (chosen, rejected) laid out like this batch's sequences."""
+        if table is None:
+            return None
+        rows = table[self.example_index.cpu()]
+        values = torch.cat([rows[:, 0], rows[:, 1]]) if self.has_rejected else rows[:, 0]
+        return values.to(self.input_ids.device)
+
+    def counts(self) -> torch.Tensor:
+        """[pairs, chosen response tokens, rejected response tokens], float64: summed over the
+        micro-batches and ranks of a step they are the objectives' normalizers."""
+        chosen, rejected = self.chosen_rows().sum(), self.rejected_rows().sum()
+        return torch.stack([torch.tensor(self.num_pairs, device=chosen.device), chosen, rejected]).double()
+
+    def tokens(self) -> int:
+        """Real (not padding) tokens."""
+        return self.input_ids.numel() if self.attention_mask is None else int(self.attention_mask.sum())
+
+    def to(self, device: torch.device) -> "Batch":
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                                            if torch.is_tensor(getattr(self, f.name))})
+
+
+def collate(examples: Sequence[TokenizedExample], *, pad_token_id: int, include_rejected: bool = True,
+            packing: bool = False) -> Batch:
+    """The ``Batch`` of these examples (with their rejected responses when ``include_rejected``),
+    padded, or packed into one row with ``packing``."""
     if not examples:
         raise ValueError("collate: an empty micro-batch")
     names = RESPONSE_FIELDS if include_rejected else RESPONSE_FIELDS[:1]
@@ -558,13 +565,10 @@ def collate(examples: Sequence[TokenizedExample], *, pad_token_id: int, include_
             if response is None:
                 raise ValueError(f"collate: example {example.index} has no {name} tokens (tokenize with that field)")
             sequences.append((example.prompt_ids, response))
-    batch = _pack(sequences) if packing else _pad(sequences, pad_token_id)
-    batch.update(
-        response_tokens=torch.tensor([len(response) for _, response in sequences], dtype=torch.long),
-        example_index=torch.tensor([example.index for example in examples], dtype=torch.long),
-        num_sequences=len(sequences), num_examples=len(examples), num_pairs=len(examples),
-    )
-    return batch
+    tensors = _pack(sequences) if packing else _pad(sequences, pad_token_id)
+    return Batch(**tensors, has_rejected=include_rejected,
+                 response_tokens=torch.tensor([len(response) for _, response in sequences], dtype=torch.long),
+                 example_index=torch.tensor([example.index for example in examples], dtype=torch.long))
 
 
 def _targets(prompt: list[int], response: list[int], sequence: int) -> tuple[list[int], list[int]]:
@@ -576,19 +580,14 @@ def _targets(prompt: list[int], response: list[int], sequence: int) -> tuple[lis
 
 
 def _pad(sequences, pad_token_id: int) -> dict:
-    width = max(len(prompt) + len(response) for prompt, response in sequences)
-    rows = len(sequences)
-    input_ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((rows, width), dtype=torch.long)
+    input_ids, attention_mask = padded([prompt + response for prompt, response in sequences], pad_token_id)
+    rows, width = input_ids.shape
     targets = torch.full((rows, width), IGNORE_INDEX, dtype=torch.long)
     target_sequence = torch.full((rows, width), -1, dtype=torch.long)
     for row, (prompt, response) in enumerate(sequences):
-        length = len(prompt) + len(response)
-        input_ids[row, :length] = torch.tensor(prompt + response, dtype=torch.long)
-        attention_mask[row, :length] = 1
         row_targets, owners = _targets(prompt, response, row)
-        targets[row, :length] = torch.tensor(row_targets, dtype=torch.long)
-        target_sequence[row, :length] = torch.tensor(owners, dtype=torch.long)
+        targets[row, :len(row_targets)] = torch.tensor(row_targets, dtype=torch.long)
+        target_sequence[row, :len(owners)] = torch.tensor(owners, dtype=torch.long)
     position_ids = torch.arange(width, dtype=torch.long).expand(rows, width).clone()
     return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, targets=targets,
                 target_sequence=target_sequence)

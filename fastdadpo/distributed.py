@@ -7,9 +7,11 @@ diverges makes the others fail after ``timeout`` instead of hanging forever.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
+import signal
 import socket
 from dataclasses import dataclass
 
@@ -78,12 +80,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_agree(value: bool, device: torch.device) -> bool:
-    """True on every rank iff ``value`` is True on every rank (for decisions all ranks must share)."""
-    flag = torch.tensor([0.0 if value else 1.0], device=device)
-    return float(all_reduce_sum(flag)) == 0.0
-
-
 def broadcast_object(obj, src: int = 0):
     import torch.distributed as dist
 
@@ -127,4 +123,42 @@ def teardown() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except RuntimeError:  # a group whose peers are gone: nothing left to tear down cleanly
+            pass
+
+
+@contextlib.contextmanager
+def peers_lost_reported(info: DistInfo, where, last_checkpoint):
+    """A collective that fails because another rank died (killed, out of memory, a lost node) ends
+    this rank with one paragraph instead of the backend's traceback: what happened, ``where()`` (e.g.
+    the step), and ``last_checkpoint()`` to resume from."""
+    from .errors import UserError
+
+    try:
+        yield
+    except RuntimeError as exc:  # gloo and NCCL failures are RuntimeErrors (DistBackendError among them)
+        if info.world_size == 1:
+            raise
+        others = [r for r in range(info.world_size) if r != info.rank]
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"rank {info.rank} of {info.world_size}: lost contact with rank(s) "
+                        f"{', '.join(map(str, others))} {where()} ({detail}). Another rank died or was killed: "
+                        f"the launcher's log names it and its exit status. The last complete checkpoint is "
+                        f"{last_checkpoint() or 'none (none was written yet)'}; continue from it with --set "
+                        f"train.resume=true once every rank can start") from None
+
+
+class StopOnSigterm:
+    """SIGTERM asks for a checkpoint at the end of the current step, then a clean exit."""
+
+    def __init__(self):
+        self.requested = False
+        try:
+            signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            pass
+
+    def _handle(self, signum, frame):
+        self.requested = True

@@ -9,12 +9,12 @@ refused with the config key to use instead, and the ZeRO section is checked by D
 """
 from __future__ import annotations
 
-import copy
 import difflib
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
+from .config import merge_mappings
 from .errors import ConfigError
 
 KNOWN_TOP_LEVEL_KEYS = {
@@ -116,16 +116,6 @@ def _check_zero_section(zero: dict, source: str) -> None:
         raise ConfigError(f"{source}: deepspeed.extra.zero_optimization is invalid: {problems}") from None
 
 
-def merge(base: dict, extra: dict) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
 def student_config(*, zero_stage: int, micro_batch_size: int, grad_accum: int, max_grad_norm: float,
                    dtype: torch.dtype, extra: dict, source: str) -> dict:
     """The student engine's DeepSpeed config: fastdadpo's settings, then ``deepspeed.extra``."""
@@ -144,7 +134,33 @@ def student_config(*, zero_stage: int, micro_batch_size: int, grad_accum: int, m
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    return merge(base, validate_extra(extra, source))
+    return merge_mappings(base, validate_extra(extra, source))
+
+
+def student_loading_config(config, dtype: torch.dtype) -> Optional[dict]:
+    """The config ``from_pretrained`` sees for the student (a ``fastdadpo.config.Config``), so a
+    ZeRO-3 student arrives partitioned; None below stage 3."""
+    if config.deepspeed.zero_stage != 3:
+        return None
+    return student_config(zero_stage=3, micro_batch_size=config.train.micro_batch_size,
+                          grad_accum=config.train.grad_accum, max_grad_norm=config.train.max_grad_norm, dtype=dtype,
+                          extra=config.deepspeed.extra, source=config.source)
+
+
+def inference_config(dtype: torch.dtype, *, offload: bool = False, extra: Optional[dict] = None) -> dict:
+    """DeepSpeed config for a frozen model sharded with ZeRO-3 (a teacher, a generator)."""
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if offload:
+        config["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return merge_mappings(config, extra or {})
 
 
 def teacher_extra(extra: dict) -> dict:

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from . import models
-from .ds_config import student_config, teacher_extra
+from .ds_config import inference_config, student_config, teacher_extra
 
 
 class StudentWithObjective(torch.nn.Module):
@@ -91,7 +91,6 @@ def build_student_engine(model, *, zero_stage: int, micro_batch_size: int, grad_
 class FrozenModel:
     engine: object
     head: torch.Tensor  # the full LM-head weight
-    rows: int
 
     @torch.no_grad()
     def hidden(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
@@ -99,10 +98,27 @@ class FrozenModel:
 
 
 def build_frozen(path: str, *, key: str, dtype: torch.dtype, device: torch.device, offload: bool,
-                 extra: Optional[dict]) -> FrozenModel:
-    config = models.zero3_inference_config(dtype, offload=offload, extra=teacher_extra(extra))
-    model = models.load_causal_lm(path, dtype=dtype, device=device, ds_config=config, key=key)
-    rows = models.head_rows(model)
+                 extra: Optional[dict], liger_kernels=False) -> FrozenModel:
+    config = inference_config(dtype, offload=offload, extra=teacher_extra(extra))
+    model = models.load_causal_lm(path, dtype=dtype, device=device, ds_config=config, key=key,
+                                  liger_kernels=liger_kernels)
     head = gathered_copy(models.head_weight(model)).to(device)
     engine = models.frozen_engine(HiddenStates(model), config)
-    return FrozenModel(engine=engine, head=head, rows=rows)
+    return FrozenModel(engine=engine, head=head)
+
+
+def grad_norm_before_step(engine, zero_stage: int) -> Optional[float]:
+    """Under ZeRO stage 0 DeepSpeed reports no gradient norm, and clips a non-finite gradient into
+    NaN weights: the norm of the reduced gradients, before the step. Other stages: None (their
+    optimizer computes it in the step, and skips the update when it is not finite)."""
+    if zero_stage != 0:
+        return None
+    norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else None
+
+
+def grad_norm(engine) -> Optional[float]:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm.item() if torch.is_tensor(norm) else norm)

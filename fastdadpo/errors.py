@@ -12,8 +12,3 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     pass
-
-
-def where(path, line=None) -> str:
-    """'FILE' or 'FILE line N' (row N for tabular files), for error messages."""
-    return f"{path}" if line is None else f"{path} line {line}"

@@ -33,7 +33,7 @@ from .data import Example, check_tokenizers_compatible, load_prompts
 from .errors import ConfigError, DataError
 from .judges import JUDGES, Judge, JudgeOptions, Pair, build_judge, check_judge_data, is_correct, pairwise_summary
 from .models import (count_parameters, final_hidden_states, head_rows, head_weight, load_causal_lm, load_tokenizer,
-                     pad_token_id, release_memory, require_model_dir, resolve_device, resolve_dtype, right_padded)
+                     pad_token_id, release_memory, require_model_dir, resolve_device, resolve_dtype, padded)
 from .sampling import generate_texts
 DIVERGENCE_KINDS = ("forward_kl", "reverse_kl")
 
@@ -79,7 +79,7 @@ def _length_batches(sequences: Sequence[Tuple[List[int], List[int]]], batch_size
 
 def _response_hidden_states(model, sequences, rows: Sequence[int], pad_id: int, device) -> List[torch.Tensor]:
     """Final hidden states at the positions that predict each response token, one tensor per row."""
-    input_ids, attention_mask = right_padded([sequences[i][0] + sequences[i][1] for i in rows], pad_id)
+    input_ids, attention_mask = padded([sequences[i][0] + sequences[i][1] for i in rows], pad_id)
     hidden = final_hidden_states(model, input_ids.to(device), attention_mask.to(device))
     spans = [(len(sequences[i][0]) - 1, len(sequences[i][0]) + len(sequences[i][1]) - 1) for i in rows]
     return [hidden[row, start:end] for row, (start, end) in enumerate(spans)]

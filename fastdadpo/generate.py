@@ -38,6 +38,7 @@ from typing import Optional, Sequence
 from . import chat, distributed, models
 from .checkpoint import write_text_atomic
 from .data import Example, check_tokenizers_compatible, load_prompts
+from .ds_config import inference_config
 from .errors import ConfigError, UserError
 
 ROLES = ("teacher", "student")  # teacher -> chosen, student -> rejected
@@ -392,7 +393,7 @@ def _load_model(path: str, flag: str, tokenizer, vocab_size: int, head_rows: int
     """The model ready for ``generate``: plain on the device with one process, ZeRO-3-sharded with several."""
     from transformers import GenerationConfig
 
-    ds_config = models.zero3_inference_config(dtype) if info.world_size > 1 else None
+    ds_config = inference_config(dtype) if info.world_size > 1 else None
     model = models.load_causal_lm(path, dtype=dtype, device=info.device, ds_config=ds_config, key=flag)
     if ds_config is not None:
         model = models.frozen_engine(model, ds_config).module  # the engine's hooks gather each layer's shards
@@ -400,7 +401,7 @@ def _load_model(path: str, flag: str, tokenizer, vocab_size: int, head_rows: int
     # never a padded head row that no token of the tokenizer has.
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        pad_token_id=models.pad_token_id(tokenizer),
         suppress_tokens=list(range(vocab_size, head_rows)) or None)
     return model
 

@@ -29,7 +29,7 @@ from .chat import Message, prompt_ids
 from .data import Example
 from .errors import ConfigError, DataError, UserError
 from .models import (final_hidden_states, head_weight, load_causal_lm, load_tokenizer, pad_token_id, release_memory,
-                     require_model_dir, resolve_device, resolve_dtype, right_padded)
+                     require_model_dir, resolve_device, resolve_dtype, padded)
 from .synthetic import normalize_answer
 
 WIN, LOSS, TIE = "win", "loss", "tie"
@@ -166,7 +166,7 @@ class ModelJudge(PreferenceJudge):
         scores: List[float] = []
         for start in range(0, len(prompts), self.batch_size):
             chunk = prompts[start:start + self.batch_size]
-            input_ids, attention_mask = right_padded(chunk, pad_token_id(tokenizer))
+            input_ids, attention_mask = padded(chunk, pad_token_id(tokenizer))
             with torch.inference_mode():
                 attention_mask = attention_mask.to(self.device)
                 hidden = final_hidden_states(model, input_ids.to(self.device), attention_mask)

@@ -96,15 +96,18 @@ def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def right_padded(sequences, pad_id: int):
-    """``(input_ids, attention_mask)`` of right-padded sequences: with causal attention the hidden
-    states of real tokens do not depend on the padding after them, and positions start at 0."""
+def padded(sequences, pad_id: int, *, left: bool = False):
+    """``(input_ids, attention_mask)`` of sequences padded to the longest. Right padding (training,
+    scoring): with causal attention the hidden states of real tokens do not depend on the padding
+    after them, and positions start at 0. Left padding (generation): every row ends where new
+    tokens begin."""
     width = max(len(ids) for ids in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, ids in enumerate(sequences):
-        input_ids[row, :len(ids)] = torch.tensor(list(ids), dtype=torch.long)
-        attention_mask[row, :len(ids)] = 1
+        span = slice(width - len(ids), width) if left else slice(0, len(ids))
+        input_ids[row, span] = torch.tensor(list(ids), dtype=torch.long)
+        attention_mask[row, span] = 1
     return input_ids, attention_mask
 
 
@@ -125,8 +128,92 @@ def zero3_loading(ds_config: Optional[dict]):
         del hf_ds_config
 
 
+def liger_unavailable_reason(model_type: Optional[str] = None) -> Optional[str]:
+    """Why Liger's model kernels cannot run here (or for ``model_type``); None when they can."""
+    if not torch.cuda.is_available():
+        return "Liger's kernels are Triton GPU kernels and this machine has no CUDA device"
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        return "liger-kernel is not installed (pip install liger-kernel)"
+    if model_type is not None and model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        return f"liger-kernel has no kernels for the {model_type!r} architecture"
+    return None
+
+
+def apply_liger_kernels(model, setting, key: str) -> bool:
+    """``model.liger_kernels`` on one loaded model: patches its RMSNorm, RoPE and SwiGLU with Liger's
+    kernels (never Liger's losses: the fused kernels here compute those). Returns whether it did."""
+    if setting is False:
+        return False
+    reason = liger_unavailable_reason(model.config.model_type)
+    if reason:
+        if setting is True:
+            raise ConfigError(f"model.liger_kernels is true, but for {key} {reason}; use auto or false")
+        return False
+    from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+    return True
+
+
+LORA_ADAPTER = "default"  # the adapter's name inside the model (PEFT's default)
+
+
+def add_lora(model, lora) -> int:
+    """LoRA adapters (``lora``: r, alpha, dropout, target_modules) injected in place into ``model``'s
+    target projections; every other parameter frozen (the LM head too, so the fused kernels compute no
+    weight gradient). Returns the number of adapted modules."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), bias="none")
+    try:
+        inject_adapter_in_model(config, model, adapter_name=LORA_ADAPTER)
+    except ValueError as exc:  # no module matched
+        raise ConfigError(f"model.lora.target_modules: {exc}") from None
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(".lora_" in name)
+    return sum(1 for name, _ in model.named_modules() if name.endswith(f"lora_A.{LORA_ADAPTER}"))
+
+
+def merge_lora_state(state: dict, lora) -> tuple[dict, dict]:
+    """(the merged model's state dict, the adapter's in PEFT's file layout) from a state dict with
+    injected adapters: each adapted ``W`` becomes ``W + (alpha / r)·B·A`` under its original name."""
+    scale = lora.alpha / lora.r
+    a_suffix, b_suffix = f".lora_A.{LORA_ADAPTER}.weight", f".lora_B.{LORA_ADAPTER}.weight"
+    merged, adapter = {}, {}
+    for key, value in state.items():
+        if key.endswith(a_suffix):
+            module = key[:-len(a_suffix)]
+            base = state[f"{module}.base_layer.weight"]
+            lora_b = state[module + b_suffix]
+            merged[f"{module}.weight"] = (base.float() + scale * lora_b.float() @ value.float()).to(base.dtype)
+            adapter[f"base_model.model.{module}.lora_A.weight"] = value
+            adapter[f"base_model.model.{module}.lora_B.weight"] = lora_b
+        elif key.endswith(b_suffix) or key.endswith(".base_layer.weight"):
+            continue
+        elif ".base_layer." in key:  # a bias of an adapted projection
+            merged[key.replace(".base_layer.", ".")] = value
+        else:
+            merged[key] = value
+    return merged, adapter
+
+
+def save_lora_adapter(directory: str, adapter: dict, lora, base_model: str) -> None:
+    """The adapter as PEFT saves one (``PeftModel.from_pretrained(base, directory)`` loads it)."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+               bias="none", base_model_name_or_path=base_model, task_type="CAUSAL_LM").save_pretrained(directory)
+    save_file({k: v.contiguous() for k, v in adapter.items()}, os.path.join(directory, "adapter_model.safetensors"))
+
+
 def load_causal_lm(path: str, *, dtype: torch.dtype, device: torch.device, ds_config: Optional[dict] = None,
-                   key: str = "model", trainable: bool = False):
+                   key: str = "model", trainable: bool = False, liger_kernels=False):
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
@@ -142,6 +229,7 @@ def load_causal_lm(path: str, *, dtype: torch.dtype, device: torch.device, ds_co
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{key}: cannot load a causal LM from {path!r}: {exc}") from None
     check_fused_head_supported(model, key)
+    apply_liger_kernels(model, liger_kernels, key)
     if ds_config is None:
         model.to(device)
     if not trainable:
@@ -183,29 +271,34 @@ def final_hidden_states(model, input_ids, attention_mask=None, position_ids=None
     return out.last_hidden_state
 
 
+def config_vocab_rows(path: str, key: str) -> int:
+    """The LM head's row count from a model directory's config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    try:
+        return int(AutoConfig.from_pretrained(path).vocab_size)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{key}: cannot read the model config of {path!r}: {exc}") from None
+
+
+def shared_vocabulary(tokenizer, student_path: str, teachers: dict) -> int:
+    """The vocabulary divergences are computed over: the student tokenizer's, which every teacher
+    (``{config key: path}``, None entries skipped) must share token for token."""
+    from .data import check_tokenizers_compatible
+
+    vocab = len(tokenizer)
+    if not any(teachers.values()):
+        return vocab
+    student_rows = config_vocab_rows(student_path, "model.student")
+    for key, path in teachers.items():
+        if path:
+            vocab = check_tokenizers_compatible(tokenizer, load_tokenizer(path, key), student_head_rows=student_rows,
+                                                teacher_head_rows=config_vocab_rows(path, key))
+    return vocab
+
+
 def count_parameters(model) -> int:
     return sum(int(p.ds_numel) if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
-
-
-def zero3_inference_config(dtype: torch.dtype, *, offload: bool = False, extra: Optional[dict] = None) -> dict:
-    """DeepSpeed config for a frozen model sharded with ZeRO-3 (a teacher, a generator)."""
-    config = {
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 3},
-        "bf16": {"enabled": dtype == torch.bfloat16},
-        "fp16": {"enabled": dtype == torch.float16},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if offload:
-        config["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    for key, value in (extra or {}).items():
-        if isinstance(value, dict) and isinstance(config.get(key), dict):
-            config[key] = {**config[key], **value}
-        else:
-            config[key] = value
-    return config
 
 
 def frozen_engine(model, ds_config: dict):

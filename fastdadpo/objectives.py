@@ -1,35 +1,49 @@
-"""The training objectives (see ../shared/design/OBJECTIVES.md), on top of the fused kernels.
+"""The training objectives, on top of the fused kernels.
 
 Two layers:
 
 * ``dpo_loss`` and ``dadpo_loss``: per-pair losses from sequence log-probs, unreduced (the contract).
-* ``Objective`` subclasses, one per ``objective.name``: given a micro-batch's student hidden states,
-  the student's (gathered) LM head, the teacher's where needed, and the cached sequence log-probs,
-  they return the loss and the metrics. One student sweep over the vocabulary serves both the token
-  log-probs (DPO and CE terms) and the divergence (KD and KL terms) where an objective needs both.
+* ``Objective`` subclasses, one per ``objective.name``, each a frozen dataclass whose fields are its
+  parameters (default, meaning and source in the field's metadata, validation in ``__post_init__``)
+  and whose class attributes say what it needs (teachers online, cached sequence log-probs, the
+  rejected responses). The config's ``objective:`` section parses into exactly one of them, so a
+  parameter another objective uses is an error, not a silently ignored key. Called with a
+  micro-batch's ``StepInputs`` (the student's final hidden states and gathered LM head, the
+  teachers' where needed, the cached sequence log-probs) they return the loss and the metrics. One
+  student sweep over the vocabulary serves both the token log-probs (DPO and CE terms) and the
+  divergence (KD and KL terms) where an objective needs both.
 
 Reductions are global: a token mean divides by the number of such tokens in the whole optimizer
 step (all micro-batches, all ranks), a pair mean by the number of pairs, given in ``Normalizers``.
 So each micro-batch returns its *contribution* to the step's loss and metrics, and contributions
 add up: 2 ranks x micro-batch 1 compute exactly what 1 rank x micro-batch 2 computes.
 
-Batch layout (``fastdadpo.data.collate``): sequences 0..B-1 are the chosen responses, B..2B-1 the
-rejected ones (pair i = sequences i and B+i); ``targets`` are pre-shifted (hidden state [r, t]
-predicts ``targets[r, t]``, -100 off the responses) and ``target_sequence`` says whose they are.
+The batch layout (pair i is sequences i and B+i) is ``fastdadpo.data.Batch``'s to know; objectives
+ask it for chosen, rejected and response rows and for the chosen/rejected halves of per-sequence values.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, ClassVar, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from fastdadpo.kernels import (fused_linear_advantage, fused_linear_divergence,
+from fastdadpo.kernels import (DIVERGENCE_KINDS, fused_linear_advantage, fused_linear_divergence,
                                fused_linear_logprobs)
+
+if TYPE_CHECKING:
+    from .data import Batch
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 IGNORE_INDEX = -100
+
+# Sources of the defaults. Zephyr = Tunstall et al. 2023 (dSFT, dDPO); ADPA = Gao, Wan et al.,
+# ICLR 2025, and its authors' released training scripts.
+ZEPHYR_DSFT, ZEPHYR_DDPO, ADPA_RELEASE = "Zephyr dSFT", "Zephyr dDPO", "ADPA's released recipe"
+UNPUBLISHED = "no published value in our sources; tune"
 
 
 # --- per-pair losses (the contract) ------------------------------------------------------------------------
@@ -93,7 +107,39 @@ def sequence_logps(token_logps: torch.Tensor, target_sequence: torch.Tensor, num
     return sums
 
 
-# --- objectives --------------------------------------------------------------------------------------------
+# --- parameters --------------------------------------------------------------------------------------------
+
+class ParameterError(ValueError):
+    """A bad objective parameter; ``key`` names it (the config adds the section and the file)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key} {message}")
+        self.key, self.message = key, message
+
+
+def parameter(default, doc: str, source: str):
+    """An objective's parameter: its default, what it means, and where the default comes from."""
+    return field(default=default, metadata={"doc": doc, "source": source})
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ParameterError(key, message)
+
+
+def _positive(objective, *keys: str) -> None:
+    for key in keys:
+        value = getattr(objective, key)
+        _check(math.isfinite(value) and value > 0, key, f"must be a finite number > 0, got {value}")
+
+
+def _non_negative(objective, *keys: str) -> None:
+    for key in keys:
+        value = getattr(objective, key)
+        _check(math.isfinite(value) and value >= 0, key, f"must be a finite number >= 0, got {value}")
+
+
+# --- what an objective is given ------------------------------------------------------------------------------
 
 @dataclass
 class Head:
@@ -119,26 +165,13 @@ class Normalizers:
 @dataclass
 class StepInputs:
     student: Head
-    targets: torch.Tensor  # [R, T] pre-shifted, -100 off the responses
-    target_sequence: torch.Tensor  # [R, T] sequence index of each target, -1 off the responses
-    num_pairs: int  # B: sequences 0..B-1 chosen, B..2B-1 rejected (0 rejected in chosen-only batches)
-    num_sequences: int
+    batch: "Batch"  # fastdadpo.data.Batch: targets, the pair layout, response lengths
     normalizers: Normalizers
     vocab_size: int  # the shared tokenizer's vocabulary (divergences are over its rows)
     teacher: Optional[Head] = None
     teacher_reference: Optional[Head] = None
-    reference_logps: Optional[torch.Tensor] = None  # [S] cached Σ log π_ref (sums)
-    teacher_logps: Optional[torch.Tensor] = None  # [S] cached Σ log π_te (sums)
-    response_tokens: Optional[torch.Tensor] = None  # [S]
-
-    def chosen_rows(self) -> torch.Tensor:
-        return (self.target_sequence >= 0) & (self.target_sequence < self.num_pairs)
-
-    def rejected_rows(self) -> torch.Tensor:
-        return self.target_sequence >= self.num_pairs
-
-    def response_rows(self) -> torch.Tensor:
-        return self.target_sequence >= 0
+    reference_logps: Optional[torch.Tensor] = None  # [S] cached Σ log π_ref per sequence
+    teacher_logps: Optional[torch.Tensor] = None  # [S] cached Σ log π_te per sequence
 
 
 @dataclass
@@ -147,29 +180,61 @@ class ObjectiveOutput:
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)  # contributions, detached
 
 
+# --- objectives --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
 class Objective:
-    name = ""
-    needs_teacher = False  # teacher hidden states online, every step
-    needs_teacher_reference = False  # ADPA's second teacher online
-    needs_reference_logps = False  # cached Σ log π_ref per sequence
-    needs_teacher_logps = False  # cached Σ log π_te per sequence
-    uses_rejected = True  # batches carry the rejected responses
+    """Base of every objective: what it needs, its default learning rate, and its parameters (the
+    dataclass fields of the subclass)."""
+
+    name: ClassVar[str] = ""
+    formula: ClassVar[str] = ""  # the loss, for the README's table
+    default_lr: ClassVar[float] = 2e-5  # train.lr when unset
+    lr_source: ClassVar[str] = ZEPHYR_DSFT
+    needs_teacher: ClassVar[bool] = False  # teacher hidden states online, every step
+    needs_teacher_reference: ClassVar[bool] = False  # ADPA's second teacher online
+    needs_reference_logps: ClassVar[bool] = False  # cached Σ log π_ref per sequence
+    needs_teacher_logps: ClassVar[bool] = False  # cached Σ log π_te per sequence
+    uses_rejected: ClassVar[bool] = True  # batches carry the rejected responses
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises ``ParameterError`` naming the first bad parameter."""
 
     def __call__(self, inputs: StepInputs) -> ObjectiveOutput:
         raise NotImplementedError
 
-    def describe(self) -> str:
-        return self.name
+    @classmethod
+    def parameters(cls) -> Tuple[dataclasses.Field, ...]:
+        return dataclasses.fields(cls)
+
+    @classmethod
+    def required_models(cls) -> Tuple[str, ...]:
+        """The ``model.*`` keys this objective cannot run without."""
+        needed = ("teacher",) if cls.needs_teacher or cls.needs_teacher_logps else ()
+        return needed + (("teacher_reference",) if cls.needs_teacher_reference else ())
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **dataclasses.asdict(self)}
 
 
 def _weights(rows: torch.Tensor, value: float) -> torch.Tensor:
     return rows.to(torch.float32) * value
 
 
-def _pair_metrics(prefix_reward: torch.Tensor, chosen_logps, rejected_logps, num_pairs: int,
-                  pairs: float) -> Dict[str, torch.Tensor]:
-    """Reward metrics from per-sequence implicit rewards [S] (chosen first, then rejected)."""
-    rewards_chosen, rewards_rejected = prefix_reward[:num_pairs], prefix_reward[num_pairs:2 * num_pairs]
+def _chosen_logps_metric(inputs: StepInputs, token_logps: torch.Tensor) -> torch.Tensor:
+    """Σ over pairs of the chosen sequences' log-probs, over the step's pairs."""
+    sums = sequence_logps(token_logps.detach(), inputs.batch.target_sequence, inputs.batch.num_sequences)
+    return inputs.batch.split_pairs(sums)[0].sum() / inputs.normalizers.pairs
+
+
+def _pair_metrics(rewards: torch.Tensor, policy_logps: torch.Tensor, inputs: StepInputs) -> Dict[str, torch.Tensor]:
+    """Reward metrics from per-sequence implicit rewards and policy log-probs [S]."""
+    pairs = inputs.normalizers.pairs
+    rewards_chosen, rewards_rejected = inputs.batch.split_pairs(rewards)
+    chosen_logps, rejected_logps = inputs.batch.split_pairs(policy_logps.detach())
     margin = rewards_chosen - rewards_rejected
     return {
         "rewards/chosen": rewards_chosen.sum() / pairs,
@@ -181,209 +246,283 @@ def _pair_metrics(prefix_reward: torch.Tensor, chosen_logps, rejected_logps, num
     }
 
 
+@dataclass(frozen=True)
+class _DivergenceTerm(Objective):
+    """The per-token divergence D between the teacher's and the student's next-token distributions."""
+
+    kind: str = parameter("forward_kl", "forward_kl = KL(π_te‖π_θ), reverse_kl = KL(π_θ‖π_te), or jsd",
+                          "forward KL, the KD of Hinton et al. 2015")
+    jsd_beta: float = parameter(0.5, "jsd only: the teacher's weight in the mixture m = β·π_te + (1−β)·π_θ",
+                                "the symmetric JSD")
+    temperature: float = parameter(1.0, "divides both models' logits", "1: logits as they are")
+
+    def validate(self) -> None:
+        super().validate()
+        _check(self.kind in DIVERGENCE_KINDS, "kind", f"is {self.kind!r}; choose one of {', '.join(DIVERGENCE_KINDS)}")
+        _check(math.isfinite(self.jsd_beta) and 0 < self.jsd_beta < 1, "jsd_beta",
+               f"must be in (0, 1), got {self.jsd_beta}")
+        _check(self.kind == "jsd" or self.jsd_beta == 0.5, "jsd_beta", f"applies to kind jsd only, not {self.kind!r}")
+        _positive(self, "temperature")
+
+    def _divergence(self, inputs: StepInputs, mask, targets, grad_weights, logp_grad_weights=None):
+        """(per-token divergence, student token log-probs of ``targets``) from one sweep."""
+        return fused_linear_divergence(
+            inputs.student.hidden, inputs.student.weight, inputs.teacher.hidden, inputs.teacher.weight,
+            kind=self.kind, beta=self.jsd_beta, temperature=self.temperature, mask=mask, targets=targets,
+            vocab_size=inputs.vocab_size, grad_weights=grad_weights, logp_grad_weights=logp_grad_weights)
+
+
+@dataclass(frozen=True)
 class SFT(Objective):
-    """dSFT: −mean_t log π_θ(y^t_t) over the chosen (teacher) responses."""
+    """dSFT: cross-entropy on the teacher's responses."""
 
     name = "sft"
+    formula = "−mean_t log π_θ(y^t_t) over chosen tokens (dSFT)"
     uses_rejected = False
 
     def __call__(self, inputs: StepInputs) -> ObjectiveOutput:
-        chosen = inputs.chosen_rows()
+        batch = inputs.batch
+        chosen = batch.chosen_rows()
         weights = _weights(chosen, -1.0 / inputs.normalizers.chosen_tokens)
         logps = fused_linear_logprobs(inputs.student.hidden, inputs.student.weight,
-                                      torch.where(chosen, inputs.targets, IGNORE_INDEX), grad_weights=weights)
+                                      torch.where(chosen, batch.targets, IGNORE_INDEX), grad_weights=weights)
         loss = (logps * weights).sum()
-        sums = sequence_logps(logps.detach(), inputs.target_sequence, inputs.num_sequences)
-        pairs = inputs.normalizers.pairs
-        return ObjectiveOutput(loss, {"loss": loss.detach(), "logps/chosen": sums[:inputs.num_pairs].sum() / pairs})
+        return ObjectiveOutput(loss, {"loss": loss.detach(), "logps/chosen": _chosen_logps_metric(inputs, logps)})
 
 
-class KD(Objective):
-    """Token-level KD: mean_t D(π_te‖π_θ) over the chosen responses + λ_ce·sft, one sweep."""
+@dataclass(frozen=True)
+class KD(_DivergenceTerm):
+    """Token-level KD on the teacher's responses, with an optional CE term from the same sweep."""
 
     name = "kd"
+    formula = "mean_t D(π_te‖π_θ) over chosen tokens + `ce_weight`·sft, one sweep over the vocabulary"
     needs_teacher = True
     uses_rejected = False
+    ce_weight: float = parameter(0.0, "weight of the cross-entropy on the teacher's responses", UNPUBLISHED)
 
-    def __init__(self, kind: str = "forward_kl", jsd_beta: float = 0.5, temperature: float = 1.0,
-                 ce_weight: float = 0.0):
-        self.kind, self.jsd_beta, self.temperature, self.ce_weight = kind, jsd_beta, temperature, ce_weight
+    def validate(self) -> None:
+        super().validate()
+        _non_negative(self, "ce_weight")
 
     def __call__(self, inputs: StepInputs) -> ObjectiveOutput:
-        chosen = inputs.chosen_rows()
-        norm = inputs.normalizers
+        batch, norm = inputs.batch, inputs.normalizers
+        chosen = batch.chosen_rows()
         div_weights = _weights(chosen, 1.0 / norm.chosen_tokens)
         logp_weights = _weights(chosen, -self.ce_weight / norm.chosen_tokens)
-        div, logps = fused_linear_divergence(
-            inputs.student.hidden, inputs.student.weight, inputs.teacher.hidden, inputs.teacher.weight,
-            kind=self.kind, beta=self.jsd_beta, temperature=self.temperature, mask=chosen,
-            targets=torch.where(chosen, inputs.targets, IGNORE_INDEX), vocab_size=inputs.vocab_size,
-            grad_weights=div_weights, logp_grad_weights=logp_weights)
+        div, logps = self._divergence(inputs, chosen, torch.where(chosen, batch.targets, IGNORE_INDEX), div_weights,
+                                      logp_weights)
         divergence = (div * div_weights).sum()
         cross_entropy = -(logps * _weights(chosen, 1.0 / norm.chosen_tokens)).sum()
         loss = divergence + self.ce_weight * cross_entropy
-        sums = sequence_logps(logps.detach(), inputs.target_sequence, inputs.num_sequences)
         return ObjectiveOutput(loss, {"loss": loss.detach(), "kd/divergence": divergence.detach(),
                                       "sft/ce": cross_entropy.detach(),
-                                      "logps/chosen": sums[:inputs.num_pairs].sum() / norm.pairs})
+                                      "logps/chosen": _chosen_logps_metric(inputs, logps)})
 
 
-class DPO(Objective):
-    """dDPO (Zephyr) on cached reference log-probs."""
+@dataclass(frozen=True)
+class _Preference(Objective):
+    """A pairwise preference loss on sequence log-probs, with the reference's cached."""
 
-    name = "dpo"
+    default_lr = 5e-7
+    lr_source = ZEPHYR_DDPO
     needs_reference_logps = True
+    average_logps: bool = parameter(False, "length-normalized sequence log-probs (divided by response length)",
+                                    "off, as in DPO, Rafailov et al. 2023")
 
-    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 average_logps: bool = False):
-        self.beta, self.loss_type, self.label_smoothing, self.average_logps = beta, loss_type, label_smoothing, \
-            average_logps
-
-    def _policy_logps(self, inputs: StepInputs, token_logps: torch.Tensor):
-        return sequence_logps(token_logps, inputs.target_sequence, inputs.num_sequences, inputs.response_tokens,
-                              average=self.average_logps)
-
-    def _reference(self, inputs: StepInputs, cached: torch.Tensor) -> torch.Tensor:
+    def _per_sequence(self, inputs: StepInputs, sums: torch.Tensor) -> torch.Tensor:
         if self.average_logps:
-            return cached / inputs.response_tokens.clamp(min=1).to(cached.dtype)
-        return cached
+            return sums / inputs.batch.response_tokens.clamp(min=1).to(sums.dtype)
+        return sums
 
     def _pair_loss(self, inputs: StepInputs, policy: torch.Tensor):
-        """Per-pair loss and per-sequence implicit rewards."""
-        b = inputs.num_pairs
-        reference = self._reference(inputs, inputs.reference_logps)
-        losses = dpo_loss(policy[:b], policy[b:], reference[:b], reference[b:], beta=self.beta,
-                          loss_type=self.loss_type, label_smoothing=self.label_smoothing)
-        return losses, self.beta * (policy - reference).detach()
+        """Per-pair losses [B] and per-sequence implicit rewards [S] (detached)."""
+        raise NotImplementedError
 
     def _token_terms(self, inputs: StepInputs):
         """Token log-probs, plus any token-level loss term and its metrics from the same sweep."""
-        logps = fused_linear_logprobs(inputs.student.hidden, inputs.student.weight, inputs.targets)
+        logps = fused_linear_logprobs(inputs.student.hidden, inputs.student.weight, inputs.batch.targets)
         return logps, None, {}
 
     def __call__(self, inputs: StepInputs) -> ObjectiveOutput:
         token_logps, token_loss, metrics = self._token_terms(inputs)
-        policy = self._policy_logps(inputs, token_logps)
+        batch = inputs.batch
+        policy = self._per_sequence(inputs, sequence_logps(token_logps, batch.target_sequence, batch.num_sequences))
         losses, rewards = self._pair_loss(inputs, policy)
         loss = losses.sum() / inputs.normalizers.pairs
-        metrics.update(_pair_metrics(rewards, policy[:inputs.num_pairs].detach(),
-                                     policy[inputs.num_pairs:].detach(), inputs.num_pairs, inputs.normalizers.pairs))
+        metrics.update(_pair_metrics(rewards, policy, inputs))
         if token_loss is not None:
             loss = loss + token_loss
         metrics["loss"] = loss.detach()
         return ObjectiveOutput(loss, metrics)
 
 
-class DaDPO(DPO):
+@dataclass(frozen=True)
+class DPO(_Preference):
+    """dDPO (Zephyr) on cached reference log-probs."""
+
+    name = "dpo"
+    formula = ("dDPO: −log σ(β·h), h = [log π_θ(y^t) − log π_ref(y^t)] − [log π_θ(y^s) − log π_ref(y^s)]; "
+               "`loss_type` `sigmoid`, `ipo` (h − 1/(2β))², `hinge` relu(1 − β·h); `label_smoothing` ε: "
+               "−(1−ε)·log σ(β·h) − ε·log σ(−β·h)")
+    beta: float = parameter(0.1, "the KL weight β (inverse temperature of the implicit reward)", ZEPHYR_DDPO)
+    loss_type: str = parameter("sigmoid", "sigmoid, ipo or hinge", "sigmoid, as in DPO")
+    label_smoothing: float = parameter(0.0, "sigmoid only: the assumed share ε of flipped preferences",
+                                       "off, as in DPO")
+
+    def validate(self) -> None:
+        super().validate()
+        _positive(self, "beta")
+        _check(self.loss_type in LOSS_TYPES, "loss_type", f"is {self.loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+        _check(math.isfinite(self.label_smoothing) and 0 <= self.label_smoothing < 0.5, "label_smoothing",
+               f"must be in [0, 0.5), got {self.label_smoothing}")
+        _check(not self.label_smoothing or self.loss_type == "sigmoid", "label_smoothing",
+               f"applies to loss_type sigmoid only, not {self.loss_type!r}")
+
+    def _pair_loss(self, inputs: StepInputs, policy: torch.Tensor):
+        split = inputs.batch.split_pairs
+        reference = self._per_sequence(inputs, inputs.reference_logps)
+        losses = dpo_loss(*split(policy), *split(reference), beta=self.beta, loss_type=self.loss_type,
+                          label_smoothing=self.label_smoothing)
+        return losses, self.beta * (policy - reference).detach()
+
+
+@dataclass(frozen=True)
+class DaDPO(_Preference):
     """daDPO: DPO whose per-pair target margin comes from the teacher's cached sequence log-probs."""
 
     name = "dadpo"
+    formula = ("−log σ((β1+β2)·[log π_θ(y^t) − log π_θ(y^s)] − β1·[log π_ref(y^t) − log π_ref(y^s)] "
+               "− β2·[log π_te(y^t) − log π_te(y^s)]); β2 = 0 is exactly dDPO")
     needs_teacher_logps = True
+    beta1: float = parameter(0.1, "weight of KL(π‖π_ref); dDPO's β when beta2 = 0", ZEPHYR_DDPO + "'s β")
+    beta2: float = parameter(0.1, "weight of KL(π‖π_te), the teacher's distribution", UNPUBLISHED)
 
-    def __init__(self, beta1: float = 0.1, beta2: float = 0.1, average_logps: bool = False):
-        super().__init__(beta=beta1, average_logps=average_logps)
-        self.beta1, self.beta2 = beta1, beta2
+    def validate(self) -> None:
+        super().validate()
+        _positive(self, "beta1")
+        _non_negative(self, "beta2")
 
     def _pair_loss(self, inputs: StepInputs, policy: torch.Tensor):
-        b = inputs.num_pairs
-        reference = self._reference(inputs, inputs.reference_logps)
-        teacher = self._reference(inputs, inputs.teacher_logps)
-        losses = dadpo_loss(policy[:b], policy[b:], reference[:b], reference[b:], teacher[:b], teacher[b:],
-                            beta1=self.beta1, beta2=self.beta2)
+        split = inputs.batch.split_pairs
+        reference = self._per_sequence(inputs, inputs.reference_logps)
+        teacher = self._per_sequence(inputs, inputs.teacher_logps)
+        losses = dadpo_loss(*split(policy), *split(reference), *split(teacher), beta1=self.beta1, beta2=self.beta2)
         # Per-sequence implicit reward (β1+β2)·log π − β1·log π_ref − β2·log π_te: chosen − rejected is the margin.
         rewards = (self.beta1 + self.beta2) * policy - self.beta1 * reference - self.beta2 * teacher
         return losses, rewards.detach()
 
 
-class DaDPOToken(DPO):
-    """dDPO + α·mean_t D(π_te‖π_θ) over the response tokens of chosen and rejected, one sweep."""
+@dataclass(frozen=True)
+class DaDPOToken(DPO, _DivergenceTerm):
+    """dDPO plus the teacher's per-token distribution on both responses, one sweep."""
 
     name = "dadpo_token"
+    formula = "dDPO + α·mean_t D(π_te‖π_θ) over chosen and rejected response tokens, one sweep"
     needs_teacher = True
+    alpha: float = parameter(0.1, "weight of the token-level divergence", UNPUBLISHED)
 
-    def __init__(self, beta: float = 0.1, alpha: float = 0.1, kind: str = "forward_kl", jsd_beta: float = 0.5,
-                 temperature: float = 1.0, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 average_logps: bool = False):
-        super().__init__(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
-                         average_logps=average_logps)
-        self.alpha, self.kind, self.jsd_beta, self.temperature = alpha, kind, jsd_beta, temperature
+    def validate(self) -> None:
+        super().validate()
+        _non_negative(self, "alpha")
 
     def _token_terms(self, inputs: StepInputs):
-        responses = inputs.response_rows()
+        responses = inputs.batch.response_rows()
         token_mean = _weights(responses, 1.0 / inputs.normalizers.response_tokens)
-        div, logps = fused_linear_divergence(
-            inputs.student.hidden, inputs.student.weight, inputs.teacher.hidden, inputs.teacher.weight,
-            kind=self.kind, beta=self.jsd_beta, temperature=self.temperature, mask=responses,
-            targets=inputs.targets, vocab_size=inputs.vocab_size, grad_weights=token_mean)
+        div, logps = self._divergence(inputs, responses, inputs.batch.targets, token_mean)
         divergence = (div * token_mean).sum()
         return logps, self.alpha * divergence, {"kd/divergence": divergence.detach()}
 
 
-class DCKD(Objective):
-    """Dual-constrained KD (ADPA paper): sft + λ_c·mean KL(π_te‖π_θ)|chosen + λ_r·mean KL|rejected, one sweep."""
+@dataclass(frozen=True)
+class DCKD(_DivergenceTerm):
+    """Dual-constrained KD (ADPA paper): sft plus the divergence on both responses, one sweep."""
 
     name = "dckd"
+    formula = "sft + λ_c·mean_t KL(π_te‖π_θ) on chosen + λ_r·mean_t KL on rejected, one sweep"
+    default_lr = 5e-7
+    lr_source = ADPA_RELEASE
     needs_teacher = True
+    lambda_chosen: float = parameter(0.1, "weight λ_c of the divergence on the chosen responses", ADPA_RELEASE)
+    lambda_rejected: float = parameter(0.1, "weight λ_r of the divergence on the rejected responses", ADPA_RELEASE)
 
-    def __init__(self, lambda_chosen: float = 0.1, lambda_rejected: float = 0.1, kind: str = "forward_kl",
-                 jsd_beta: float = 0.5, temperature: float = 1.0):
-        self.lambda_chosen, self.lambda_rejected = lambda_chosen, lambda_rejected
-        self.kind, self.jsd_beta, self.temperature = kind, jsd_beta, temperature
+    def validate(self) -> None:
+        super().validate()
+        _non_negative(self, "lambda_chosen", "lambda_rejected")
 
     def __call__(self, inputs: StepInputs) -> ObjectiveOutput:
-        norm = inputs.normalizers
-        chosen, rejected = inputs.chosen_rows(), inputs.rejected_rows()
+        batch, norm = inputs.batch, inputs.normalizers
+        chosen, rejected = batch.chosen_rows(), batch.rejected_rows()
+        per_rejected = 1.0 / max(norm.rejected_tokens, 1.0)
         div_weights = (_weights(chosen, self.lambda_chosen / norm.chosen_tokens)
-                       + _weights(rejected, self.lambda_rejected / max(norm.rejected_tokens, 1.0)))
+                       + _weights(rejected, self.lambda_rejected * per_rejected))
         ce_weights = _weights(chosen, -1.0 / norm.chosen_tokens)
-        div, logps = fused_linear_divergence(
-            inputs.student.hidden, inputs.student.weight, inputs.teacher.hidden, inputs.teacher.weight,
-            kind=self.kind, beta=self.jsd_beta, temperature=self.temperature, mask=chosen | rejected,
-            targets=torch.where(chosen, inputs.targets, IGNORE_INDEX), vocab_size=inputs.vocab_size,
-            grad_weights=div_weights, logp_grad_weights=ce_weights)
+        div, logps = self._divergence(inputs, chosen | rejected, torch.where(chosen, batch.targets, IGNORE_INDEX),
+                                      div_weights, ce_weights)
         sft = (logps * ce_weights).sum()
         kl_chosen = (div * _weights(chosen, 1.0 / norm.chosen_tokens)).sum()
-        kl_rejected = (div * _weights(rejected, 1.0 / max(norm.rejected_tokens, 1.0))).sum()
+        kl_rejected = (div * _weights(rejected, per_rejected)).sum()
         loss = sft + self.lambda_chosen * kl_chosen + self.lambda_rejected * kl_rejected
-        sums = sequence_logps(logps.detach(), inputs.target_sequence, inputs.num_sequences)
-        return ObjectiveOutput(loss, {"loss": loss.detach(), "sft/ce": sft.detach(),
-                                      "kd/divergence": (kl_chosen * norm.chosen_tokens
-                                                        + kl_rejected * norm.rejected_tokens).detach()
-                                      / norm.response_tokens,
+        pooled = (kl_chosen * norm.chosen_tokens + kl_rejected * norm.rejected_tokens) / norm.response_tokens
+        return ObjectiveOutput(loss, {"loss": loss.detach(), "sft/ce": sft.detach(), "kd/divergence": pooled.detach(),
                                       "kd/divergence_chosen": kl_chosen.detach(),
                                       "kd/divergence_rejected": kl_rejected.detach(),
-                                      "logps/chosen": sums[:inputs.num_pairs].sum() / norm.pairs})
+                                      "logps/chosen": _chosen_logps_metric(inputs, logps)})
 
 
+@dataclass(frozen=True)
 class ADPA(Objective):
-    """ADPA: sft on the chosen responses − γ·mean over the student's own response (the rejected
-    field) of Σ_a π_θ(a|s_t)·[log π_te(a|s_t) − log π_te_ref(a|s_t)]."""
+    """ADPA: sft on the chosen responses minus the teacher's advantage over its reference, in
+    expectation under the student, on the student's own responses (the rejected field)."""
 
     name = "adpa"
+    formula = ("sft − γ·mean over the student's own response (`rejected`) of "
+               "Σ_a π_θ(a\\|s_t)·[log π_te(a\\|s_t) − log π_te_ref(a\\|s_t)]")
+    default_lr = 5e-7
+    lr_source = ADPA_RELEASE
     needs_teacher = True
     needs_teacher_reference = True
+    gamma: float = parameter(1.6, "weight γ of the advantage term", ADPA_RELEASE)
+    temperature: float = parameter(1.0, "divides the three models' logits", "1: logits as they are")
 
-    def __init__(self, gamma: float = 1.6, temperature: float = 1.0):
-        self.gamma, self.temperature = gamma, temperature
+    def validate(self) -> None:
+        super().validate()
+        _non_negative(self, "gamma")
+        _positive(self, "temperature")
 
     def __call__(self, inputs: StepInputs) -> ObjectiveOutput:
-        norm = inputs.normalizers
-        chosen, rejected = inputs.chosen_rows(), inputs.rejected_rows()
+        batch, norm = inputs.batch, inputs.normalizers
+        chosen, rejected = batch.chosen_rows(), batch.rejected_rows()
+        per_rejected = 1.0 / max(norm.rejected_tokens, 1.0)
         ce_weights = _weights(chosen, -1.0 / norm.chosen_tokens)
-        adv_weights = _weights(rejected, -self.gamma / max(norm.rejected_tokens, 1.0))
         logps = fused_linear_logprobs(inputs.student.hidden, inputs.student.weight,
-                                      torch.where(chosen, inputs.targets, IGNORE_INDEX), grad_weights=ce_weights)
+                                      torch.where(chosen, batch.targets, IGNORE_INDEX), grad_weights=ce_weights)
         advantage = fused_linear_advantage(
             inputs.student.hidden, inputs.student.weight, inputs.teacher.hidden, inputs.teacher.weight,
             inputs.teacher_reference.hidden, inputs.teacher_reference.weight, temperature=self.temperature,
-            mask=rejected, vocab_size=inputs.vocab_size, grad_weights=adv_weights)
+            mask=rejected, vocab_size=inputs.vocab_size, grad_weights=_weights(rejected, -self.gamma * per_rejected))
         sft = (logps * ce_weights).sum()
-        mean_advantage = (advantage * _weights(rejected, 1.0 / max(norm.rejected_tokens, 1.0))).sum()
+        mean_advantage = (advantage * _weights(rejected, per_rejected)).sum()
         loss = sft - self.gamma * mean_advantage
-        sums = sequence_logps(logps.detach(), inputs.target_sequence, inputs.num_sequences)
         return ObjectiveOutput(loss, {"loss": loss.detach(), "sft/ce": sft.detach(),
                                       "adpa/advantage": mean_advantage.detach(),
-                                      "logps/chosen": sums[:inputs.num_pairs].sum() / norm.pairs})
+                                      "logps/chosen": _chosen_logps_metric(inputs, logps)})
 
 
 OBJECTIVES = {cls.name: cls for cls in (SFT, KD, DPO, DaDPO, DaDPOToken, DCKD, ADPA)}
+DEFAULT_OBJECTIVE = "dadpo"
+
+
+def objective_table() -> str:
+    """The README's table of objectives, generated from their declarations so the two cannot drift."""
+    lines = ["| name | loss | parameters (default, source) |", "|---|---|---|"]
+    for cls in OBJECTIVES.values():
+        described = [f"`{f.name}` {_shown(f.default)} ({f.metadata['source']})" for f in cls.parameters()]
+        described.append(f"lr {_shown(cls.default_lr)} ({cls.lr_source})")
+        lines.append(f"| `{cls.name}` | {cls.formula} | {'; '.join(described)} |")
+    return "\n".join(lines)
+
+
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:g}".replace("e-0", "e-") if isinstance(value, float) else str(value)

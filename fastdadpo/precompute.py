@@ -18,8 +18,11 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .data import shard_rounds
+from . import distributed
+from .engines import build_frozen
+from .kernels import fused_linear_logprobs
 from .objectives import sequence_logps
+from .sampler import shard_rounds
 
 _SAMPLED_BLOCK = 1 << 20
 _FULL_HASH_LIMIT = 2 << 30
@@ -134,16 +137,14 @@ def sequence_logps_table(token_logps_fn: Callable, examples: List, *, collate: C
     counts rows tokenization dropped): Σ log π of its chosen and rejected response (rejected
     column 0 for chosen-only data). ``token_logps_fn(batch)`` gives a batch's [R, T] token log-probs
     of its targets (0 off the responses). Collective: every rank runs the same number of micro-batches
-    (``data.shard_rounds``; a rank out of examples runs example 0 and drops it), so ZeRO-3 ranks stay in step."""
+    (``sampler.shard_rounds``; a rank out of examples runs example 0 and drops it), so ZeRO-3 ranks stay in step."""
     rows, values = [], []
     for indices in shard_rounds(len(examples), micro_batch_size, rank, world_size):
-        padded = indices or [0]
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([examples[i] for i in padded]).items()}
+        batch = collate([examples[i] for i in indices or [0]]).to(device)
         with torch.no_grad():
-            sums = sequence_logps(token_logps_fn(batch), batch["target_sequence"], batch["num_sequences"])
-        b = len(padded)
-        chosen = sums[:b]
-        rejected = sums[b:2 * b] if batch["num_sequences"] == 2 * b else torch.zeros_like(chosen)
+            sums = sequence_logps(token_logps_fn(batch), batch.target_sequence, batch.num_sequences)
+        chosen, rejected = batch.split_pairs(sums)
+        rejected = rejected if batch.has_rejected else torch.zeros_like(chosen)
         for j, index in enumerate(indices):
             rows.append(examples[index].index)
             values.append((float(chosen[j]), float(rejected[j])))
@@ -152,3 +153,62 @@ def sequence_logps_table(token_logps_fn: Callable, examples: List, *, collate: C
         for index, pair in zip(part_rows, part_values):
             table[index] = torch.tensor(pair)
     return table
+
+
+# --- what a training run caches ------------------------------------------------------------------------------
+
+def training_tables(config, engine, splits: dict, collate: Callable, dist, dtype, log) -> dict:
+    """{(name, split): [rows, 2] table} of the cached sequence log-probs ``config.objective`` needs:
+    π_ref's ("reference": ``model.reference``, or the starting student before any update) and the
+    teacher's ("teacher"). Collective; loaded from the cache when there, else computed once."""
+    objective = config.objective
+    wanted = []
+    if objective.needs_reference_logps:
+        wanted.append(("reference", config.model.reference or config.model.student))
+    if objective.needs_teacher_logps:
+        wanted.append(("teacher", config.model.teacher))
+    tables = {}
+    for name, path in wanted:
+        frozen = None
+        for split, examples in splits.items():
+            if not examples:
+                continue
+            key = {"kind": "sequence_logps", "model": model_fingerprint(path), "data": data_fingerprint(examples),
+                   "dtype": str(dtype), "uses_rejected": objective.uses_rejected, "version": 1}
+
+            def compute():
+                nonlocal frozen
+                log.info(f"computing {name} log-probs of {split} ({len(examples)} examples), cached for later runs")
+                if name == "reference" and not config.model.reference:
+                    token_logps = _student_token_logps(engine)  # π_ref = the starting student, before any update
+                else:
+                    if frozen is None:
+                        frozen = build_frozen(path, key=f"model.{name}", dtype=dtype, device=dist.device,
+                                              offload=config.deepspeed.teacher_offload, extra=config.deepspeed.extra,
+                                              liger_kernels=config.model.liger_kernels)
+                    token_logps = _frozen_token_logps(frozen)
+                return sequence_logps_table(
+                    token_logps, examples, collate=collate, micro_batch_size=config.train.micro_batch_size,
+                    rank=dist.rank, world_size=dist.world_size, gather=distributed.all_gather_object, device=dist.device)
+
+            tables[(name, split)] = cached(config.data.resolved_cache_dir(), key, compute, dist.is_main,
+                                           distributed.broadcast_object)
+        del frozen
+    return tables
+
+
+def _student_token_logps(engine):
+    def token_logps(batch):
+        engine.eval()
+        return engine(batch.input_ids, batch.attention_mask, batch.position_ids,
+                      lambda hidden, head: fused_linear_logprobs(hidden, head, batch.targets))
+
+    return token_logps
+
+
+def _frozen_token_logps(frozen):
+    def token_logps(batch):
+        hidden = frozen.hidden(batch.input_ids, batch.attention_mask, batch.position_ids)
+        return fused_linear_logprobs(hidden, frozen.head, batch.targets)
+
+    return token_logps

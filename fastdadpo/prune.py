@@ -59,7 +59,7 @@ from .chat import as_messages, prompt_ids, response_ids
 from .data import read_rows
 from .errors import ConfigError, DataError, UserError
 from .models import (count_parameters, decoder, load_causal_lm, pad_token_id, require_model_dir, resolve_device,
-                     resolve_dtype, right_padded)
+                     resolve_dtype, padded)
 
 ROW_SLICED = {"self_attn.q_proj": "query", "self_attn.k_proj": "kv", "self_attn.v_proj": "kv",
               "mlp.gate_proj": "mlp", "mlp.up_proj": "mlp"}
@@ -234,7 +234,7 @@ def _collect_statistics(model, calibration: Sequence[List[int]], pad_id: int,
     try:
         with torch.inference_mode():
             for start in range(0, len(calibration), batch_size):
-                input_ids, attention_mask = right_padded(calibration[start:start + batch_size], pad_id)
+                input_ids, attention_mask = padded(calibration[start:start + batch_size], pad_id)
                 stats.token_mask = attention_mask.bool().to(device)
                 stats.tokens += int(attention_mask.sum())
                 decoder(model)(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),

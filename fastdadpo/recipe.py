@@ -29,7 +29,6 @@ A recipe (see configs/recipes/):
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -44,7 +43,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from .checkpoint import write_json_atomic
-from .config import apply_override, config_from_mapping, read_yaml_mapping
+from .config import apply_override, config_from_mapping, merge_mappings, read_yaml_mapping
 from .errors import ConfigError, UserError
 
 STAGES = ("prune", "generate", "dsft", "precompute", "train", "eval")
@@ -98,17 +97,16 @@ class Recipe:
     # --- what each training is ---
     def trainings(self) -> List[tuple]:
         """(name, objective overrides, starting student) of every training, dSFT first."""
-        dsft = _merge({"objective": {"name": "sft"}}, copy.deepcopy(self.dsft))
+        dsft = merge_mappings({"objective": {"name": "sft"}}, self.dsft)
         return [("dSFT", dsft, self.start_student)] + [(name, overrides, self.dsft_final)
                                                       for name, overrides in self.students.items()]
 
     def training_config(self, name: str, overrides: dict, student: str) -> dict:
         """The training config (a mapping, as in a YAML file) of one training of the recipe."""
-        config = copy.deepcopy(self.train_common)
-        _merge(config, {"model": {"student": student, "teacher": self.teacher},
-                        "data": {"train": self.pairs},
-                        "train": {"output_dir": self.training_dir(name), "resume": True}})
-        return _merge(config, copy.deepcopy(overrides))
+        config = merge_mappings(self.train_common, {"model": {"student": student, "teacher": self.teacher},
+                                                    "data": {"train": self.pairs},
+                                                    "train": {"output_dir": self.training_dir(name), "resume": True}})
+        return merge_mappings(config, overrides)
 
 
 def _slug(name: str) -> str:
@@ -303,15 +301,6 @@ def _flags(options: Dict[str, Any]) -> List[str]:
         elif value is not None:
             args += [flag, str(value)]
     return args
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = copy.deepcopy(value)
-    return base
 
 
 def add_arguments(parser) -> None:

@@ -10,20 +10,18 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from .models import pad_token_id, padded
+
 
 def generate_batch(model, tokenizer, prompts: Sequence[List[int]], *, max_new_tokens: int, temperature: float = 1.0,
                    top_p: float = 1.0, seed: Optional[int] = None, synced_gpus: bool = False,
                    device: Optional[torch.device] = None) -> List[List[int]]:
     """Generate one response per prompt (token ids, left-padded batch). Returns the new tokens of
     each response, up to and including the first eos (or ``max_new_tokens`` of them)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(p) for p in prompts)
+    pad = pad_token_id(tokenizer)
     device = device or next(model.parameters()).device
-    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, width - len(ids):] = 1
+    input_ids, attention_mask = padded(prompts, pad, left=True)
+    width = input_ids.shape[1]
     kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
                   synced_gpus=synced_gpus, use_cache=True)
     if temperature == 0:

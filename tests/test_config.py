@@ -6,7 +6,8 @@ import pytest
 import torch
 import yaml
 
-from fastdadpo.config import DEFAULT_LR, load_config
+from fastdadpo.config import load_config
+from fastdadpo.objectives import DaDPO, SFT
 from fastdadpo.ds_config import student_config, validate_extra
 from fastdadpo.errors import ConfigError
 
@@ -28,18 +29,32 @@ def test_defaults_and_overrides(base):
     assert config.objective.beta2 == 0.3 and config.objective.beta1 == 0.1
     assert config.train.max_steps == 10 and config.deepspeed.zero_stage == 3
     assert config.deepspeed.extra == {"zero_optimization": {"reduce_bucket_size": 500000000}}
-    assert load_config(base).lr == DEFAULT_LR["dadpo"]
-    assert load_config(base, ["objective.name=sft"]).lr == DEFAULT_LR["sft"]
+    assert load_config(base).lr == DaDPO.default_lr == 5e-7
+    assert load_config(base, ["objective.name=sft"]).lr == SFT.default_lr == 2e-5
 
 
 @pytest.mark.parametrize("overrides,message", [
     (["train.lrr=1"], "unknown config key 'train.lrr' (did you mean 'train.lr'?)"),
     (["trian.lr=1"], "unknown config section 'trian'"),
     (["objective.name=kl"], "objective.name is 'kl'"),
-    (["objective.beta1=0"], "objective.beta1 must be > 0"),
-    (["objective.jsd_beta=1.0"], "objective.jsd_beta must be in (0, 1)"),
-    (["objective.loss_type=kto"], "objective.loss_type is 'kto'"),
-    (["objective.label_smoothing=0.1", "objective.loss_type=ipo"], "applies to loss_type sigmoid only"),
+    (["objective.beta1=0"], "objective.beta1 must be a finite number > 0"),
+    (["objective.beta=0.7"], "objective.beta is not a parameter of objective 'dadpo' (it is a parameter of dpo, "
+                             "dadpo_token); 'dadpo' has average_logps, beta1, beta2"),
+    (["objective.gamma=3.0"], "objective.gamma is not a parameter of objective 'dadpo'"),
+    (["objective.name=kd", "objective.jsd_beta=0.3"], "objective.jsd_beta applies to kind jsd only"),
+    (["train.lr=.nan"], "train.lr must be a finite number"),
+    (["train.epochs=.inf"], "train.epochs must be a finite number"),
+    (["train.timeout_minutes=.nan"], "train.timeout_minutes must be a finite number"),
+    (["train.max_grad_norm=-1"], "train.max_grad_norm must be >= 0 (0: off)"),
+    (["train.resume=/nonexistent/step-3"], "train.resume is '/nonexistent/step-3', which is not a directory"),
+    (["model.dtype=fp8"], "model.dtype is 'fp8'"),
+    (["model.liger_kernels=maybe"], "model.liger_kernels is 'maybe'; choose auto, true or false"),
+    (["model.liger_kernels=true"], "model.liger_kernels is true, but Liger's kernels are Triton GPU kernels and "
+                                   "this machine has no CUDA device"),
+    (["objective.name=kd", "objective.kind=jsd", "objective.jsd_beta=1.0"], "objective.jsd_beta must be in (0, 1)"),
+    (["objective.name=dpo", "objective.loss_type=kto"], "objective.loss_type is 'kto'"),
+    (["objective.name=dpo", "objective.label_smoothing=0.1", "objective.loss_type=ipo"],
+     "applies to loss_type sigmoid only"),
     (["model.teacher=null"], "model.teacher is required by objective 'dadpo'"),
     (["objective.name=adpa"], "model.teacher_reference is required by objective 'adpa'"),
     (["data.max_prompt_length=2000"], "data.max_prompt_length (2000) must be positive and below data.max_length"),
@@ -54,7 +69,10 @@ def test_bad_values_name_the_key(base, overrides, message):
     with pytest.raises(ConfigError) as error:
         load_config(base, overrides)
     assert message in str(error.value)
-    assert base in str(error.value) or message == "expected KEY=VALUE"  # a malformed --set is the command line's
+    # Values given with --set are blamed on that --set; a key the file lacks, on the file.
+    blamed = str(error.value).split(": ", 1)[0]
+    assert blamed in {base, "--set 'train.lr'"} | {f"--set {o.split('=', 1)[0]}" for o in overrides}
+    assert (blamed == base) == (message == "model.teacher_reference is required by objective 'adpa'")
 
 
 def test_bad_yaml_names_the_line(tmp_path):
@@ -98,3 +116,56 @@ def test_student_deepspeed_config_merges_extra():
 def test_shipped_configs_are_valid(path):
     config = load_config(path)
     assert config.model.student and config.data.train
+
+
+def test_errors_name_the_file_for_values_it_gave(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {student: s, teacher: t}\ndata: {train: d.jsonl}\nobjective: {name: dadpo, beta: 0.7}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: objective\.beta is not a parameter of objective 'dadpo'"):
+        load_config(str(path))
+
+
+def test_dependent_default_follows_the_value_it_depends_on(base):
+    config = load_config(base, ["data.max_length=64"])  # max_prompt_length never given: no error
+    assert config.data.max_prompt_length is None and config.data.prompt_length == 32
+    assert load_config(base).data.prompt_length == 512
+    assert load_config(base, ["data.max_length=64", "data.max_prompt_length=40"]).data.prompt_length == 40
+
+
+def test_duplicate_yaml_keys_are_refused(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("model: {student: s}\ndata: {train: d.jsonl}\ntrain: {lr: 1.0e-5}\ntrain: {max_steps: 3}\n")
+    with pytest.raises(ConfigError, match=r"twice\.yaml line 4: .*'train' is written twice \(first at line 3\)"):
+        load_config(str(path))
+
+
+def test_objective_section_round_trips(base):
+    config = load_config(base, ["objective.name=dpo", "objective.beta=0.3", "objective.loss_type=ipo"])
+    assert config.to_dict()["objective"] == {"name": "dpo", "beta": 0.3, "loss_type": "ipo", "label_smoothing": 0.0,
+                                             "average_logps": False}
+
+
+def test_liger_kernels_auto_is_off_on_cpu(student_dir):
+    from fastdadpo import models
+
+    model = models.load_causal_lm(student_dir, dtype=torch.float32, device=torch.device("cpu"), liger_kernels="auto")
+    assert not models.apply_liger_kernels(model, "auto", "model.student")
+    assert not models.apply_liger_kernels(model, False, "model.student")
+    with pytest.raises(ConfigError, match="model.liger_kernels is true, but for model.student"):
+        models.apply_liger_kernels(model, True, "model.student")
+
+
+def test_attention_implementation_is_flash_attn_only_where_it_runs(monkeypatch):
+    """flash-attn (varlen through the packed batches' restarting position ids) on CUDA in half
+    precision when installed; PyTorch SDPA everywhere else (packing then uses its block mask)."""
+    import importlib.util
+
+    from fastdadpo import models
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
+    assert models.attention_implementation(cuda, torch.bfloat16) == "flash_attention_2"
+    assert models.attention_implementation(cuda, torch.float32) == "sdpa"
+    assert models.attention_implementation(cpu, torch.bfloat16) == "sdpa"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert models.attention_implementation(cuda, torch.bfloat16) == "sdpa"

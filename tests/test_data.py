@@ -2,7 +2,6 @@
 tokenizer check, micro-batch splitting, and collated batches (masks, packing equivalence on real
 tiny Qwen2 and Llama models)."""
 import json
-import random
 import os
 
 import pytest
@@ -274,38 +273,6 @@ def test_different_tokenizers(tokenizer):
 
 # --- micro-batches -------------------------------------------------------------------------------------------
 
-def fake_tokenized(n):
-    return [data.TokenizedExample([1] * (1 + i % 7), [2] * (1 + (3 * i) % 5), [3], i) for i in range(n)]
-
-
-@pytest.mark.parametrize("n, micro_batch_size, world_size", [(1, 1, 1), (10, 3, 1), (10, 3, 2), (17, 2, 4),
-                                                              (5, 4, 3), (24, 4, 2)])
-@pytest.mark.parametrize("group_by_length", [True, False])
-def test_micro_batches_give_every_rank_the_same_full_count(n, micro_batch_size, world_size, group_by_length):
-    tokenized = fake_tokenized(n)
-    kwargs = dict(seed=3, epoch=1, world_size=world_size, group_by_length=group_by_length, length_window=2)
-    per_rank = [data.micro_batches(tokenized, micro_batch_size, rank=rank, **kwargs) for rank in range(world_size)]
-    assert len({len(batches) for batches in per_rank}) == 1
-    assert all(len(batch) == micro_batch_size for batches in per_rank for batch in batches)
-    seen = [example.index for batches in per_rank for batch in batches for example in batch]
-    assert set(seen) == set(range(n))
-    assert len(seen) - n == data.padded_example_count(n, micro_batch_size, world_size)
-    assert per_rank[0] == data.micro_batches(tokenized, micro_batch_size, rank=0, **kwargs)  # deterministic
-
-
-def test_micro_batches_shuffle_per_epoch_and_group_by_length():
-    tokenized = fake_tokenized(64)
-    epoch = [[[e.index for e in batch] for batch in data.micro_batches(tokenized, 4, seed=0, epoch=k)]
-             for k in (0, 1)]
-    assert epoch[0] != epoch[1]
-
-    def padding(batches):
-        return sum(max(e.length() for e in batch) * len(batch) - sum(e.length() for e in batch) for batch in batches)
-
-    grouped = padding(data.micro_batches(tokenized, 8, seed=0, epoch=0, length_window=8))
-    assert grouped < padding(data.micro_batches(tokenized, 8, seed=0, epoch=0, group_by_length=False)) / 3
-
-
 # --- collating -----------------------------------------------------------------------------------------------
 
 PAD = 0
@@ -313,7 +280,7 @@ PAD = 0
 
 def check_targets(batch, sequences, packed):
     """Targets are exactly the response ids, one position early; -100 (and sequence -1) elsewhere."""
-    targets, owners = batch["targets"], batch["target_sequence"]
+    targets, owners = batch.targets, batch.target_sequence
     expected_targets = torch.full_like(targets, -100)
     expected_owners = torch.full_like(owners, -1)
     offset = 0
@@ -322,15 +289,15 @@ def check_targets(batch, sequences, packed):
         first = start + len(prompt) - 1  # this position predicts the first response token
         expected_targets[row, first:first + len(response)] = torch.tensor(response)
         expected_owners[row, first:first + len(response)] = s
-        assert batch["input_ids"][row, start:start + len(prompt) + len(response)].tolist() == prompt + response
-        assert batch["position_ids"][row, start:start + len(prompt) + len(response)].tolist() == list(
+        assert batch.input_ids[row, start:start + len(prompt) + len(response)].tolist() == prompt + response
+        assert batch.position_ids[row, start:start + len(prompt) + len(response)].tolist() == list(
             range(len(prompt) + len(response)))
         offset += len(prompt) + len(response)
     assert torch.equal(targets, expected_targets) and torch.equal(owners, expected_owners)
-    assert batch["response_tokens"].tolist() == [len(response) for _, response in sequences]
+    assert batch.response_tokens.tolist() == [len(response) for _, response in sequences]
     for s in range(len(sequences)):  # each target is the next input token of its own sequence
         rows, positions = (owners == s).nonzero(as_tuple=True)
-        assert torch.equal(batch["input_ids"][rows, positions + 1], targets[rows, positions])
+        assert torch.equal(batch.input_ids[rows, positions + 1], targets[rows, positions])
 
 
 def test_collate_padded_and_packed_layouts():
@@ -339,21 +306,21 @@ def test_collate_padded_and_packed_layouts():
     sequences = [([5, 6, 7], [8, 9, 1]), ([11], [12, 1]), ([5, 6, 7], [10, 1]), ([11], [13, 14, 15, 1])]
 
     padded = data.collate(examples, pad_token_id=PAD)
-    assert padded["input_ids"].shape == (4, 6) and padded["input_ids"].dtype == torch.long
-    assert (padded["num_sequences"], padded["num_examples"], padded["num_pairs"]) == (4, 2, 2)
-    assert padded["example_index"].tolist() == [4, 9]
-    assert padded["attention_mask"].tolist() == [[1] * 6, [1] * 3 + [0] * 3, [1] * 5 + [0], [1] * 5 + [0]]
-    assert padded["input_ids"][1, 3:].tolist() == [PAD] * 3
+    assert padded.input_ids.shape == (4, 6) and padded.input_ids.dtype == torch.long
+    assert (padded.num_sequences, padded.num_pairs, padded.has_rejected) == (4, 2, True)
+    assert padded.example_index.tolist() == [4, 9]
+    assert padded.attention_mask.tolist() == [[1] * 6, [1] * 3 + [0] * 3, [1] * 5 + [0], [1] * 5 + [0]]
+    assert padded.input_ids[1, 3:].tolist() == [PAD] * 3
     check_targets(padded, sequences, packed=False)
 
     packed = data.collate(examples, pad_token_id=PAD, packing=True)
-    assert packed["attention_mask"] is None and packed["input_ids"].shape == (1, 6 + 3 + 5 + 5)
+    assert packed.attention_mask is None and packed.input_ids.shape == (1, 6 + 3 + 5 + 5)
     check_targets(packed, sequences, packed=True)
     boundaries = [5, 8, 13]  # last token of each sequence but the last: never a target
-    assert packed["targets"][0, boundaries].tolist() == [-100] * 3
+    assert packed.targets[0, boundaries].tolist() == [-100] * 3
 
     chosen_only = data.collate(examples, pad_token_id=PAD, include_rejected=False, packing=True)
-    assert (chosen_only["num_sequences"], chosen_only["num_pairs"]) == (2, 2)
+    assert (chosen_only.num_sequences, chosen_only.num_pairs, chosen_only.has_rejected) == (2, 2, False)
     check_targets(chosen_only, sequences[:2], packed=True)
 
 
@@ -377,12 +344,12 @@ def sequence_logps(model, batch):
     from fastdadpo import models
 
     with torch.no_grad():
-        hidden = models.final_hidden_states(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+        hidden = models.final_hidden_states(model, batch.input_ids, batch.attention_mask, batch.position_ids)
         logps = torch.log_softmax(hidden @ models.head_weight(model).T, dim=-1)
-    mask = batch["targets"] != -100
-    token_logps = logps[mask].gather(-1, batch["targets"][mask].unsqueeze(-1)).squeeze(-1)
-    return torch.zeros(batch["num_sequences"], dtype=torch.float32).index_add_(
-        0, batch["target_sequence"][mask], token_logps)
+    mask = batch.targets != -100
+    token_logps = logps[mask].gather(-1, batch.targets[mask].unsqueeze(-1)).squeeze(-1)
+    return torch.zeros(batch.num_sequences, dtype=torch.float32).index_add_(
+        0, batch.target_sequence[mask], token_logps)
 
 
 @pytest.mark.parametrize("model_fixture", ["student_dir", "llama_dir"])
@@ -405,16 +372,3 @@ def test_packing_gives_the_same_log_probs_as_padding(model_fixture, request, tok
     # Sequence sums of ~100 in fp32 differ in the last bits between layouts (other matmul shapes).
     torch.testing.assert_close(packed, padded, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(padded, alone, rtol=1e-6, atol=1e-5)
-
-
-def test_shard_rounds_cover_every_example_once_with_equal_rounds():
-    """The one-pass sweep (eval, precompute): each example on exactly one rank, once; every rank the
-    same number of micro-batches (ZeRO-3 collectives), empty rounds marking stand-ins."""
-    rng = random.Random(0)
-    for _ in range(300):
-        n, micro, ranks = rng.randint(1, 40), rng.randint(1, 6), rng.randint(1, 5)
-        per_rank = [data.shard_rounds(n, micro, rank, ranks) for rank in range(ranks)]
-        assert sorted(i for rounds in per_rank for batch in rounds for i in batch) == list(range(n))
-        assert len({len(rounds) for rounds in per_rank}) == 1
-        assert all(len(batch) <= micro for rounds in per_rank for batch in rounds)
-    assert data.shard_rounds(5, 1, 1, 2) == [[1], [3], []]

@@ -1,16 +1,18 @@
-"""Objectives against references written from OBJECTIVES.md on materialized float64 logits: the loss,
+"""Objectives against references written from their formulas (the README's objective table) on
+materialized float64 logits: the loss,
 every metric, and the gradients on the student's hidden states and LM head, at irregular shapes with
 padding on both sides of prompts and responses and a padded teacher vocabulary."""
 import math
-
+import os
 import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from fastdadpo.data import Batch
 from fastdadpo.objectives import (ADPA, DCKD, DPO, KD, OBJECTIVES, SFT, DaDPO, DaDPOToken, Head, Normalizers,
-                                  StepInputs, dadpo_loss, dpo_loss, sequence_logps)
+                                  ParameterError, StepInputs, dadpo_loss, dpo_loss, objective_table, sequence_logps)
 
 VOCAB, STUDENT_ROWS, TEACHER_ROWS = 41, 41, 47  # the teacher head is padded past the shared vocabulary
 HS, HT = 12, 20
@@ -64,17 +66,16 @@ def _fused(objective, p, normalizers=None, rows=slice(None)):
     """Run an objective in float32 on (a row slice of) the problem; returns output and leaf grads."""
     hidden = p["student_hidden"][rows].float().clone().requires_grad_()
     weight = p["student_weight"].float().clone().requires_grad_()
-    seq = p["target_sequence"][rows]
-    b = p["num_pairs"]
-    # Re-index sequences of a slice so that chosen/rejected keep their roles.
+    targets, seq = p["targets"][rows], p["target_sequence"][rows]
+    batch = Batch(input_ids=torch.zeros_like(targets), attention_mask=None, position_ids=torch.zeros_like(targets),
+                  targets=targets, target_sequence=seq, example_index=torch.arange(p["num_pairs"]),
+                  has_rejected=p["num_sequences"] == 2 * p["num_pairs"],
+                  response_tokens=torch.bincount(seq[seq >= 0], minlength=p["num_sequences"]))
     inputs = StepInputs(
-        student=Head(hidden, weight), targets=p["targets"][rows], target_sequence=seq, num_pairs=b,
-        num_sequences=p["num_sequences"], normalizers=normalizers or _normalizers(p), vocab_size=VOCAB,
+        student=Head(hidden, weight), batch=batch, normalizers=normalizers or _normalizers(p), vocab_size=VOCAB,
         teacher=Head(p["teacher_hidden"][rows].float(), p["teacher_weight"].float()),
         teacher_reference=Head(p["ref_hidden"][rows].float(), p["ref_weight"].float()),
-        reference_logps=p["reference_logps"].float(), teacher_logps=p["teacher_logps"].float(),
-        response_tokens=torch.bincount(p["target_sequence"][p["target_sequence"] >= 0],
-                                       minlength=p["num_sequences"]))
+        reference_logps=p["reference_logps"].float(), teacher_logps=p["teacher_logps"].float())
     out = objective(inputs)
     out.loss.backward()
     return out, hidden.grad, weight.grad
@@ -130,7 +131,7 @@ class Reference:
 
 
 def reference_loss(name, params, p, hidden, weight):
-    """(loss, metrics) of objective ``name`` from the OBJECTIVES.md formulas."""
+    """(loss, metrics) of objective ``name`` from its formula, written independently of the fused code."""
     r = Reference(p, hidden, weight)
     b = p["num_pairs"]
     sft = -r.token_mean(r.token_logps, r.chosen)
@@ -346,3 +347,38 @@ def test_every_contract_objective_is_registered():
     assert OBJECTIVES["adpa"].needs_teacher_reference and OBJECTIVES["dadpo_token"].needs_teacher
     assert not SFT.uses_rejected and not KD.uses_rejected and DCKD.uses_rejected and ADPA.uses_rejected
     assert DaDPOToken.needs_reference_logps
+
+
+@pytest.mark.parametrize("name,params,key", [
+    ("dpo", dict(beta=0.0), "beta"),
+    ("dpo", dict(beta=float("nan")), "beta"),
+    ("dpo", dict(loss_type="kto"), "loss_type"),
+    ("dpo", dict(label_smoothing=0.1, loss_type="ipo"), "label_smoothing"),
+    ("dadpo", dict(beta2=-0.1), "beta2"),
+    ("kd", dict(kind="kl"), "kind"),
+    ("kd", dict(jsd_beta=0.3), "jsd_beta"),  # applies to kind jsd only
+    ("kd", dict(kind="jsd", jsd_beta=1.0), "jsd_beta"),
+    ("dadpo_token", dict(temperature=float("inf")), "temperature"),
+    ("adpa", dict(gamma=-1.0), "gamma"),
+])
+def test_bad_objective_parameters_name_the_parameter(name, params, key):
+    with pytest.raises(ParameterError) as error:
+        OBJECTIVES[name](**params)
+    assert error.value.key == key
+
+
+def test_each_objective_declares_only_the_parameters_it_uses():
+    names = {name: {f.name for f in cls.parameters()} for name, cls in OBJECTIVES.items()}
+    assert names["sft"] == set()
+    assert names["dadpo"] == {"beta1", "beta2", "average_logps"}  # not dDPO's beta, loss_type, label_smoothing
+    assert names["adpa"] == {"gamma", "temperature"}
+    assert {"beta", "alpha", "kind", "temperature", "loss_type"} <= names["dadpo_token"]
+    for cls in OBJECTIVES.values():
+        for f in cls.parameters():
+            assert f.metadata["source"] and f.metadata["doc"], (cls.name, f.name)
+
+
+def test_readme_objective_table_is_the_declared_one():
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"),
+                  encoding="utf-8").read()
+    assert objective_table() in readme, "README's objective table differs from objectives.objective_table()"

@@ -113,16 +113,20 @@ def test_every_objective_trains_on_two_ranks(toy, tmp_path, objective):
 
 def test_two_ranks_follow_one_rank(toy, tmp_path):
     """2 ranks x micro-batch 1, 1 rank x micro-batch 2 and 1 rank x micro-batch 1 x 2 accumulations
-    compute the same steps (global normalizers, the same examples in each optimizer step)."""
+    compute the same steps (global normalizers, the same examples in each optimizer step), with
+    activation checkpointing on or off."""
     # An odd eval set: with two ranks one of them runs a dummy micro-batch in the final evaluation,
     # which must not count; every example counts once whatever the layout.
     odd_eval = tmp_path / "eval5.jsonl"
     odd_eval.write_text("".join(open(toy["eval"]).readlines()[:5]))
     runs = {}
-    for name, ranks, micro, accum in (("two_ranks", 2, 1, 1), ("one_rank", 1, 2, 1), ("accumulated", 1, 1, 2)):
+    # Activation checkpointing (on in two of the three) recomputes the same activations: the same steps.
+    for name, ranks, micro, accum, checkpointing in (("two_ranks", 2, 1, 1, True), ("one_rank", 1, 2, 1, False),
+                                                     ("accumulated", 1, 1, 2, True)):
         out = tmp_path / name
         config = _config(toy, tmp_path, "dadpo_token", train__micro_batch_size=micro, train__grad_accum=accum,
-                         train__output_dir=str(out), train__max_steps=4, data__eval=str(odd_eval))
+                         train__output_dir=str(out), train__max_steps=4, data__eval=str(odd_eval),
+                         train__gradient_checkpointing=checkpointing)
         _train(config, ranks=ranks)
         runs[name] = _metrics(out)
     for other in ("one_rank", "accumulated"):
@@ -170,11 +174,41 @@ def test_sigterm_checkpoints_then_resume_continues(toy, tmp_path):
     assert len(saved) == 1 and not os.path.exists(interrupted / "final")
     stopped_at = int(saved[0].split("-")[1])
     assert 2 <= stopped_at < 40
-    _train(config, f"train.output_dir={interrupted}", "train.resume=true")
+    with open(metrics_file, "a", encoding="utf-8") as handle:  # what a kill during an append leaves
+        handle.write('{"step": 99, "lo')
+    resumed = _train(config, f"train.output_dir={interrupted}", "train.resume=true")
+    assert "dropped 1 unreadable line" in resumed.stdout
     expected, actual = _metrics(uninterrupted), _metrics(interrupted)
     assert [r["step"] for r in actual] == list(range(1, 41))
     for a, b in zip(actual, expected):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), a["step"]
+
+
+def test_a_killed_rank_ends_the_others_with_one_paragraph(toy, tmp_path):
+    """SIGKILL one of two ranks mid-run: the other ends with one paragraph naming the lost rank and
+    the last complete checkpoint (no backend traceback), and the checkpoints written stay complete."""
+    import psutil
+
+    out = tmp_path / "run"
+    config = _config(toy, tmp_path, "sft", train__max_steps=200, train__micro_batch_size=1, train__save_every=2)
+    logs = tmp_path / "logs"
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                f"--log-dir={logs}", "--redirects=3", "-m", "fastdadpo", "train", config],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    deadline = time.time() + TIMEOUT
+    while time.time() < deadline and not ((out / "checkpoints" / "step-2").exists() and process.poll() is None):
+        time.sleep(0.1)
+    victim = next(child for child in psutil.Process(process.pid).children(recursive=True)
+                  if child.environ().get("RANK") == "1" and "fastdadpo" in " ".join(child.cmdline()))
+    victim.kill()
+    process.communicate(timeout=TIMEOUT)
+    assert process.returncode != 0
+    (rank0_stderr,) = [path for path in logs.rglob("stderr.log") if path.parent.name == "0"]
+    text = rank0_stderr.read_text()
+    assert "lost contact with rank(s) 1" in text and "Traceback" not in text, text[-3000:]
+    assert "last complete checkpoint is" in " ".join(text.split())
+    for name in os.listdir(out / "checkpoints"):
+        assert not name.startswith("step-") or (out / "checkpoints" / name / "complete.json").exists()
 
 
 def test_exported_model_matches_the_engine(toy, tmp_path):
@@ -195,11 +229,11 @@ def test_exported_model_matches_the_engine(toy, tmp_path):
                                           fields=("chosen",))
     batch = data.collate(tokenized, pad_token_id=tokenizer.pad_token_id, include_rejected=False)
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logps = torch.log_softmax(logits.double(), -1).gather(-1, batch["targets"].clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    logps = torch.where(batch["targets"] >= 0, logps, 0.0)
-    per_sequence = torch.zeros(batch["num_sequences"], dtype=torch.float64).index_add(
-        0, batch["target_sequence"][batch["targets"] >= 0], logps[batch["targets"] >= 0])
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    logps = torch.log_softmax(logits.double(), -1).gather(-1, batch.targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    logps = torch.where(batch.targets >= 0, logps, 0.0)
+    per_sequence = torch.zeros(batch.num_sequences, dtype=torch.float64).index_add(
+        0, batch.target_sequence[batch.targets >= 0], logps[batch.targets >= 0])
     assert float(per_sequence.mean()) == pytest.approx(final_eval["eval/logps/chosen"], rel=1e-5)
 
 
@@ -243,7 +277,40 @@ def test_non_finite_loss_stops_with_checkpoints_intact(toy, tmp_path, tokenizer)
     assert len(rows) == len(checkpoints) and all(r["loss"] == r["loss"] for r in rows)
 
 
+def test_divergence_stops_the_run_at_every_zero_stage(toy, tmp_path):
+    """An absurd learning rate: the gradient (or the loss) goes non-finite; the run ends with exit
+    status 2 and one paragraph, exports no final/ model, and never logs a non-finite row."""
+    for stage in (0, 3):
+        out = tmp_path / f"zero{stage}"
+        config = _config(toy, tmp_path, "sft", train__lr=1e6, train__max_steps=10, train__output_dir=str(out),
+                         deepspeed__zero_stage=stage, deepspeed__extra={})
+        result = _train(config, check=False)
+        assert result.returncode == 2, (stage, result.stdout[-2000:], result.stderr[-3000:])
+        assert "non-finite" in result.stderr and "Traceback" not in result.stderr
+        assert not (out / "final").exists()
+        rows = _metrics(out) if (out / "metrics.jsonl").exists() else []
+        assert all(r["loss"] == r["loss"] and r["grad_norm"] == r["grad_norm"] for r in rows)
+
+
+def test_each_row_logs_the_rate_it_applied_and_the_gradient_norm_at_every_stage(toy, tmp_path):
+    """Step 1 of a run without warm-up applies the full rate (logged before the scheduler moves on);
+    grad_norm is logged under ZeRO-0 too, equal to ZeRO-3's. data.max_length alone (no
+    max_prompt_length) is a valid config: the prompt limit follows it."""
+    rows = {}
+    for stage in (0, 3):
+        out = tmp_path / f"zero{stage}"
+        config = _config(toy, tmp_path, "sft", train__max_steps=2, train__output_dir=str(out),
+                         deepspeed__zero_stage=stage, deepspeed__extra={}, data__max_prompt_length=None)
+        _train(config)
+        rows[stage] = _metrics(out)
+    assert rows[3][0]["lr"] == pytest.approx(3e-3) and rows[3][1]["lr"] < 3e-3
+    for a, b in zip(rows[0], rows[3]):
+        assert a["grad_norm"] is not None and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
 @pytest.mark.parametrize("change,message", [
+    ({"objective__beta": 0.7}, "objective.beta is not a parameter of objective 'dadpo'"),
     ({"train__lrr": 1.0}, "unknown config key 'train.lrr'"),
     ({"model__teacher": None}, "model.teacher is required by objective 'dadpo'"),
     ({"deepspeed__extra": {"zero_optimization.stage3_prefetch_bucket_size": 5}}, "dotted"),
@@ -277,6 +344,31 @@ def test_tied_embeddings_student_on_two_ranks(toy, tmp_path, llama_dir):
     trained = model.get_input_embeddings().weight
     original = AutoModelForCausalLM.from_pretrained(llama_dir).get_input_embeddings().weight
     assert not torch.equal(trained, original)
+
+
+def test_lora_student_trains_on_two_ranks_and_exports_merged_and_adapter(toy, tmp_path):
+    """model.lora under ZeRO-3 on two ranks: only the adapters train (the loss falls), final/ is the
+    merged model and loads with plain transformers, final-adapter/ is a PEFT adapter whose merge
+    gives final/'s weights."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config = _config(toy, tmp_path, "kd", train__max_steps=8, data__eval=toy["eval"], train__eval_every=4,
+                     model__lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]})
+    result = _train(config, ranks=2)
+    assert "LoRA: r 4, alpha 8 on 6 modules" in result.stdout
+    rows = _metrics(tmp_path / "run")
+    assert rows[-1]["eval/loss"] < rows[3]["eval/loss"]
+    final = AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "final"), dtype=torch.float32).state_dict()
+    pristine = AutoModelForCausalLM.from_pretrained(toy["student"], dtype=torch.float32).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(toy["student"], dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, str(tmp_path / "run" / "final-adapter")).merge_and_unload().state_dict()
+    assert set(final) == set(merged) == set(pristine)
+    for key, value in final.items():
+        torch.testing.assert_close(value, merged[key], rtol=1e-5, atol=1e-6, msg=key)
+    adapted = [k for k in final if k.endswith(("q_proj.weight", "v_proj.weight", "down_proj.weight"))]
+    assert len(adapted) == 6 and all(not torch.equal(final[k], pristine[k]) for k in adapted)
+    assert all(torch.equal(final[k], pristine[k]) for k in final if k not in adapted)  # frozen: untouched
 
 
 def test_cached_log_probs_are_reused_across_runs(toy, tmp_path):
