@@ -142,6 +142,8 @@ def plot(benchmarks: List[dict], path: str) -> Optional[str]:
         for column, label in enumerate(("peak RSS (GiB)", "step time (s)")):
             axis = axes[row][column]
             axis.set_xscale("log", base=2)
+            if column == 1:  # TRL's DPO step is many times ours: a log axis keeps both readable
+                axis.set_yscale("log")
             axis.set_xlabel("micro-batch (pairs)" if group == "dpo" else "micro-batch (sequences)")
             axis.set_ylabel(label)
             axis.set_title(f"{'DPO' if group == 'dpo' else 'forward-KL distillation'}: {label.split(' (')[0]}")
