@@ -269,15 +269,31 @@ def student_grads_bytes(arch: Architecture, s: Setting) -> int:
     return _ceil_div(total, s.ranks)
 
 
+def _bucket_elements(arch: Architecture, s: Setting) -> int:
+    return s.reduce_bucket if s.on_gpu else min(s.reduce_bucket, trained_params(arch, s))
+
+
 def student_reduce_bucket_bytes(arch: Architecture, s: Setting) -> int:
     """Stages 2-3 copy gradients into a contiguous reduce bucket of reduce_bucket_size elements in
     the model dtype (allocated whole on a GPU; on a CPU only the pages written count, at most the
-    P elements of the model). Stage 3's reduce-scatter concatenates the bucket's padded partitions
-    into one more flat tensor of the same size while it reduces: twice the bucket."""
+    P elements of the model)."""
     if s.zero_stage < 2:
         return 0
-    elements = s.reduce_bucket if s.on_gpu else min(s.reduce_bucket, trained_params(arch, s))
-    return elements * s.dtype_bytes * (2 if s.zero_stage == 3 else 1)
+    return _bucket_elements(arch, s) * s.dtype_bytes
+
+
+def student_reduce_copy_bytes(arch: Architecture, s: Setting) -> int:
+    """Stage 3's reduce-scatter concatenates a full bucket's padded partitions into one more flat
+    tensor of the bucket's size while it reduces it. A bucket fills, and is reduced, during backward
+    when the gradients outnumber it (P > reduce_bucket_size: then this copy meets the activations);
+    otherwise only once, after backward (``bucket_fills_in_backward``)."""
+    if s.zero_stage != 3:
+        return 0
+    return _bucket_elements(arch, s) * s.dtype_bytes
+
+
+def bucket_fills_in_backward(arch: Architecture, s: Setting) -> bool:
+    return trained_params(arch, s) > s.reduce_bucket
 
 
 def student_allreduce_bytes(arch: Architecture, s: Setting) -> int:
@@ -548,6 +564,8 @@ def build_plan(models: Models, objective, s: Setting) -> Plan:
         Term("student gradients", student_grads_bytes(st, s)),
         Term("student reduce bucket", student_reduce_bucket_bytes(st, s)),
         Term("student stage-0 all-reduce copy", student_allreduce_bytes(st, s)),
+        Term("student reduce-scatter copy", student_reduce_copy_bytes(st, s),
+             "during backward" if bucket_fills_in_backward(st, s) else "after backward"),
         Term("student fp32 master weights", student_master_bytes(st, s)),
         Term("student AdamW moments", student_moments_bytes(st, s)),
         Term("student fp32 gradients at the step", student_step_fp32_grads_bytes(st, s)),
@@ -605,6 +623,10 @@ def build_plan(models: Models, objective, s: Setting) -> Plan:
         "optimizer step": _unique(persistent + ["student gradients", "student fp32 gradients at the step",
                                                 "AdamW temporary"] + teacher_terms),
     }
+    if s.zero_stage == 3 and bucket_fills_in_backward(st, s):
+        phases["student forward/backward"].append("student reduce-scatter copy")
+    elif s.zero_stage == 3:  # the one reduction of the last bucket, after backward
+        phases["gradient reduce-scatter"] = persistent + ["student reduce-scatter copy"] + teacher_terms
     if s.zero_stage == 0:  # after backward, before the step: every gradient and its flattened copy
         phases["gradient all-reduce"] = persistent + ["student gradients", "student stage-0 all-reduce copy"] + \
             teacher_terms

@@ -31,7 +31,9 @@ def test_parameter_count_by_hand():
 def test_student_terms_by_hand():
     assert plan.student_params_bytes(ARCH, GPU) == 1352 * 2 // 4 == 676
     assert plan.student_grads_bytes(ARCH, GPU) == 676
-    assert plan.student_reduce_bucket_bytes(ARCH, GPU) == 2 * 1000 * 2  # bucket + reduce-scatter's flat copy
+    assert plan.student_reduce_bucket_bytes(ARCH, GPU) == 1000 * 2
+    assert plan.student_reduce_copy_bytes(ARCH, GPU) == 1000 * 2  # reduce-scatter's flat copy of the bucket
+    assert plan.bucket_fills_in_backward(ARCH, GPU)  # 1352 gradients > a 1000-element bucket
     assert plan.student_master_bytes(ARCH, GPU) == 4 * 1352 // 4 == 1352
     assert plan.student_moments_bytes(ARCH, GPU) == 8 * 1352 // 4 == 2704
     assert plan.student_step_fp32_grads_bytes(ARCH, GPU) == 1352
@@ -71,7 +73,7 @@ def test_stages_and_offload_by_hand():
     assert plan.student_step_fp32_grads_bytes(ARCH, cpu0) == 0
     assert plan.student_optimizer_temp_bytes(ARCH, cpu0) == 4 * 128
     cpu3 = Setting(**{**cpu0.__dict__, "zero_stage": 3})
-    assert plan.student_reduce_bucket_bytes(ARCH, cpu3) == 2 * 1000 * 4  # min(bucket 1000, P 1352) pages written
+    assert plan.student_reduce_bucket_bytes(ARCH, cpu3) == 1000 * 4  # min(bucket 1000, P 1352) pages written
     assert plan.student_optimizer_temp_bytes(ARCH, cpu3) == 4 * 1352 // 4  # the flat partition
     # the CPU kernels: R = min(rows, 32 MiB / (V x 4)) = all 12 rows; student logits + work buffer, fp32
     assert plan.kernel_workspace_bytes(KernelSweep(rows=12), ARCH, cpu0, 10) == 12 * 10 * 4 * 2
@@ -97,6 +99,11 @@ def test_phases_add_their_terms():
     assert built.peak_bytes == max(built.phase_bytes(p) for p in built.phases)
     assert "teacher gathered LM head" in built.phases["student forward/backward"]
     assert "student AdamW moments" in built.phases["optimizer step"]
+    assert "student reduce-scatter copy" in built.phases["student forward/backward"]
+    one_bucket = plan.build_plan(Models(student=ARCH), OBJECTIVES["dpo"](), Setting(**{**GPU.__dict__,
+                                                                                      "reduce_bucket": 5000}))
+    assert "student reduce-scatter copy" in one_bucket.phases["gradient reduce-scatter"]
+    assert "student reduce-scatter copy" not in one_bucket.phases["student forward/backward"]
     stage0 = plan.build_plan(Models(student=ARCH), OBJECTIVES["dpo"](), Setting(**{**GPU.__dict__, "zero_stage": 0}))
     assert "student stage-0 all-reduce copy" in stage0.phases["gradient all-reduce"]
 
