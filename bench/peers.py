@@ -216,7 +216,8 @@ def _ours(world: World, spec: RunSpec, work: str, budget: Optional[int], timeout
     import yaml
 
     config = {
-        "model": {"student": world.student, "teacher": world.teacher, "dtype": "fp32"},
+        # Liger's model kernels and activation checkpointing off: TRL runs the plain model code here.
+        "model": {"student": world.student, "teacher": world.teacher, "dtype": "fp32", "liger_kernels": False},
         "data": {"train": world.pairs_file(spec.micro_batch_size), "max_length": spec.max_length,
                  "max_prompt_length": spec.max_prompt_length, "cache_dir": os.path.join(work, "cache")},
         "objective": {"name": spec.objective, **({"beta": spec.beta} if spec.objective in ("dpo", "dadpo_token")
@@ -225,7 +226,7 @@ def _ours(world: World, spec: RunSpec, work: str, budget: Optional[int], timeout
                          else {})},
         "train": {"micro_batch_size": spec.micro_batch_size, "grad_accum": 1, "max_steps": spec.steps,
                   "warmup_ratio": 0.0, "weight_decay": 0.0, "max_grad_norm": 1.0, "lr": spec.lr, "seed": spec.seed,
-                  "output_dir": os.path.join(work, "run")},
+                  "gradient_checkpointing": False, "output_dir": os.path.join(work, "run")},
         "deepspeed": {"zero_stage": spec.zero_stage},
     }
     path = os.path.join(work, "config.yaml")
