@@ -166,8 +166,7 @@ class Trainer:
         save_every = config.train.save_every
         if stop_requested or (save_every and ((step + 1) % save_every == 0 or at_end)):
             path = checkpoint.save(self.engine, config.train.output_dir, step + 1, dist.rank, dist.world_size)
-            if config.train.keep_checkpoints:
-                checkpoint.rotate(config.train.output_dir, config.train.keep_checkpoints, dist.is_main)
+            checkpoint.rotate(config.train.output_dir, config.train.keep_checkpoints, dist.is_main)
             self.log.info(f"checkpoint {path}")
         if stop_requested:
             self.log.info(f"stopped by SIGTERM after step {step + 1}; continue with --set train.resume=true")
