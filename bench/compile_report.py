@@ -30,7 +30,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 if __package__ in (None, ""):  # run as a script: make `bench` importable from the repository root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -199,36 +199,56 @@ def compile_one(spec: dict, arch: int, ptxas: str) -> Compiled:
 
 # --- all of them -------------------------------------------------------------------------------------------
 
-_WORK: List[tuple] = []  # (spec, arch) per job; inherited by the forked workers
+_SPECS: List[dict] = []  # in each worker: the specializations, collected there (JITFunctions do not pickle)
 
 
-def _work(index: int) -> Compiled:
-    spec, arch = _WORK[index]
-    return compile_one(spec, arch, ptxas_path())
+def _init_worker(substring: str) -> None:
+    _SPECS[:] = collect(substring)
 
 
-def compile_all(specs: Sequence[dict], arches: Sequence[int] = ARCHES, jobs: Optional[int] = None,
-                progress: bool = False) -> List[Compiled]:
-    """Compile every spec for every arch, ``jobs`` processes at a time (default: the CPU count),
-    in a fresh Triton cache (nothing is reused between runs); ``progress``: a line per compile
-    on stderr as it finishes."""
+def _names() -> List[str]:
+    return [spec["name"] for spec in _SPECS]
+
+
+def _work(index: int, arch: int) -> Compiled:
+    return compile_one(_SPECS[index], arch, ptxas_path())
+
+
+def compile_all(substring: str = "", arches: Sequence[int] = ARCHES, jobs: Optional[int] = None,
+                progress: bool = False) -> Tuple[List[str], List[Compiled]]:
+    """Compile every specialization whose name holds ``substring`` for every arch, ``jobs``
+    processes at a time (default: the CPU count), in a fresh Triton cache (nothing is reused
+    between runs); returns (the specializations' names, the results). ``progress``: a line per
+    compile on stderr as it finishes.
+
+    The work runs in freshly spawned processes without ``TRITON_INTERPRET``: a process that has
+    imported the kernels under the interpreter (the kernel tests) holds interpreted functions,
+    which do not compile."""
     if ptxas_path() is None:
         raise FileNotFoundError("the Triton wheel has no backends/nvidia/bin/ptxas-blackwell")
     jobs = jobs or os.cpu_count() or 1
+    saved = {key: os.environ.get(key) for key in ("TRITON_CACHE_DIR", "TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
     with tempfile.TemporaryDirectory() as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
-        os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated to silence its warning
         os.environ.pop("TRITON_INTERPRET", None)
-        _WORK[:] = [(spec, arch) for arch in arches for spec in specs]
-        # fork: the workers inherit the imported kernels and the specs (JITFunctions do not pickle)
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-            futures = [pool.submit(_work, i) for i in range(len(_WORK))]
-            if progress:
-                for done, future in enumerate(as_completed(futures), 1):
-                    c = future.result()
-                    print(f"[{done}/{len(futures)}] {arch_name(c.arch)} {c.name}: {c.registers} registers, "
-                          f"{c.spills} spill bytes, {c.seconds:.1f} s", file=sys.stderr, flush=True)
-            return [future.result() for future in futures]
+        os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated to silence its warning
+        try:
+            with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=_init_worker, initargs=(substring,)) as pool:
+                names = pool.submit(_names).result()
+                futures = [pool.submit(_work, index, arch) for arch in arches for index in range(len(names))]
+                if progress:
+                    for done, future in enumerate(as_completed(futures), 1):
+                        c = future.result()
+                        print(f"[{done}/{len(futures)}] {arch_name(c.arch)} {c.name}: {c.registers} registers, "
+                              f"{c.spills} spill bytes, {c.seconds:.1f} s", file=sys.stderr, flush=True)
+                return names, [future.result() for future in futures]
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 # --- the report --------------------------------------------------------------------------------------------
@@ -273,9 +293,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("compile_report: the Triton wheel has no backends/nvidia/bin/ptxas-blackwell; nothing to do",
               file=sys.stderr)
         return 2
-    specs = collect(args.k)
     started = time.perf_counter()
-    results = compile_all(specs, args.arch, args.jobs, progress=True)
+    _, results = compile_all(args.k, args.arch, args.jobs, progress=True)
     seconds = time.perf_counter() - started
     widths = [max(len(h), *(len(r[i]) for r in map(row, results))) for i, h in enumerate(HEADER)]
     for arch in args.arch:

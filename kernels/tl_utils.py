@@ -14,6 +14,25 @@ KIND_JSD = tl.constexpr(KIND_CODES["jsd"])
 KIND_ADVANTAGE = tl.constexpr(KIND_CODES["advantage"])
 
 
+def jit_specialization(name: str, kernel, args: tuple, constexprs: dict, num_warps: int, num_stages: int) -> dict:
+    """A launch ``kernel[grid](*args, **constexprs, num_warps=..., num_stages=...)`` as Triton's JIT
+    specializes it (argument types; pointers and integers flagged divisible by 16 where they are:
+    that decides whether loads vectorize and pipeline), in the form ``triton.compile(ASTSource(fn,
+    signature, constexprs, attrs))`` takes; for the compile report and test. ``args`` may be meta
+    tensors: their data pointer (0) is aligned, as the CUDA caching allocator's are. Uses the
+    JIT's own binder (Triton 3.9 internals), so the variant compiled is the one launched."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))  # divisibility rules are the same on every target
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    options = dict(num_warps=num_warps, num_stages=num_stages)
+    bound, specialization, _ = binder(*args, **constexprs)
+    _, signature, constexpr_values, attrs = kernel._pack_args(backend, options, bound, specialization, None)
+    return dict(name=name, fn=kernel, signature=signature, constexprs=constexpr_values, attrs=attrs, **options)
+
+
 @triton.jit
 def tile_logits(hidden_ptr, weight_ptr, offs_n, offs_v, n_rows, n_cols, hidden_size,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,

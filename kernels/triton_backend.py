@@ -25,7 +25,7 @@ import torch
 import triton
 
 from .sweep import DIVERGENCE_KINDS, SWEEP_KINDS, SweepGrads, SweepInputs, SweepSpec
-from .tl_utils import KIND_CODES
+from .tl_utils import KIND_CODES, jit_specialization
 from .triton_backward import sweep_backward_kernel
 from .triton_forward import (NUM_STATS, STAT_ACC, STAT_KL_STUDENT, STAT_KL_TEACHER, STAT_M_LP, STAT_M_R, STAT_M_S,
                              STAT_M_T, STAT_TARGET, STAT_Z_LP, STAT_Z_R, STAT_Z_S, STAT_Z_T, sweep_forward_kernel)
@@ -37,26 +37,32 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# Tiles and launch options per (kernel, input dtype) on a GPU, chosen with the compile report
+# Tiles and launch options per (kernel, input dtype[, sweep kind]) on a GPU, chosen with the compile report
 # (bench/compile_report.py: registers and spills on sm_90a and sm_80) so that no specialization
 # spills. Half inputs: the forward holds two to three [64, 128] float32 logit tiles at 8 warps
 # (32 registers each); the backward steps H by 32, not 64, which keeps its loops within 255
 # registers on sm_80 (at 64 the JSD/reverse-KL ones spill). float32 inputs are multiplied exactly
-# (no tensor cores: FMA dots, whose operands sit in registers), so their tiles are smaller.
+# (no tensor cores: FMA dots, whose operands sit in registers): smaller tiles stepping H by 16
+# (at [64, 128] x 32 every float32 kernel spills, 0.5-2 KB on sm_80). ptxas caps these FMA kernels
+# at 128 or 168 registers to fit more programs per SM and then spills a few dozen bytes, differently
+# per kind: the backward takes [64, 64] tiles, the forward [64, 32], except ADPA's advantage
+# (three heads), which at [64, 32] spills on sm_80 and at [64, 64] spills on neither.
 # BLOCK_N and BLOCK_V also set the backward's atomic traffic: N·V·H·(1/BLOCK_N + 1/BLOCK_V) adds.
 _GPU_CONFIGS = {
     ("forward", "half"): (dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64), dict(num_warps=8, num_stages=3)),
     ("backward", "half"): (dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32), dict(num_warps=8, num_stages=3)),
-    ("forward", "float32"): (dict(BLOCK_N=32, BLOCK_V=32, BLOCK_H=32), dict(num_warps=4, num_stages=3)),
-    ("backward", "float32"): (dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=32), dict(num_warps=4, num_stages=3)),
+    ("forward", "float32"): (dict(BLOCK_N=64, BLOCK_V=32, BLOCK_H=16), dict(num_warps=8, num_stages=3)),
+    ("forward", "float32", "advantage"): (dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16), dict(num_warps=8, num_stages=3)),
+    ("backward", "float32"): (dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16), dict(num_warps=8, num_stages=3)),
 }
 
 
-def _launch_config(kernel: str, dtype: torch.dtype, interpreter: bool):
-    """(tile constexprs, launch options) of ``kernel`` ("forward" or "backward")."""
+def _launch_config(kernel: str, dtype: torch.dtype, kind: str, interpreter: bool):
+    """(tile constexprs, launch options) of ``kernel`` ("forward" or "backward") for a sweep kind."""
     if interpreter:  # small tiles: the interpreter runs every program in numpy
         return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16), dict()
-    blocks, launch = _GPU_CONFIGS[(kernel, "half" if dtype in (torch.float16, torch.bfloat16) else "float32")]
+    key = (kernel, "half" if dtype in (torch.float16, torch.bfloat16) else "float32")
+    blocks, launch = _GPU_CONFIGS.get(key + (kind,), _GPU_CONFIGS[key])
     return dict(blocks), dict(launch)
 
 
@@ -168,7 +174,7 @@ class _ForwardGrid:
 
     @staticmethod
     def of(spec: SweepSpec, ops: _Operands, interpreter: bool) -> "_ForwardGrid":
-        blocks, launch = _launch_config("forward", ops.s_weight.dtype, interpreter)
+        blocks, launch = _launch_config("forward", ops.s_weight.dtype, spec.kind, interpreter)
         n_tiles = triton.cdiv(_columns(spec, ops.s_weight.shape[0]), blocks["BLOCK_V"])
         row_blocks = triton.cdiv(ops.rows, blocks["BLOCK_N"])
         splits = _splits(row_blocks, n_tiles, ops.s_hidden.device, interpreter)
@@ -227,7 +233,7 @@ def forward(spec: SweepSpec, inputs: SweepInputs, row_grads=None):
 
 def _backward_launch(spec: SweepSpec, ops: _Operands, rows: dict, grads: SweepGrads, interpreter: bool) -> Launch:
     """``rows``: the per-row float32 inputs of the backward, by kernel argument name."""
-    blocks, launch = _launch_config("backward", ops.s_weight.dtype, interpreter)
+    blocks, launch = _launch_config("backward", ops.s_weight.dtype, spec.kind, interpreter)
     grid = (triton.cdiv(ops.rows, blocks["BLOCK_N"]),
             triton.cdiv(_columns(spec, ops.s_weight.shape[0]), blocks["BLOCK_V"]))
     scalars = _scalars(spec)
@@ -300,21 +306,9 @@ def _meta_inputs(spec: SweepSpec, bias: bool, dtype: torch.dtype) -> SweepInputs
 
 
 def _as_specialization(name: str, launch: Launch) -> dict:
-    """A launch as Triton's JIT would specialize it (argument types, divisibility by 16,
-    constexprs), in the form ``triton.compile(ASTSource(...))`` takes. Meta tensors stand in for
-    the operands: their data pointer (0) is aligned, as the caching allocator's are."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-    from triton.runtime.jit import create_function_from_signature
-
-    kernel = launch.kernel
-    backend = make_backend(GPUTarget("cuda", 90, 32))
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     meta = dict(launch.meta)
     options = {key: meta.pop(key) for key in ("num_warps", "num_stages")}
-    bound, specialization, _ = binder(*launch.args, **meta)
-    _, signature, constexprs, attrs = kernel._pack_args(backend, options, bound, specialization, None)
-    return dict(name=name, fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs, **options)
+    return jit_specialization(name, launch.kernel, launch.args, meta, **options)
 
 
 def launch_specializations():
