@@ -43,7 +43,7 @@ SWEEP_CASES = ("forward_kl", "logprobs")
 
 SIZES: Dict[str, Size] = {s.name: s for s in (
     Size("tiny", "quick mode: every path, in seconds", 2048, 64, 128, (256,), "auto", torch.float32, 64, quick=True),
-    Size("cpu-anchor", "ANCHORS.md CPU anchor (fp32, N=4096, V=65,536, student H=256, teacher H=512)",
+    Size("cpu-anchor", "our CPU anchor (fp32, N=4096, V=65,536, student H=256, teacher H=512)",
          65536, 256, 512, (4096,), "cpu", torch.float32, 512),
     Size("cpu-v64k", "the CPU anchor's shapes at fewer tokens (plots)", 65536, 256, 512, (1024, 2048), "cpu",
          torch.float32, 512, cases=SWEEP_CASES),

@@ -68,13 +68,14 @@ def _fsync_path(path: str) -> None:
 _fsync_dir = _fsync_path
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    """``path`` holds either its old content or all of ``text``, never a part (a killed writer);
-    synced to disk before the rename, and the rename after."""
+def write_file_atomic(path: str, write, binary: bool = False) -> None:
+    """``path`` holds either its old content or all of what ``write(handle)`` wrote, never a part (a
+    killed writer); synced to disk before the rename, and the directory after. Writers racing for
+    one path (ranks) each write their own temporary file: whichever renames last is the file, whole."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -83,6 +84,10 @@ def write_text_atomic(path: str, text: str) -> None:
             os.remove(tmp)
         raise
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    write_file_atomic(path, lambda handle: handle.write(text))
 
 
 def write_json_atomic(path: str, payload) -> None:
@@ -140,16 +145,7 @@ def save_state(state, path: str) -> None:
                 name = names[id(value)] = str(len(tensors))
                 tensors[name] = tensor
             return _TENSOR_REF + name
-        if isinstance(value, dict):
-            out = OrderedDict() if isinstance(value, OrderedDict) else {}
-            for key, item in value.items():
-                out[key] = strip(item)
-            return out
-        if isinstance(value, list):
-            return [strip(item) for item in value]
-        if type(value) is tuple:
-            return tuple(strip(item) for item in value)
-        return value
+        return _map_containers(value, strip)
 
     buffer = io.BytesIO()  # the structure is small; written with plain file I/O, whose errors are OSErrors
     torch.save(strip(state), buffer)
@@ -210,18 +206,24 @@ def load_state(path: str):
                 raise UnsafeState(f"{_tensors_path(path)}: has no tensor {name!r}, which {path} refers to; the "
                                   f"two files do not belong together")
             return tensors[name]
-        if isinstance(value, dict):
-            out = OrderedDict() if isinstance(value, OrderedDict) else {}
-            for key, item in value.items():
-                out[key] = restore(item)
-            return out
-        if isinstance(value, list):
-            return [restore(item) for item in value]
-        if type(value) is tuple:
-            return tuple(restore(item) for item in value)
-        return value
+        return _map_containers(value, restore)
 
     return restore(structure)
+
+
+def _map_containers(value, leaf):
+    """``value`` with ``leaf`` applied to the items of its dicts, lists and tuples (kept as those
+    types, ordered dicts too); anything else as it is."""
+    if isinstance(value, dict):
+        out = OrderedDict() if isinstance(value, OrderedDict) else {}
+        for key, item in value.items():
+            out[key] = leaf(item)
+        return out
+    if isinstance(value, list):
+        return [leaf(item) for item in value]
+    if type(value) is tuple:
+        return tuple(leaf(item) for item in value)
+    return value
 
 
 def _checkpoint_engine_class():

@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence
 
@@ -30,6 +29,7 @@ import torch
 
 from . import chat
 from .errors import ConfigError, DataError
+from .checkpoint import write_file_atomic
 from .models import padded
 
 RESPONSE_FIELDS = ("chosen", "rejected")
@@ -406,19 +406,7 @@ def _write_cache(path: str, key: str, tokenized: list[TokenizedExample], report:
         arrays[f"{name}_flat"], arrays[f"{name}_offsets"] = _flatten([getattr(t, f"{name}_ids") for t in tokenized])
     arrays["digest"] = np.array(_cache_digest(arrays))
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    # Several ranks may write the same entry at once: each writes its own temporary file, and
-    # os.replace makes whichever finishes last the entry, whole.
-    handle, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tokenized-", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            np.savez(out, **arrays)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_file_atomic(path, lambda out: np.savez(out, **arrays), binary=True)  # several ranks may write it at once
 
 
 def _read_cache(path: str, key: str, fields) -> tuple[Optional[tuple[list[TokenizedExample], TokenizationReport]],

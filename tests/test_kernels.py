@@ -1,6 +1,6 @@
 """The fused kernels against the naive float64 reference: values and gradients, every function and
-kind, the torch backend and the Triton kernels under the interpreter (fp32: see ANCHORS.md on bf16
-under the interpreter), at irregular shapes (prime vocabularies, sizes no block divides), with
+kind, the torch backend and the Triton kernels under the interpreter (fp32: the interpreter's tl.dot
+is wrong on bf16), at irregular shapes (prime vocabularies, sizes no block divides), with
 masks, ignore_index, temperatures, padded teacher heads and teacher/student hidden sizes that differ.
 """
 import os

@@ -1,7 +1,7 @@
 """The chunked backend (cuBLAS-style GEMMs + one Triton row kernel per chunk) against the naive float64
 reference: values and gradients (hidden, weight, bias) of every function and kind, with and without
 the grad_weights hint, the hint rejected, one output hinted and the other not; its Triton kernel runs
-under TRITON_INTERPRET=1 in fp32 (see ANCHORS.md on bf16 under the interpreter), its GEMMs in torch
+under TRITON_INTERPRET=1 in fp32 (the interpreter computes tl.dot on bf16 wrongly), its GEMMs in torch
 on CPU. Irregular shapes (prime vocabularies, rows no chunk or block divides, teacher hidden sizes
 that differ, padded teacher heads), masks, ignore_index, temperatures. And the chunk-size rule:
 peak bytes from the rule against the budget at V=256,000.
