@@ -34,7 +34,7 @@ TEACHER = dict(hidden_size=128, layers=2, heads=4, kv_heads=2, seed=2)
 OBJECTIVE = "dadpo_token"
 EXAMPLES = 64  # micro-batches larger than this repeat examples (the trainer pads steps that way)
 RUN_TIMEOUT_S = 1800
-BACKENDS = {"fused": "triton" if torch.cuda.is_available() else "torch", "naive": "naive"}
+BACKENDS = {"fused": "chunked" if torch.cuda.is_available() else "torch", "naive": "naive"}  # the defaults
 
 
 @pytest.fixture(scope="session")
