@@ -192,7 +192,7 @@ def training_tables(config, engine, splits: dict, collate: Callable, dist, dtype
                     rank=dist.rank, world_size=dist.world_size, gather=distributed.all_gather_object, device=dist.device)
 
             tables[(name, split)] = cached(config.data.resolved_cache_dir(), key, compute, dist.is_main,
-                                           distributed.broadcast_object)
+                                           distributed.broadcast_object, log=log.info)
         del frozen
     return tables
 
