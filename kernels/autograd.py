@@ -70,6 +70,10 @@ class _SweepFunction(torch.autograd.Function):
         inputs = SweepInputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                              ref_hidden, ref_weight, targets)
         needs_grad = any(ctx.needs_input_grad[2:5])
+        # A frozen head (a LoRA student's) gets no weight gradient: the backend then never
+        # allocates the [V, H] buffer nor runs the dW GEMM, in the forward's eager gradients or in backward.
+        spec = replace(spec, weight_grad=ctx.needs_input_grad[3],
+                       bias_grad=student_bias is not None and ctx.needs_input_grad[4])
         div_hint = div_hint if spec.has_div else None
         logp_hint = logp_hint if spec.with_logps else None
         hinted = [h is not None for h, on in ((div_hint, spec.has_div), (logp_hint, spec.with_logps)) if on]
@@ -113,7 +117,7 @@ class _SweepFunction(torch.autograd.Function):
                 rest_logp = grad_logp if ctx.hints[1] is None else None
                 if rest_div is not None or rest_logp is not None:
                     rest = (replace(spec, with_logps=False) if rest_logp is None else
-                            SweepSpec(kind="none", logp_temperature=spec.logp_temperature, with_logps=True)
+                            replace(spec, kind="none", vocab_size=0, with_logps=True)
                             if rest_div is None else spec)
                     grads = ctx.backend.backward(rest, inputs, ctx.saved, div, rest_div, rest_logp, into=grads)
         if grads is None:
@@ -121,7 +125,7 @@ class _SweepFunction(torch.autograd.Function):
         ctx.grads = ctx.saved = None
         hidden_dtype, weight_dtype, bias_dtype = ctx.input_dtypes
         grad_hidden = grads.hidden.to(hidden_dtype) if ctx.needs_input_grad[2] else None
-        grad_weight = grads.weight.to(weight_dtype) if ctx.needs_input_grad[3] else None
+        grad_weight = grads.weight.to(weight_dtype) if (ctx.needs_input_grad[3] and grads.weight is not None) else None
         grad_bias = grads.bias.to(bias_dtype) if (ctx.needs_input_grad[4] and grads.bias is not None) else None
         return (None, None, grad_hidden, grad_weight, grad_bias) + (None,) * 7
 

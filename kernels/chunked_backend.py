@@ -74,7 +74,8 @@ def plan_chunks(spec: SweepSpec, rows: int, vocab_student: int, hidden_student: 
 
     Fixed (does not scale with R; counted whether or not this sweep forms gradients, so forward and
     backward chunk alike):
-      gradients  N·Hs + V·Hs in the gradient dtype (+ V fp32 for a bias, + V fp32 for its per-chunk sum)
+      gradients  N·Hs + V·Hs in the gradient dtype (no V·Hs for a frozen head; + V fp32 for a bias,
+                 + V fp32 for its per-chunk sum)
       per row    8 fp32 vectors of N (div, logp, log-normalizer, two hints, two incoming gradients, spare)
     Per row of a chunk (the R x V workspace; the gradient is written over the student's logits):
       student logits   C·4 bytes, C = V when log-probs are asked for (whole head) else vocab_size
@@ -92,7 +93,7 @@ def plan_chunks(spec: SweepSpec, rows: int, vocab_student: int, hidden_student: 
     logit_elem = torch.finfo(logits_dtype).bits // 8
     vocab_div = spec.vocab_size if spec.has_div else 0
     student_cols = vocab_student if spec.with_logps else vocab_div
-    fixed = (rows + vocab_student) * hidden_student * grad_elem + 8 * rows * 4
+    fixed = (rows + (vocab_student if spec.weight_grad else 0)) * hidden_student * grad_elem + 8 * rows * 4
     if with_bias:
         fixed += 2 * vocab_student * 4
     row_bytes = logit_elem * (student_cols + vocab_div * (1 if spec.needs_teacher else 0)
@@ -170,9 +171,10 @@ def sweep(spec: SweepSpec, inputs: SweepInputs, budget: int, row_grads=None, int
     want_grads = row_grads is not None
     grads = None
     if want_grads:
-        grads = into if into is not None else new_grads(n, s_weight, inputs.student_bias, dtype)
+        grads = into if into is not None else new_grads(n, s_weight, inputs.student_bias, dtype, spec.weight_grad,
+                                                        spec.bias_grad)
     plan = plan_chunks(spec, n, vocab_student, hidden_student, budget, grad_dtype=dtype, logits_dtype=logits_dtype,
-                       with_bias=bias is not None)
+                       with_bias=bias is not None and spec.bias_grad)
     space = Workspace(plan.rows_per_chunk, logits_dtype, device)
 
     f32 = dict(dtype=torch.float32, device=device)

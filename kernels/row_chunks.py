@@ -45,11 +45,14 @@ def logits_into(out: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor) -> 
     return out.copy_(torch.mm(rows, weight.T))
 
 
-def new_grads(rows: int, weight: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype) -> SweepGrads:
+def new_grads(rows: int, weight: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype,
+              weight_grad: bool = True, bias_grad: bool = True) -> SweepGrads:
+    """Zeroed gradients; a frozen weight (``weight_grad`` False) or bias gets none."""
     vocab, hidden = weight.shape
     return SweepGrads(hidden=torch.zeros(rows, hidden, dtype=dtype, device=weight.device),
-                      weight=torch.zeros(vocab, hidden, dtype=dtype, device=weight.device),
-                      bias=None if bias is None else torch.zeros(vocab, dtype=_bias_dtype(dtype), device=weight.device))
+                      weight=torch.zeros(vocab, hidden, dtype=dtype, device=weight.device) if weight_grad else None,
+                      bias=None if bias is None or not bias_grad else
+                      torch.zeros(vocab, dtype=_bias_dtype(dtype), device=weight.device))
 
 
 def _bias_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -61,10 +64,12 @@ def accumulate_chunk_grads(grads: SweepGrads, rows: slice, grad_logits: torch.Te
                            student_weight: torch.Tensor) -> None:
     """grads += the chunk's share: dh[rows] += G·W, dW[:C] += Gᵀ·X, db[:C] += Σ_rows G, for the chunk's
     [R, C] logit gradient G over the first C rows of the head. Accumulating (not assigning) the
-    hidden rows lets a backward add to gradients a forward sweep already formed."""
+    hidden rows lets a backward add to gradients a forward sweep already formed. A frozen head
+    (``grads.weight`` None) skips the dW GEMM."""
     columns = grad_logits.shape[1]
     weight = student_weight[:columns]
     grads.hidden[rows].addmm_(grad_logits, weight)
-    grads.weight[:columns].addmm_(grad_logits.T, student_rows)
+    if grads.weight is not None:
+        grads.weight[:columns].addmm_(grad_logits.T, student_rows)
     if grads.bias is not None:
         grads.bias[:columns] += grad_logits.sum(dim=0, dtype=grads.bias.dtype)

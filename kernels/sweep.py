@@ -13,7 +13,8 @@ Rows arriving here are already compacted: every row is valid for every quantity 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -24,6 +25,46 @@ SWEEP_KINDS = ("none",) + DIVERGENCE_KINDS + ("advantage",)
 
 
 @dataclass(frozen=True)
+class LogitMap:
+    """A model's logits z from its head's raw outputs x = h·Wᵀ (+ b): z = cap·tanh(scale·x/cap)
+    with a soft cap (Gemma 2's ``final_logit_softcapping``), z = scale·x without (Cohere's
+    ``logit_scale``). Applied before any temperature. dz/dx = scale·(1 − (z/cap)²), or scale."""
+
+    softcap: Optional[float] = None
+    scale: float = 1.0
+
+    @property
+    def identity(self) -> bool:
+        return self.softcap is None and self.scale == 1.0
+
+    def apply_(self, x: torch.Tensor) -> torch.Tensor:
+        """x ← z in place; returns x."""
+        if self.softcap is not None:
+            return x.mul_(self.scale / self.softcap).tanh_().mul_(self.softcap)
+        return x if self.scale == 1.0 else x.mul_(self.scale)
+
+    def slope_into(self, z: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out ← dz/dx (soft-capped maps only) from the mapped logits z."""
+        torch.mul(z, 1.0 / self.softcap, out=out)
+        return out.square_().neg_().add_(1.0).mul_(self.scale)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """z out of place, differentiable (the naive reference)."""
+        if self.softcap is not None:
+            return self.softcap * torch.tanh(x * (self.scale / self.softcap))
+        return x if self.scale == 1.0 else x * self.scale
+
+
+def logit_map(softcap: Optional[float], scale: float, who: str) -> LogitMap:
+    """The checked map of one model's logits; ``who`` names the keyword arguments in errors."""
+    if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"{who}softcap must be None (off) or a positive finite number, got {softcap!r}")
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{who}logit_scale must be a positive finite number (1.0: off), got {scale!r}")
+    return LogitMap(None if softcap is None else float(softcap), float(scale))
+
+
+@dataclass(frozen=True)
 class SweepSpec:
     kind: str = "none"
     beta: float = 0.5  # jsd mixture weight of the teacher: m = β·p_teacher + (1−β)·p_student
@@ -31,6 +72,15 @@ class SweepSpec:
     logp_temperature: float = 1.0
     vocab_size: int = 0  # divergence columns; 0 for a log-prob-only sweep
     with_logps: bool = False
+    # Each model's logits from its head's raw outputs (soft cap, scale), before the temperatures.
+    student_map: LogitMap = field(default_factory=LogitMap)
+    teacher_map: LogitMap = field(default_factory=LogitMap)
+    ref_map: LogitMap = field(default_factory=LogitMap)
+    # Whether the student's head weight / bias want gradients (the autograd layer sets these from
+    # what autograd asks for). A frozen head (a LoRA student) then costs no [V, H] gradient buffer
+    # and no weight-gradient GEMM.
+    weight_grad: bool = True
+    bias_grad: bool = True
 
     @property
     def has_div(self) -> bool:
@@ -68,7 +118,7 @@ class SweepGrads:
     """Gradients of the student's inputs, accumulated in float32."""
 
     hidden: torch.Tensor
-    weight: torch.Tensor
+    weight: Optional[torch.Tensor]  # None when the head is frozen (``SweepSpec.weight_grad``)
     bias: Optional[torch.Tensor]
 
 

@@ -159,7 +159,10 @@ def sweep(spec: SweepSpec, inputs: SweepInputs,
     logp_out = torch.empty(n, dtype=acc, device=device) if spec.with_logps else None
     g_div, g_logp = row_grads if row_grads is not None else (None, None)
     want_grads = row_grads is not None
-    grads = (into if into is not None else new_grads(n, student_weight, student_bias, acc)) if want_grads else None
+    grads = None
+    if want_grads:
+        grads = into if into is not None else new_grads(n, student_weight, student_bias, acc, spec.weight_grad,
+                                                        spec.bias_grad)
 
     rows_per_chunk = chunk_rows(vocab_student, acc, n)
     space = Workspace(rows_per_chunk, acc, device)
