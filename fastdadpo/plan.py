@@ -473,7 +473,7 @@ def _gpu_chunk_rows(sweep: KernelSweep, arch: Architecture, s: Setting, shared: 
     restated here so planning needs no Triton: R = (budget − fixed) / per-row, at least 64, at most N,
     fixed = (N + V)·H·b + 8·N·4, per row = 4·(student columns + teacher columns)."""
     budget = int(s.chunk_budget_mb * 2**20)
-    fixed = (sweep.rows + arch.vocab) * arch.hidden * s.dtype_bytes + 8 * sweep.rows * 4
+    fixed = (sweep.rows + (0 if s.lora_rank else arch.vocab)) * arch.hidden * s.dtype_bytes + 8 * sweep.rows * 4
     row_bytes = 4 * ((arch.vocab if sweep.with_logps else shared) + shared * sweep.teachers)
     fit = (budget - fixed) // row_bytes if budget > fixed else 0
     return max(1, min(sweep.rows, max(64, fit)))
@@ -483,9 +483,11 @@ def kernel_gradient_bytes(sweep: KernelSweep, arch: Architecture, s: Setting) ->
     """The gradients a call forms for the student's inputs: dW [V, H] and dh [N, H], fp32 on CPU
     (the torch backend accumulates in fp32), in the model dtype on the GPU (the chunked backend's
     GEMMs accumulate in fp32 inside and write dW in the weight's dtype); plus the compacted copy of
-    the student's hidden rows the call keeps for backward (N·H·b)."""
+    the student's hidden rows the call keeps for backward (N·H·b). A frozen head (a LoRA student)
+    gets no dW: the kernels skip it."""
     grad_bytes = s.dtype_bytes if s.on_gpu else 4
-    return (arch.vocab + sweep.rows) * arch.hidden * grad_bytes + sweep.rows * arch.hidden * s.dtype_bytes
+    head_rows = 0 if s.lora_rank else arch.vocab
+    return (head_rows + sweep.rows) * arch.hidden * grad_bytes + sweep.rows * arch.hidden * s.dtype_bytes
 
 
 def teacher_shard_bytes(arch: Architecture, s: Setting) -> int:
