@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import triton
@@ -45,15 +44,18 @@ def interpreting() -> bool:
 # (no tensor cores: FMA dots, whose operands sit in registers): smaller tiles stepping H by 16
 # (at [64, 128] x 32 every float32 kernel spills, 0.5-2 KB on sm_80). ptxas caps these FMA kernels
 # at 128 or 168 registers to fit more programs per SM and then spills a few dozen bytes, differently
-# per kind: the backward takes [64, 64] tiles, the forward [64, 32], except ADPA's advantage
-# (three heads), which at [64, 32] spills on sm_80 and at [64, 64] spills on neither.
+# per kind: the backward takes [32, 64] tiles at 4 warps (at [64, 64] x 8 warps, the kinds without
+# targets spill on sm_80), the forward [64, 32], except ADPA's advantage (three heads), which at
+# [64, 32] spills on sm_80 and at [64, 64] spills on neither, and JSD, [32, 64] (at [64, 32] its
+# first pass with targets spills 40 bytes on sm_80).
 # BLOCK_N and BLOCK_V also set the backward's atomic traffic: N·V·H·(1/BLOCK_N + 1/BLOCK_V) adds.
 _GPU_CONFIGS = {
     ("forward", "half"): (dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64), dict(num_warps=8, num_stages=3)),
     ("backward", "half"): (dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32), dict(num_warps=8, num_stages=3)),
     ("forward", "float32"): (dict(BLOCK_N=64, BLOCK_V=32, BLOCK_H=16), dict(num_warps=8, num_stages=3)),
     ("forward", "float32", "advantage"): (dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16), dict(num_warps=8, num_stages=3)),
-    ("backward", "float32"): (dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16), dict(num_warps=8, num_stages=3)),
+    ("forward", "float32", "jsd"): (dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=16), dict(num_warps=8, num_stages=3)),
+    ("backward", "float32"): (dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=16), dict(num_warps=4, num_stages=3)),
 }
 
 
