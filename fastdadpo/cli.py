@@ -48,8 +48,23 @@ def report_user_error(exc: BaseException) -> None:
     print("\n".join(lines), file=sys.stderr)
 
 
+def take_launcher_local_rank(argv: list) -> list:
+    """The ``deepspeed`` launcher (and torch's legacy ``launch``) append ``--local_rank=N`` to the
+    command; the rank is already in the environment torchrun-style launchers set, so it is moved
+    there (``LOCAL_RANK``) and out of the arguments the subcommand parses."""
+    kept, rest = [], iter(argv)
+    for arg in rest:
+        if arg.startswith(("--local_rank=", "--local-rank=")):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        elif arg in ("--local_rank", "--local-rank"):
+            os.environ.setdefault("LOCAL_RANK", next(rest, "0"))
+        else:
+            kept.append(arg)
+    return kept
+
+
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = take_launcher_local_rank(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         parser = build_parser()
         if argv and argv[0] not in ("-h", "--help"):

@@ -267,7 +267,7 @@ class TokenizationReport:
 
 
 def tokenize_examples(examples: Sequence[Example], tokenizer, *, max_length: int, max_prompt_length: int,
-                      fields: Sequence[str] = RESPONSE_FIELDS, cache_dir: Optional[str] = None
+                      fields: Sequence[str] = RESPONSE_FIELDS, cache_dir: Optional[str] = None, log=None
                       ) -> tuple[list[TokenizedExample], TokenizationReport]:
     """Token ids of every example under the truncation policy: the prompt keeps its last
     ``max_prompt_length`` tokens, then each response keeps its first ``max_length - len(prompt)``.
@@ -286,13 +286,20 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, *, max_length: int
         cached, problem = _read_cache(cache_path, key, fields)
         if cached is not None:
             return cached
-        if problem is not None and os.environ.get("RANK", "0") == "0":  # said once, not by every rank
-            print(f"fastdadpo: tokenization cache {cache_path}: {problem}; tokenizing again", file=sys.stderr,
-                  flush=True)
+        if problem is not None:
+            _say_once(f"tokenization cache {cache_path}: {problem}; tokenizing again", log)
     tokenized, report = _tokenize_all(examples, tokenizer, max_length, max_prompt_length, fields)
     if cache_path is not None:
         _write_cache(cache_path, key, tokenized, report, fields)
     return tokenized, report
+
+
+def _say_once(message: str, log=None) -> None:
+    """Through ``log`` (the trainer's: rank 0 only), else on stderr by rank 0, not by every rank."""
+    if log is not None:
+        log(message)
+    elif os.environ.get("RANK", "0") == "0":
+        print(f"fastdadpo: {message}", file=sys.stderr, flush=True)
 
 
 def _check_lengths(max_length: int, max_prompt_length: int) -> None:

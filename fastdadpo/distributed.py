@@ -129,6 +129,44 @@ def teardown() -> None:
             pass
 
 
+# What gloo and NCCL say when the other end of a collective is gone (some versions raise a plain
+# RuntimeError rather than a DistError).
+_LOST_PEER_WORDS = ("connection closed", "connection reset", "broken pipe", "timed out", "timeout", "nccl", "gloo",
+                    "socket", "peer")
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    """Whether a collective failed because another rank went away (not an OOM, not a bug of this rank)."""
+    import torch.distributed as dist
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    message = str(exc).lower()
+    return any(word in message for word in _LOST_PEER_WORDS)
+
+
+def decided_by_main(decide):
+    """``decide()`` run on rank 0 only and its result (or its UserError) given to every rank, so
+    every rank acts on the same answer (what one rank sees on its own disk may differ) and fails
+    together instead of leaving the others waiting in a collective."""
+    from .errors import UserError
+
+    import torch.distributed as dist
+
+    outcome = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            outcome = ("ok", decide())
+        except UserError as exc:
+            outcome = ("error", str(exc))
+    kind, value = broadcast_object(outcome)
+    if kind == "error":
+        raise UserError(value)
+    return value
+
+
 @contextlib.contextmanager
 def peers_lost_reported(info: DistInfo, where, last_checkpoint):
     """A collective that fails because another rank died (killed, out of memory, a lost node) ends
@@ -138,8 +176,8 @@ def peers_lost_reported(info: DistInfo, where, last_checkpoint):
 
     try:
         yield
-    except RuntimeError as exc:  # gloo and NCCL failures are RuntimeErrors (DistBackendError among them)
-        if info.world_size == 1:
+    except RuntimeError as exc:
+        if info.world_size == 1 or not _lost_peer(exc):
             raise
         others = [r for r in range(info.world_size) if r != info.rank]
         detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__

@@ -91,10 +91,21 @@ def build_student_engine(model, *, zero_stage: int, micro_batch_size: int, grad_
 class FrozenModel:
     engine: object
     head: torch.Tensor  # the full LM-head weight
+    softcap: Optional[float] = None  # its logits from the head's raw outputs (``models.head_logit_options``)
+    logit_scale: float = 1.0
 
     @torch.no_grad()
     def hidden(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         return self.engine(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+    def release(self) -> None:
+        """Free the shards, the hooks and the gathered head now (DeepSpeed's engine keeps its module
+        reachable after the last reference to it goes; ``destroy`` unhooks it)."""
+        destroy = getattr(self.engine, "destroy", None)
+        if destroy is not None:
+            destroy()
+        self.engine = self.head = None
+        models.release_memory()
 
 
 def build_frozen(path: str, *, key: str, dtype: torch.dtype, device: torch.device, offload: bool,
@@ -104,7 +115,7 @@ def build_frozen(path: str, *, key: str, dtype: torch.dtype, device: torch.devic
                                   liger_kernels=liger_kernels)
     head = gathered_copy(models.head_weight(model)).to(device)
     engine = models.frozen_engine(HiddenStates(model), config)
-    return FrozenModel(engine=engine, head=head)
+    return FrozenModel(engine=engine, head=head, **models.head_logit_options(model.config, key))
 
 
 def grad_norm_before_step(engine, zero_stage: int) -> Optional[float]:

@@ -18,7 +18,8 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from . import distributed
+from . import distributed, models
+from .checkpoint import write_file_atomic
 from .engines import build_frozen
 from .kernels import fused_linear_logprobs
 from .objectives import sequence_logps
@@ -89,24 +90,13 @@ def read_cached_table(path: str, key_text: str):
 
 
 def write_cached_table(path: str, key_text: str, table: torch.Tensor) -> None:
-    """Written to a temporary file, fsynced, renamed into place: a kill leaves the old entry or none."""
-    from safetensors.torch import save_file
+    """Written whole or not at all (``checkpoint.write_file_atomic``): a kill leaves the old entry or none."""
+    from safetensors.torch import save
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
     table = table.detach().cpu().contiguous()
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        save_file({"table": table}, tmp, metadata={"key": key_text, "sha256": _table_digest(key_text, table)})
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    payload = save({"table": table}, metadata={"key": key_text, "sha256": _table_digest(key_text, table)})
+    write_file_atomic(path, lambda handle: handle.write(payload), binary=True)
 
 
 def cached(cache_dir: str, key: dict, compute: Callable[[], torch.Tensor], is_main: bool,
@@ -193,15 +183,18 @@ def training_tables(config, engine, splits: dict, collate: Callable, dist, dtype
 
             tables[(name, split)] = cached(config.data.resolved_cache_dir(), key, compute, dist.is_main,
                                            distributed.broadcast_object, log=log.info)
-        del frozen
+        if frozen is not None:
+            frozen.release()  # no reference model stays in memory during training
     return tables
 
 
 def _student_token_logps(engine):
+    logit_options = models.head_logit_options(engine.module.model.config, "model.student")
+
     def token_logps(batch):
         engine.eval()
         return engine(batch.input_ids, batch.attention_mask, batch.position_ids,
-                      lambda hidden, head: fused_linear_logprobs(hidden, head, batch.targets))
+                      lambda hidden, head: fused_linear_logprobs(hidden, head, batch.targets, **logit_options))
 
     return token_logps
 
@@ -209,6 +202,7 @@ def _student_token_logps(engine):
 def _frozen_token_logps(frozen):
     def token_logps(batch):
         hidden = frozen.hidden(batch.input_ids, batch.attention_mask, batch.position_ids)
-        return fused_linear_logprobs(hidden, frozen.head, batch.targets)
+        return fused_linear_logprobs(hidden, frozen.head, batch.targets, softcap=frozen.softcap,
+                                     logit_scale=frozen.logit_scale)
 
     return token_logps

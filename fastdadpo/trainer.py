@@ -74,7 +74,9 @@ class Trainer:
         self.config, self.objective = config, config.objective
         self.dist = dist = distributed.setup(timeout_s=config.train.timeout_minutes * 60)
         self.log = Log(dist.is_main)
-        self.resume_from = checkpoint.resolve_resume(config.train.resume, config.train.output_dir)  # before any load
+        # Before any load; rank 0 decides, so every node resumes from the same checkpoint (or none).
+        self.resume_from = distributed.decided_by_main(
+            lambda: checkpoint.resolve_resume(config.train.resume, config.train.output_dir))
         torch.manual_seed(config.train.seed)
         self.dtype = models.resolve_dtype(config.model.dtype, dist.device)
         if dist.is_main:
@@ -83,9 +85,11 @@ class Trainer:
                                          yaml.safe_dump(config.to_dict(), sort_keys=False))
         # --- data ---
         self.tokenizer = models.load_tokenizer(config.model.student, "model.student")
-        uses_teacher = self.objective.needs_teacher or self.objective.needs_teacher_logps
+        uses = {"teacher": self.objective.needs_teacher or self.objective.needs_teacher_logps,
+                "teacher_reference": self.objective.needs_teacher_reference,
+                "reference": self.objective.needs_reference_logps}
         self.vocab_size = models.shared_vocabulary(self.tokenizer, config.model.student, {
-            f"model.{key}": getattr(config.model, key) for key in ("teacher", "teacher_reference") if uses_teacher})
+            f"model.{key}": getattr(config.model, key) for key, used in uses.items() if used})
         self.train_set = self._tokenized(config.data.train, "data.train")
         self.eval_set = self._tokenized(config.data.eval, "data.eval") if config.data.eval else []
         self.plan = StepPlan.make(len(self.train_set), micro_batch_size=config.train.micro_batch_size,
@@ -98,6 +102,8 @@ class Trainer:
             config.model.student, dtype=self.dtype, device=dist.device, trainable=True,
             ds_config=student_loading_config(config, self.dtype), key="model.student",
             liger_kernels=config.model.liger_kernels)
+        # Its soft cap and logit scale, for every kernel call on its head.
+        self.student_logits = models.head_logit_options(self.student_model.config, "model.student")
         t = config.train
         if config.model.lora is not None:
             adapted = models.add_lora(self.student_model, config.model.lora)
@@ -216,7 +222,7 @@ class Trainer:
 
         def compute(hidden, head_weight):
             output = self.objective(StepInputs(
-                student=Head(hidden, head_weight), batch=batch, normalizers=normalizers, vocab_size=self.vocab_size,
+                student=Head(hidden, head_weight, **self.student_logits), batch=batch, normalizers=normalizers, vocab_size=self.vocab_size,
                 teacher=teacher, teacher_reference=teacher_reference,
                 reference_logps=batch.per_sequence(self.cached.get(("reference", split))),
                 teacher_logps=batch.per_sequence(self.cached.get(("teacher", split)))))
@@ -261,7 +267,7 @@ class Trainer:
         d = self.config.data
         tokenized, report = data.tokenize_examples(
             examples, self.tokenizer, max_length=d.max_length, max_prompt_length=d.prompt_length, fields=fields,
-            cache_dir=os.path.join(d.resolved_cache_dir(), "tokenized"))
+            cache_dir=os.path.join(d.resolved_cache_dir(), "tokenized"), log=self.log.info)
         self.log.info(f"{key}: {report.summary()}")
         if not tokenized:
             raise ConfigError(f"{key}: no usable examples in {path} after tokenization ({report.summary()})")
@@ -291,4 +297,5 @@ class Trainer:
 def _frozen_head(frozen, batch: data.Batch) -> Optional[Head]:
     if frozen is None:
         return None
-    return Head(frozen.hidden(batch.input_ids, batch.attention_mask, batch.position_ids), frozen.head)
+    return Head(frozen.hidden(batch.input_ids, batch.attention_mask, batch.position_ids), frozen.head,
+                softcap=frozen.softcap, logit_scale=frozen.logit_scale)

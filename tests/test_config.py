@@ -169,3 +169,29 @@ def test_attention_implementation_is_flash_attn_only_where_it_runs(monkeypatch):
     assert models.attention_implementation(cpu, torch.bfloat16) == "sdpa"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert models.attention_implementation(cuda, torch.bfloat16) == "sdpa"
+
+
+def test_the_deepspeed_launchers_local_rank_argument_moves_to_the_environment(monkeypatch):
+    from fastdadpo.cli import take_launcher_local_rank
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert take_launcher_local_rank(["train", "--local_rank=3", "c.yaml", "--set", "a=1"]) == [
+        "train", "c.yaml", "--set", "a=1"]
+    assert os.environ["LOCAL_RANK"] == "3"
+    assert take_launcher_local_rank(["train", "c.yaml", "--local-rank", "5"]) == ["train", "c.yaml"]
+
+
+def test_only_a_lost_peer_is_reported_as_one():
+    """An out-of-memory error or a bug of this rank keeps its own error; a failed collective becomes
+    the one paragraph about a lost rank."""
+    from fastdadpo import distributed
+    from fastdadpo.errors import UserError
+
+    info = distributed.DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    for error in (torch.OutOfMemoryError("CUDA out of memory"), RuntimeError("mat1 and mat2 shapes cannot be multiplied")):
+        with pytest.raises(type(error)):
+            with distributed.peers_lost_reported(info, lambda: "at step 3", lambda: None):
+                raise error
+    with pytest.raises(UserError, match="lost contact with rank\\(s\\) 1 at step 3"):
+        with distributed.peers_lost_reported(info, lambda: "at step 3", lambda: "ckpt"):
+            raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
