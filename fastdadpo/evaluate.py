@@ -32,8 +32,8 @@ from .chat import Message, prompt_ids, response_ids
 from .data import Example, check_tokenizers_compatible, load_prompts
 from .errors import ConfigError, DataError
 from .judges import JUDGES, Judge, JudgeOptions, Pair, build_judge, check_judge_data, is_correct, pairwise_summary
-from .models import (count_parameters, final_hidden_states, head_rows, head_weight, load_causal_lm, load_tokenizer,
-                     pad_token_id, release_memory, require_model_dir, resolve_device, resolve_dtype, padded)
+from .models import (count_parameters, final_hidden_states, head_logit_options, head_rows, head_weight, load_causal_lm,
+                     load_tokenizer, pad_token_id, release_memory, require_model_dir, resolve_device, resolve_dtype, padded)
 from .sampling import generate_texts
 DIVERGENCE_KINDS = ("forward_kl", "reverse_kl")
 
@@ -63,6 +63,7 @@ class TeacherPass:
     sequences: List[Tuple[List[int], List[int]]]     # (prompt ids, response ids) of the teacher's responses
     hidden: List[torch.Tensor]                       # per row, on the CPU: [response tokens, hidden] predicting them
     head: torch.Tensor                               # the LM head, on the CPU
+    logit_options: dict                              # its soft cap and logit scale (models.head_logit_options)
     parameters: int
     accuracy: Optional[float]
 
@@ -115,7 +116,8 @@ def teacher_pass(path: str, examples: Sequence[Example], *, max_new_tokens: int,
                 hidden[row] = states.cpu()
     texts = [conversation_text(r) for r in responses]
     return TeacherPass(tokenizer=tokenizer, responses=texts, sequences=sequences, hidden=hidden,
-                       head=head_weight(model).detach().cpu().clone(), parameters=count_parameters(model),
+                       head=head_weight(model).detach().cpu().clone(),
+                       logit_options=head_logit_options(model.config, "--teacher"), parameters=count_parameters(model),
                        accuracy=accuracy(texts, examples))
 
 
@@ -128,6 +130,8 @@ def divergences(model, teacher: TeacherPass, *, vocab_size: int, batch_size: int
     sums = dict.fromkeys(DIVERGENCE_KINDS, 0.0)
     tokens = 0
     teacher_head, student_head = teacher.head.to(device), head_weight(model)
+    options = dict(**head_logit_options(model.config, "student"),
+                   **{f"teacher_{name}": value for name, value in teacher.logit_options.items()})
     pad_id = pad_token_id(teacher.tokenizer)
     with torch.inference_mode():
         for rows in _length_batches(teacher.sequences, batch_size):
@@ -137,7 +141,7 @@ def divergences(model, teacher: TeacherPass, *, vocab_size: int, batch_size: int
             teacher_hidden = torch.cat([teacher.hidden[row] for row in rows]).to(device)
             for kind in DIVERGENCE_KINDS:
                 per_token = fused_linear_divergence(student_hidden, student_head, teacher_hidden, teacher_head,
-                                                    kind=kind, vocab_size=vocab_size)
+                                                    kind=kind, vocab_size=vocab_size, **options)
                 sums[kind] += float(per_token.double().sum())
             tokens += len(student_hidden)
     return {kind: (total / tokens if tokens else None) for kind, total in sums.items()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib.util
+import math
 import os
 from typing import Optional
 
@@ -18,8 +19,18 @@ from .errors import ConfigError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-# Models whose logits are not hidden @ lm_head.T: the fused path would compute something else.
-_UNSUPPORTED_HEAD_FEATURES = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+# Config fields that change a model's logits from hidden @ lm_head.T. The fused kernels apply
+# z = cap·tanh(scale·x/cap) (``head_logit_options``); each field is read as what its architecture's
+# forward does with it, and refused where that is anything else or unknown.
+#   final_logit_softcapping  Gemma 2/3 and others: logits = cap·tanh(logits/cap)    -> softcap
+#   logit_scale              Cohere, Cohere 2: logits = logits·logit_scale          -> scale
+#   logits_scaling           Granite, MiniCPM 3: logits / logits_scaling (MiniCPM 3 divides the final
+#                            hidden states, the same for a bias-free head) -> scale 1/value;
+#                            HyperCLOVA X: logits·logits_scaling -> scale value; elsewhere unknown
+#   output_multiplier_scale  no architecture known here applies it to the logits: refused
+_HEAD_FEATURES = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+_DIVIDING_LOGITS_SCALING = ("granite", "minicpm")  # model_type prefixes
+_MULTIPLYING_LOGITS_SCALING = ("hyperclovax",)
 
 
 def resolve_dtype(name: Optional[str], device: torch.device) -> torch.dtype:
@@ -36,6 +47,21 @@ def attention_implementation(device: torch.device, dtype: torch.dtype) -> str:
     if device.type == "cuda" and dtype != torch.float32 and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
+
+
+def _attention_for(path: str, device: torch.device, dtype: torch.dtype) -> str:
+    """``attention_implementation``, or eager attention for an architecture without SDPA (Gemma 2:
+    its attention logits are soft-capped, which SDPA cannot apply)."""
+    chosen = attention_implementation(device, dtype)
+    if chosen != "sdpa":
+        return chosen
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        model_class = AutoModelForCausalLM._model_mapping.get(type(AutoConfig.from_pretrained(path)), None)
+    except (OSError, ValueError, KeyError):
+        return chosen  # from_pretrained reports the problem with the model itself
+    return "eager" if model_class is not None and not getattr(model_class, "_supports_sdpa", True) else chosen
 
 
 def _looks_local(path: str) -> bool:
@@ -221,7 +247,7 @@ def load_causal_lm(path: str, *, dtype: torch.dtype, device: torch.device, ds_co
     with zero3_loading(ds_config):
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
-                                                         attn_implementation=attention_implementation(device, dtype))
+                                                         attn_implementation=_attention_for(path, device, dtype))
         except SafetensorError as exc:
             raise ConfigError(f"{key}: the weights in {path!r} cannot be read ({exc}); a .safetensors file there is "
                               f"truncated or corrupt (an interrupted copy or download?): copy or export the model "
@@ -238,12 +264,37 @@ def load_causal_lm(path: str, *, dtype: torch.dtype, device: torch.device, ds_co
     return model
 
 
+def head_logit_options(config, key: str) -> dict:
+    """``{"softcap": cap or None, "logit_scale": scale}``: how ``config``'s model maps its head's raw
+    outputs to its logits, as the fused kernels take it (``softcap=``, ``logit_scale=``)."""
+    model_type = str(getattr(config, "model_type", "") or "")
+    softcap, scale = None, 1.0
+    for feature in _HEAD_FEATURES:
+        value = getattr(config, feature, None)
+        off = (None, 0, 0.0, False) if feature == "final_logit_softcapping" else (None, 1, 1.0, False)
+        if value in off and not (value is True):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{key}: the model's config has {feature}={value!r}, not a positive number the fused "
+                              f"kernels can apply to its logits")
+        if feature == "final_logit_softcapping":
+            softcap = float(value)
+        elif feature == "logit_scale":
+            scale *= float(value)
+        elif feature == "logits_scaling" and model_type.startswith(_DIVIDING_LOGITS_SCALING):
+            scale /= float(value)
+        elif feature == "logits_scaling" and model_type.startswith(_MULTIPLYING_LOGITS_SCALING):
+            scale *= float(value)
+        else:
+            raise ConfigError(f"{key}: the model's logits use {feature}={value} (model_type {model_type!r}), whose "
+                              f"effect on the logits this architecture defines in its own forward and the fused "
+                              f"kernels do not know (they apply a soft cap and a scale to hidden @ lm_head.T); "
+                              f"this architecture is not supported")
+    return {"softcap": softcap, "logit_scale": scale}
+
+
 def check_fused_head_supported(model, key: str) -> None:
-    for feature in _UNSUPPORTED_HEAD_FEATURES:
-        value = getattr(model.config, feature, None)
-        if value not in (None, 1, 1.0, 0, 0.0, False):
-            raise ConfigError(f"{key}: the model's logits use {feature}={value}, which the fused kernels do not "
-                              f"apply (they compute hidden @ lm_head.T); this architecture is not supported")
+    head_logit_options(model.config, key)
     head = model.get_output_embeddings()
     if head is None or getattr(head, "bias", None) is not None:
         raise ConfigError(f"{key}: the fused kernels need a bias-free linear LM head "

@@ -143,10 +143,18 @@ def _non_negative(objective, *keys: str) -> None:
 
 @dataclass
 class Head:
-    """A model's final hidden states for the micro-batch and its LM-head weight."""
+    """A model's final hidden states for the micro-batch, its LM-head weight, and how its logits come
+    from the head's raw outputs x (z = cap·tanh(scale·x/cap); None / 1.0: off), from its config."""
 
     hidden: torch.Tensor
     weight: torch.Tensor
+    softcap: Optional[float] = None
+    logit_scale: float = 1.0
+
+    def logit_options(self, prefix: str = "") -> dict:
+        """The kernels' keyword arguments for this model's logits: ``softcap``/``logit_scale`` for
+        the student, ``teacher_softcap``/... with ``prefix`` "teacher_" or "ref_"."""
+        return {f"{prefix}softcap": self.softcap, f"{prefix}logit_scale": self.logit_scale}
 
 
 @dataclass
@@ -269,7 +277,8 @@ class _DivergenceTerm(Objective):
         return fused_linear_divergence(
             inputs.student.hidden, inputs.student.weight, inputs.teacher.hidden, inputs.teacher.weight,
             kind=self.kind, beta=self.jsd_beta, temperature=self.temperature, mask=mask, targets=targets,
-            vocab_size=inputs.vocab_size, grad_weights=grad_weights, logp_grad_weights=logp_grad_weights)
+            vocab_size=inputs.vocab_size, grad_weights=grad_weights, logp_grad_weights=logp_grad_weights,
+            **inputs.student.logit_options(), **inputs.teacher.logit_options("teacher_"))
 
 
 @dataclass(frozen=True)
@@ -285,7 +294,8 @@ class SFT(Objective):
         chosen = batch.chosen_rows()
         weights = _weights(chosen, -1.0 / inputs.normalizers.chosen_tokens)
         logps = fused_linear_logprobs(inputs.student.hidden, inputs.student.weight,
-                                      torch.where(chosen, batch.targets, IGNORE_INDEX), grad_weights=weights)
+                                      torch.where(chosen, batch.targets, IGNORE_INDEX), grad_weights=weights,
+                                      **inputs.student.logit_options())
         loss = (logps * weights).sum()
         return ObjectiveOutput(loss, {"loss": loss.detach(), "logps/chosen": _chosen_logps_metric(inputs, logps)})
 
@@ -340,7 +350,8 @@ class _Preference(Objective):
 
     def _token_terms(self, inputs: StepInputs):
         """Token log-probs, plus any token-level loss term and its metrics from the same sweep."""
-        logps = fused_linear_logprobs(inputs.student.hidden, inputs.student.weight, inputs.batch.targets)
+        logps = fused_linear_logprobs(inputs.student.hidden, inputs.student.weight, inputs.batch.targets,
+                                      **inputs.student.logit_options())
         return logps, None, {}
 
     def __call__(self, inputs: StepInputs) -> ObjectiveOutput:
@@ -495,11 +506,14 @@ class ADPA(Objective):
         per_rejected = 1.0 / max(norm.rejected_tokens, 1.0)
         ce_weights = _weights(chosen, -1.0 / norm.chosen_tokens)
         logps = fused_linear_logprobs(inputs.student.hidden, inputs.student.weight,
-                                      torch.where(chosen, batch.targets, IGNORE_INDEX), grad_weights=ce_weights)
+                                      torch.where(chosen, batch.targets, IGNORE_INDEX), grad_weights=ce_weights,
+                                      **inputs.student.logit_options())
         advantage = fused_linear_advantage(
             inputs.student.hidden, inputs.student.weight, inputs.teacher.hidden, inputs.teacher.weight,
             inputs.teacher_reference.hidden, inputs.teacher_reference.weight, temperature=self.temperature,
-            mask=rejected, vocab_size=inputs.vocab_size, grad_weights=_weights(rejected, -self.gamma * per_rejected))
+            mask=rejected, vocab_size=inputs.vocab_size, grad_weights=_weights(rejected, -self.gamma * per_rejected),
+            **inputs.student.logit_options(), **inputs.teacher.logit_options("teacher_"),
+            **inputs.teacher_reference.logit_options("ref_"))
         sft = (logps * ce_weights).sum()
         mean_advantage = (advantage * _weights(rejected, per_rejected)).sum()
         loss = sft - self.gamma * mean_advantage

@@ -22,7 +22,7 @@ import torch
 
 from . import naive, torch_chunked
 from .autograd import sweep_rows
-from .sweep import DIVERGENCE_KINDS, SweepSpec
+from .sweep import DIVERGENCE_KINDS, SweepSpec, logit_map
 
 BACKENDS = ("chunked", "triton", "torch", "naive")
 _TRITON_BACKENDS = ("chunked", "triton")
@@ -75,6 +75,17 @@ def _check_head(name: str, hidden: torch.Tensor, weight: torch.Tensor, lead: Opt
         raise ValueError(f"{name}: hidden states on {hidden.device}, weight on {weight.device}")
 
 
+# The backends that apply soft caps and logit scales (the tile-fused kernels do not yet).
+_LOGIT_MAP_BACKENDS = ("chunked", "torch", "naive")
+
+
+def _check_maps_supported(backend: str, maps: dict) -> None:
+    used = [name for name, m in maps.items() if not m.identity]
+    if used and backend not in _LOGIT_MAP_BACKENDS:
+        raise ValueError(f"the {backend} kernel backend does not apply {', '.join(used)}; the "
+                         f"{', '.join(_LOGIT_MAP_BACKENDS)} backends do (impl= or FASTDADPO_KERNEL_BACKEND)")
+
+
 def _check_temperature(temperature: float, name: str = "temperature"):
     if not temperature > 0:
         raise ValueError(f"{name} must be > 0, got {temperature}")
@@ -119,11 +130,16 @@ def _flat_targets(targets, lead, n, ignore_index, vocab):
 
 def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                           bias: Optional[torch.Tensor] = None, temperature: float = 1.0, ignore_index: int = -100,
-                          grad_weights: Optional[torch.Tensor] = None, impl: Optional[str] = None,
+                          grad_weights: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
+                          logit_scale: float = 1.0, impl: Optional[str] = None,
                           chunk_budget_mb: Optional[float] = None) -> torch.Tensor:
-    """float32 ``log_softmax(hidden @ weight.T / T)[target]`` per row, exactly 0 where ``targets ==
-    ignore_index``; never materializes the [rows x vocab] logits. Differentiable in ``hidden``,
-    ``weight`` and ``bias``.
+    """float32 ``log_softmax(z / T)[target]`` per row, z = ``hidden @ weight.T`` (+ ``bias``), exactly
+    0 where ``targets == ignore_index``; never materializes the [rows x vocab] logits.
+    Differentiable in ``hidden``, ``weight`` and ``bias``.
+
+    ``softcap`` / ``logit_scale``: the model's logits are z = cap·tanh(scale·x/cap) of the head's
+    raw outputs x (z = scale·x without a cap), before the temperature: Gemma 2's
+    ``final_logit_softcapping``, Cohere's ``logit_scale``. None / 1.0: off.
 
     ``grad_weights`` (optional, same shape as ``targets``): the weights w the caller will reduce the
     result with (loss = c·Σ w·out). Lets the torch backend form gradients during the forward sweep;
@@ -138,12 +154,14 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     n = lead.numel()
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+    student_map = logit_map(softcap, logit_scale, "")
     backend = resolve_backend(hidden.device, impl)
+    _check_maps_supported(backend, {"softcap/logit_scale": student_map})
     if backend == "naive":
         return naive.naive_linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
-                                           ignore_index=ignore_index).float()
+                                           ignore_index=ignore_index, logit_map=student_map).float()
     flat_targets, valid = _flat_targets(targets, lead, n, ignore_index, weight.shape[0])
-    spec = SweepSpec(kind="none", logp_temperature=temperature, with_logps=True)
+    spec = SweepSpec(kind="none", logp_temperature=temperature, with_logps=True, student_map=student_map)
     _, logp = sweep_rows(_backend_module(backend, chunk_budget_mb), spec, student_hidden=hidden.reshape(n, -1),
                          student_weight=weight,
                          student_bias=bias, targets=flat_targets, logp_rows=valid,
@@ -157,7 +175,9 @@ def fused_linear_divergence(student_hidden: torch.Tensor, student_weight: torch.
                             mask: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None,
                             ignore_index: int = -100, vocab_size: Optional[int] = None,
                             logp_temperature: float = 1.0, grad_weights: Optional[torch.Tensor] = None,
-                            logp_grad_weights: Optional[torch.Tensor] = None, impl: Optional[str] = None,
+                            logp_grad_weights: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
+                            logit_scale: float = 1.0, teacher_softcap: Optional[float] = None,
+                            teacher_logit_scale: float = 1.0, impl: Optional[str] = None,
                             chunk_budget_mb: Optional[float] = None
                             ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Per-row divergence between the teacher's and the student's next-token distributions,
@@ -172,7 +192,9 @@ def fused_linear_divergence(student_hidden: torch.Tensor, student_weight: torch.
     ``(divergence, token_logps)`` from the same sweep: the student's log-probs of the targets over
     its whole head at ``logp_temperature`` (1 by default, the model's own distribution, as CE and
     DPO terms want), 0 where ``targets == ignore_index``. Teacher inputs get no gradient.
-    ``grad_weights`` / ``logp_grad_weights``, ``chunk_budget_mb``: see ``fused_linear_logprobs``.
+    ``grad_weights`` / ``logp_grad_weights``, ``chunk_budget_mb``, ``softcap`` / ``logit_scale``
+    (the student's): see ``fused_linear_logprobs``; ``teacher_softcap`` / ``teacher_logit_scale``:
+    the teacher's own.
     """
     if kind not in DIVERGENCE_KINDS:
         raise ValueError(f"unknown divergence kind {kind!r}; choose one of {', '.join(DIVERGENCE_KINDS)}")
@@ -186,18 +208,22 @@ def fused_linear_divergence(student_hidden: torch.Tensor, student_weight: torch.
     vocab = _resolve_vocab(vocab_size, student_weight, teacher_weight)
     n = lead.numel()
     flat_mask = _flat_mask(mask, lead, n)
+    maps = dict(student_map=logit_map(softcap, logit_scale, ""),
+                teacher_map=logit_map(teacher_softcap, teacher_logit_scale, "teacher_"))
     backend = resolve_backend(student_hidden.device, impl)
+    _check_maps_supported(backend, {"softcap/logit_scale": maps["student_map"],
+                                    "teacher_softcap/teacher_logit_scale": maps["teacher_map"]})
     if backend == "naive":
         out = naive.naive_linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, kind=kind,
                                             beta=beta, temperature=temperature, mask=mask, targets=targets,
                                             ignore_index=ignore_index, vocab_size=vocab,
-                                            logp_temperature=logp_temperature)
+                                            logp_temperature=logp_temperature, **maps)
         return tuple(o.float() for o in out) if targets is not None else out.float()
     flat_targets = valid = None
     if targets is not None:
         flat_targets, valid = _flat_targets(targets, lead, n, ignore_index, student_weight.shape[0])
     spec = SweepSpec(kind=kind, beta=beta, temperature=temperature, logp_temperature=logp_temperature,
-                     vocab_size=vocab, with_logps=targets is not None)
+                     vocab_size=vocab, with_logps=targets is not None, **maps)
     div, logp = sweep_rows(
         _backend_module(backend, chunk_budget_mb), spec, student_hidden=student_hidden.reshape(n, -1),
         student_weight=student_weight,
@@ -214,12 +240,16 @@ def fused_linear_advantage(student_hidden: torch.Tensor, student_weight: torch.T
                            teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
                            ref_hidden: torch.Tensor, ref_weight: torch.Tensor, *, temperature: float = 1.0,
                            mask: Optional[torch.Tensor] = None, vocab_size: Optional[int] = None,
-                           grad_weights: Optional[torch.Tensor] = None, impl: Optional[str] = None,
+                           grad_weights: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
+                           logit_scale: float = 1.0, teacher_softcap: Optional[float] = None,
+                           teacher_logit_scale: float = 1.0, ref_softcap: Optional[float] = None,
+                           ref_logit_scale: float = 1.0, impl: Optional[str] = None,
                            chunk_budget_mb: Optional[float] = None) -> torch.Tensor:
     """ADPA's per-row advantage Σ_a p_s(a)·(log p_t(a) − log p_r(a)) of the student's distribution
     under the teacher's log-ratio to its reference (the teacher before alignment). float32, 0
-    where ``mask`` is False; gradient to the student only. ``grad_weights``, ``chunk_budget_mb``: see
-    ``fused_linear_logprobs``."""
+    where ``mask`` is False; gradient to the student only. ``grad_weights``, ``chunk_budget_mb``,
+    ``softcap`` / ``logit_scale``: see ``fused_linear_logprobs``; ``teacher_...`` / ``ref_...``: the
+    teacher's and the reference's own."""
     _check_temperature(temperature)
     _check_head("student", student_hidden, student_weight)
     lead = student_hidden.shape[:-1]
@@ -228,12 +258,18 @@ def fused_linear_advantage(student_hidden: torch.Tensor, student_weight: torch.T
     vocab = _resolve_vocab(vocab_size, student_weight, teacher_weight, ref_weight)
     n = lead.numel()
     flat_mask = _flat_mask(mask, lead, n)
+    maps = dict(student_map=logit_map(softcap, logit_scale, ""),
+                teacher_map=logit_map(teacher_softcap, teacher_logit_scale, "teacher_"),
+                ref_map=logit_map(ref_softcap, ref_logit_scale, "ref_"))
     backend = resolve_backend(student_hidden.device, impl)
+    _check_maps_supported(backend, {"softcap/logit_scale": maps["student_map"],
+                                    "teacher_softcap/teacher_logit_scale": maps["teacher_map"],
+                                    "ref_softcap/ref_logit_scale": maps["ref_map"]})
     if backend == "naive":
         return naive.naive_linear_advantage(student_hidden, student_weight, teacher_hidden, teacher_weight,
                                             ref_hidden, ref_weight, temperature=temperature, mask=mask,
-                                            vocab_size=vocab).float()
-    spec = SweepSpec(kind="advantage", temperature=temperature, vocab_size=vocab)
+                                            vocab_size=vocab, **maps).float()
+    spec = SweepSpec(kind="advantage", temperature=temperature, vocab_size=vocab, **maps)
     adv, _ = sweep_rows(
         _backend_module(backend, chunk_budget_mb), spec, student_hidden=student_hidden.reshape(n, -1),
         student_weight=student_weight,

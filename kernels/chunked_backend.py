@@ -2,8 +2,8 @@
 
 Rows go in chunks of R. Per chunk: the student's (and teacher's, reference's) float32 logit chunk
 from a cuBLAS GEMM into a reused buffer; one launch of ``triton_rows.row_sweep_kernel`` for
-everything row-wise (normalizers, the divergence, the target log-probs and, when asked,
-d(loss)/d(logits) written over the student's logits); then, with gradients, two cuBLAS GEMMs:
+everything row-wise (soft caps and logit scales, normalizers, the divergence, the target log-probs
+and, when asked, d(loss)/d(logits) written over the student's logits); then, with gradients, two cuBLAS GEMMs:
 dh[rows] = G·W and dW += Gᵀ·X, into one dW buffer for the whole call.
 
 FLOPs, F = 2·N·V: with the caller's ``grad_weights`` hint the gradient is formed in the forward
@@ -195,6 +195,8 @@ def sweep(spec: SweepSpec, inputs: SweepInputs, budget: int, row_grads=None, int
     beta = spec.beta if spec.kind == "jsd" else 0.5
     scalars = dict(inv_temp=1.0 / spec.temperature, inv_lp_temp=1.0 / spec.logp_temperature, beta=beta,
                    log_beta=math.log(beta), log_one_minus_beta=math.log1p(-beta))
+    for prefix, m in (("s", spec.student_map), ("t", spec.teacher_map), ("r", spec.ref_map)):
+        scalars.update({f"{prefix}_scale": m.scale, f"{prefix}_cap": m.softcap or 0.0})
     dummy = div_out if div_out is not None else logp_out
 
     for start in range(0, n, plan.rows_per_chunk):

@@ -9,21 +9,28 @@ import math
 
 import torch
 
+from .sweep import LogitMap
+
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _logits(hidden, weight, bias, temperature, dtype):
+_IDENTITY = LogitMap()
+
+
+def _logits(hidden, weight, bias, temperature, dtype, logit_map=_IDENTITY):
+    """The model's logits (soft cap and scale applied to the head's raw outputs) over the temperature."""
     logits = hidden.to(dtype) @ weight.to(dtype).T
     if bias is not None:
         logits = logits + bias.to(dtype)
-    return logits / temperature
+    return logit_map.apply(logits) / temperature
 
 
-def naive_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100):
+def naive_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
+                          logit_map=_IDENTITY):
     dtype = _compute_dtype(hidden, weight)
-    log_probs = torch.log_softmax(_logits(hidden, weight, bias, temperature, dtype), dim=-1)
+    log_probs = torch.log_softmax(_logits(hidden, weight, bias, temperature, dtype, logit_map), dim=-1)
     valid = targets != ignore_index
     picked = log_probs.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
     return torch.where(valid, picked, torch.zeros_like(picked))
@@ -45,13 +52,15 @@ def _divergence_from_logprobs(log_p, log_q, kind, beta):
 
 def naive_linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, *,
                             kind="forward_kl", beta=0.5, temperature=1.0, mask=None, targets=None,
-                            ignore_index=-100, vocab_size=None, logp_temperature=1.0):
+                            ignore_index=-100, vocab_size=None, logp_temperature=1.0, student_map=_IDENTITY,
+                            teacher_map=_IDENTITY):
     dtype = _compute_dtype(student_hidden, student_weight, teacher_hidden, teacher_weight)
     vocab = student_weight.shape[0] if vocab_size is None else vocab_size
-    student_logits = _logits(student_hidden, student_weight, None, 1.0, dtype)
+    student_logits = _logits(student_hidden, student_weight, None, 1.0, dtype, student_map)
     log_p = torch.log_softmax(student_logits[..., :vocab] / temperature, dim=-1)
     with torch.no_grad():
-        log_q = torch.log_softmax(_logits(teacher_hidden, teacher_weight[:vocab], None, temperature, dtype), -1)
+        log_q = torch.log_softmax(_logits(teacher_hidden, teacher_weight[:vocab], None, temperature, dtype,
+                                          teacher_map), -1)
     div = _divergence_from_logprobs(log_p, log_q, kind, beta)
     if mask is not None:
         div = torch.where(mask, div, torch.zeros_like(div))
@@ -64,13 +73,16 @@ def naive_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
 
 
 def naive_linear_advantage(student_hidden, student_weight, teacher_hidden, teacher_weight, ref_hidden,
-                           ref_weight, *, temperature=1.0, mask=None, vocab_size=None):
+                           ref_weight, *, temperature=1.0, mask=None, vocab_size=None, student_map=_IDENTITY,
+                           teacher_map=_IDENTITY, ref_map=_IDENTITY):
     dtype = _compute_dtype(student_hidden, student_weight, teacher_hidden, teacher_weight)
     vocab = student_weight.shape[0] if vocab_size is None else vocab_size
-    log_p = torch.log_softmax(_logits(student_hidden, student_weight[:vocab], None, temperature, dtype), -1)
+    log_p = torch.log_softmax(_logits(student_hidden, student_weight[:vocab], None, temperature, dtype, student_map),
+                              -1)
     with torch.no_grad():
-        log_t = torch.log_softmax(_logits(teacher_hidden, teacher_weight[:vocab], None, temperature, dtype), -1)
-        log_r = torch.log_softmax(_logits(ref_hidden, ref_weight[:vocab], None, temperature, dtype), -1)
+        log_t = torch.log_softmax(_logits(teacher_hidden, teacher_weight[:vocab], None, temperature, dtype,
+                                          teacher_map), -1)
+        log_r = torch.log_softmax(_logits(ref_hidden, ref_weight[:vocab], None, temperature, dtype, ref_map), -1)
     adv = (log_p.exp() * (log_t - log_r)).sum(-1)
     if mask is not None:
         adv = torch.where(mask, adv, torch.zeros_like(adv))

@@ -173,6 +173,11 @@ def sweep(spec: SweepSpec, inputs: SweepInputs,
         logits = logits_into(space.get("student", count, vocab_student), student_rows, student_weight)
         if student_bias is not None:
             logits += student_bias
+        spec.student_map.apply_(logits)
+        # dz/dx of a soft cap, kept before the sweep clobbers z (a scale alone is one factor).
+        slope = None
+        if want_grads and spec.student_map.softcap is not None:
+            slope = spec.student_map.slope_into(logits, space.get("slope", count, vocab_student))
         grad_logits = None
         if spec.with_logps:
             g = None if g_logp is None else g_logp[rows].to(acc)
@@ -181,11 +186,12 @@ def sweep(spec: SweepSpec, inputs: SweepInputs,
                                                       space.get("work", count, vocab_student))
         if spec.has_div:
             g = None if g_div is None else g_div[rows].to(acc)
-            teacher_logits = logits_into(space.get("teacher", count, vocab), inputs.teacher_hidden[rows].to(acc),
-                                          teacher_weight)
+            teacher_logits = spec.teacher_map.apply_(logits_into(
+                space.get("teacher", count, vocab), inputs.teacher_hidden[rows].to(acc), teacher_weight))
             ref_logits = None
             if spec.needs_ref:
-                ref_logits = logits_into(space.get("ref", count, vocab), inputs.ref_hidden[rows].to(acc), ref_weight)
+                ref_logits = spec.ref_map.apply_(logits_into(space.get("ref", count, vocab),
+                                                             inputs.ref_hidden[rows].to(acc), ref_weight))
             work2 = space.get("work2", count, vocab) if spec.kind == "jsd" else None
             div_out[rows], grad_div_logits = _divergence_chunk(
                 spec, logits[:, :vocab], teacher_logits, ref_logits, g, space.get("work", count, vocab), work2)
@@ -198,6 +204,10 @@ def sweep(spec: SweepSpec, inputs: SweepInputs,
                 else:
                     grad_logits[:, :vocab] += grad_div_logits
         if want_grads and grad_logits is not None:
+            if slope is not None:
+                grad_logits.mul_(slope[:, :grad_logits.shape[1]])
+            elif spec.student_map.scale != 1.0:
+                grad_logits.mul_(spec.student_map.scale)
             accumulate_chunk_grads(grads, rows, grad_logits, student_rows, student_weight)
     return div_out, logp_out, grads
 

@@ -20,6 +20,11 @@ d/d(student logit), per output, before the 1/T of the logit scale:
 
 ``LSE_GIVEN`` (log-prob rows only): the normalizer is the one a forward sweep stored, so the
 backward sweep is the gradient pass alone.
+
+Soft caps and logit scales: the buffers hold each head's raw outputs x; every load maps them to
+the model's logits z = cap·tanh(scale·x/cap) (cap 0: z = scale·x), and the gradient pass
+multiplies d/dz by dz/dx = scale·(1 − (z/cap)²). The cap is a runtime scalar, not a constexpr:
+an uncapped head pays one uniform branch per tile and the compiled set does not double.
 """
 import triton
 import triton.language as tl
@@ -52,10 +57,26 @@ def _online_lse(m, z, x):
 
 
 @triton.jit
+def _tanh(u):
+    # From exp alone (the interpreter has no libdevice): saturates to ±1, never NaN.
+    return 2.0 / (1.0 + tl.exp(-2.0 * u)) - 1.0
+
+
+@triton.jit
+def _model_logits(x, scale, cap):
+    """z = cap·tanh(scale·x/cap), or scale·x where cap is 0."""
+    z = x * scale
+    if cap > 0:
+        z = cap * _tanh(z / cap)
+    return z
+
+
+@triton.jit
 def row_sweep_kernel(
     s_ptr, s_stride, t_ptr, t_stride, r_ptr, r_stride, grad_ptr, grad_stride,
     targets_ptr, g_div_ptr, g_lp_ptr, div_ptr, logp_ptr, lse_lp_ptr,
     n_rows, n_student, n_div, inv_temp, inv_lp_temp, beta, log_beta, log_one_minus_beta,
+    s_scale, s_cap, t_scale, t_cap, r_scale, r_cap,
     KIND: tl.constexpr, WITH_LOGPS: tl.constexpr, WITH_GRAD: tl.constexpr, LSE_GIVEN: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
@@ -90,18 +111,20 @@ def row_sweep_kernel(
         for v0 in range(0, n_student, BLOCK_V):
             offs = v0 + cols
             in_row = offs < n_student
-            s_raw = tl.load(s_rows + offs, mask=row_ok[:, None] & in_row, other=0.0).to(tl.float32)
+            s_logit = _model_logits(tl.load(s_rows + offs, mask=row_ok[:, None] & in_row, other=0.0).to(tl.float32),
+                                  s_scale, s_cap)
             if WITH_LOGPS:
-                lp = tl.where(in_row, s_raw * inv_lp_temp, neg_inf)
+                lp = tl.where(in_row, s_logit * inv_lp_temp, neg_inf)
                 m_lp, z_lp, _ = _online_lse(m_lp, z_lp, lp)
-                target_logit += tl.sum(tl.where(offs == tgt[:, None], s_raw, 0.0), axis=1)
+                target_logit += tl.sum(tl.where(offs == tgt[:, None], s_logit, 0.0), axis=1)
             if KIND != KIND_NONE:
                 if v0 < n_div:
                     ok = offs < n_div
                     load_ok = row_ok[:, None] & ok
                     # "safe" copies are 0 where masked (for differences), the others −inf (for exp).
-                    s_safe = tl.where(ok, s_raw * inv_temp, 0.0)
-                    t_safe = tl.load(t_rows + offs, mask=load_ok, other=0.0).to(tl.float32) * inv_temp
+                    s_safe = tl.where(ok, s_logit * inv_temp, 0.0)
+                    t_safe = _model_logits(tl.load(t_rows + offs, mask=load_ok, other=0.0).to(tl.float32), t_scale,
+                                           t_cap) * inv_temp
                     s = tl.where(ok, s_safe, neg_inf)
                     t = tl.where(ok, t_safe, neg_inf)
                     m_s, z_s, rescale_s = _online_lse(m_s, z_s, s)
@@ -111,7 +134,8 @@ def row_sweep_kernel(
                     elif KIND == KIND_REVERSE_KL:
                         acc = acc * rescale_s + tl.sum(tl.exp(s - m_s[:, None]) * (s_safe - t_safe), axis=1)
                     elif KIND == KIND_ADVANTAGE:
-                        r_safe = tl.load(r_rows + offs, mask=load_ok, other=0.0).to(tl.float32) * inv_temp
+                        r_safe = _model_logits(tl.load(r_rows + offs, mask=load_ok, other=0.0).to(tl.float32),
+                                               r_scale, r_cap) * inv_temp
                         m_r, z_r, _ = _online_lse(m_r, z_r, tl.where(ok, r_safe, neg_inf))
                         acc = acc * rescale_s + tl.sum(tl.exp(s - m_s[:, None]) * (t_safe - r_safe), axis=1)
 
@@ -146,8 +170,10 @@ def row_sweep_kernel(
             offs = v0 + cols
             ok = offs < n_div
             load_ok = row_ok[:, None] & ok
-            log_p = tl.load(s_rows + offs, mask=load_ok, other=0.0).to(tl.float32) * inv_temp - lse_s[:, None]
-            log_q = tl.load(t_rows + offs, mask=load_ok, other=0.0).to(tl.float32) * inv_temp - lse_t[:, None]
+            log_p = (_model_logits(tl.load(s_rows + offs, mask=load_ok, other=0.0).to(tl.float32), s_scale, s_cap)
+                     * inv_temp - lse_s[:, None])
+            log_q = (_model_logits(tl.load(t_rows + offs, mask=load_ok, other=0.0).to(tl.float32), t_scale, t_cap)
+                     * inv_temp - lse_t[:, None])
             log_m = logaddexp(log_beta + log_q, log_one_minus_beta + log_p)
             kl_teacher += tl.sum(tl.where(ok, tl.exp(log_q) * (log_q - log_m), 0.0), axis=1)
             kl_student += tl.sum(tl.where(ok, tl.exp(log_p) * (log_p - log_m), 0.0), axis=1)
@@ -160,26 +186,27 @@ def row_sweep_kernel(
         grad_rows = grad_ptr + rows[:, None] * grad_stride
         g_lp = zero
         g_div = zero
+        # The scale's share of dz/dx folded into the row weights.
         if WITH_LOGPS:
-            g_lp = tl.load(g_lp_ptr + rows, mask=row_ok, other=0.0) * inv_lp_temp
+            g_lp = tl.load(g_lp_ptr + rows, mask=row_ok, other=0.0) * (inv_lp_temp * s_scale)
         if KIND != KIND_NONE:
-            g_div = tl.load(g_div_ptr + rows, mask=row_ok, other=0.0) * inv_temp
+            g_div = tl.load(g_div_ptr + rows, mask=row_ok, other=0.0) * (inv_temp * s_scale)
         for v0 in range(0, n_student, BLOCK_V):
             offs = v0 + cols
             in_row = offs < n_student
             store_ok = row_ok[:, None] & in_row
-            s_raw = tl.load(s_rows + offs, mask=store_ok, other=0.0).to(tl.float32)
+            s_logit = _model_logits(tl.load(s_rows + offs, mask=store_ok, other=0.0).to(tl.float32), s_scale, s_cap)
             grad = tl.zeros((BLOCK_R, BLOCK_V), dtype=tl.float32)
             if WITH_LOGPS:
-                probs = tl.where(in_row, tl.exp(s_raw * inv_lp_temp - lse_lp[:, None]), 0.0)
+                probs = tl.where(in_row, tl.exp(s_logit * inv_lp_temp - lse_lp[:, None]), 0.0)
                 grad = g_lp[:, None] * (tl.where(offs == tgt[:, None], 1.0, 0.0) - probs)
             if KIND != KIND_NONE:
                 if v0 < n_div:
                     ok = offs < n_div
-                    log_p = s_raw * inv_temp - lse_s[:, None]
+                    log_p = s_logit * inv_temp - lse_s[:, None]
                     p = tl.where(ok, tl.exp(log_p), 0.0)
-                    log_q = (tl.load(t_rows + offs, mask=row_ok[:, None] & ok, other=0.0).to(tl.float32) * inv_temp
-                             - lse_t[:, None])
+                    log_q = (_model_logits(tl.load(t_rows + offs, mask=row_ok[:, None] & ok, other=0.0).to(tl.float32),
+                                           t_scale, t_cap) * inv_temp - lse_t[:, None])
                     if KIND == KIND_FORWARD_KL:
                         d = p - tl.where(ok, tl.exp(log_q), 0.0)
                     elif KIND == KIND_REVERSE_KL:
@@ -188,10 +215,13 @@ def row_sweep_kernel(
                         log_m = logaddexp(log_beta + log_q, log_one_minus_beta + log_p)
                         d = (1.0 - beta) * p * (log_p - log_m - kl_student[:, None])
                     else:  # KIND_ADVANTAGE
-                        log_r = (tl.load(r_rows + offs, mask=row_ok[:, None] & ok, other=0.0).to(tl.float32)
-                                 * inv_temp - lse_r[:, None])
+                        log_r = (_model_logits(tl.load(r_rows + offs, mask=row_ok[:, None] & ok, other=0.0)
+                                               .to(tl.float32), r_scale, r_cap) * inv_temp - lse_r[:, None])
                         d = p * ((log_q - log_r) - div[:, None])
                     grad += tl.where(ok, g_div[:, None] * d, 0.0)
+            if s_cap > 0:  # the soft cap's share of dz/dx: 1 − tanh²
+                th = s_logit / s_cap
+                grad = grad * (1.0 - th * th)
             # The gradient may be a narrower dtype written over the same rows' wider logits: this
             # tile's stores land on logits of this and earlier tiles, so every thread's loads of
             # them must be done before any thread stores.
@@ -209,7 +239,9 @@ def launch(logits, teacher, ref, grad, targets, g_div, g_lp, div, logp, lse_lp, 
     the gradient view written over the logits, and per-row vectors of the chunk's rows."""
     args = (logits, logits.stride(0), teacher, teacher.stride(0), ref, ref.stride(0), grad, grad.stride(0),
             targets, g_div, g_lp, div, logp, lse_lp, n_rows, n_student, n_div, scalars["inv_temp"],
-            scalars["inv_lp_temp"], scalars["beta"], scalars["log_beta"], scalars["log_one_minus_beta"])
+            scalars["inv_lp_temp"], scalars["beta"], scalars["log_beta"], scalars["log_one_minus_beta"],
+            *(float(scalars.get(name, default)) for name, default in (
+                ("s_scale", 1.0), ("s_cap", 0.0), ("t_scale", 1.0), ("t_cap", 0.0), ("r_scale", 1.0), ("r_cap", 0.0))))
     constexprs = dict(KIND=KIND_CODES[kind], WITH_LOGPS=with_logps, WITH_GRAD=with_grad, LSE_GIVEN=lse_given,
                       BLOCK_R=INTERPRETER_BLOCK_R if interpreted else BLOCK_R,
                       BLOCK_V=INTERPRETER_BLOCK_V if interpreted else BLOCK_V)
@@ -263,7 +295,8 @@ def launch_specializations():
             grad = logits if dtype == torch.float32 else torch.empty(rows, 2 * vocab, dtype=dtype, **meta)[:, :vocab]
             vector = torch.empty(rows, dtype=torch.float32, **meta)
             targets = torch.empty(rows, dtype=torch.int64, **meta)
-            scalars = dict(inv_temp=1.0 / 1.7, inv_lp_temp=1.0, beta=0.5, log_beta=-0.69, log_one_minus_beta=-0.69)
+            scalars = dict(inv_temp=1.0 / 1.7, inv_lp_temp=1.0, beta=0.5, log_beta=-0.69, log_one_minus_beta=-0.69,
+                           s_scale=1.0, s_cap=30.0, t_scale=1.0, t_cap=30.0, r_scale=1.0, r_cap=30.0)
             args, constexprs, options = launch(
                 logits, logits, logits, grad, targets, vector, vector, vector, vector, vector, rows, vocab, vocab,
                 scalars, kind=kind, with_logps=with_logps, with_grad=with_grad, lse_given=lse_given)

@@ -257,7 +257,7 @@ def test_narrow_gradient_written_over_wide_logits():
         outs = [torch.zeros(rows) for _ in range(3)]
         triton_rows.row_sweep_kernel[(triton.cdiv(rows, triton_rows.INTERPRETER_BLOCK_R),)](
             chunk, chunk.stride(0), chunk, chunk.stride(0), chunk, chunk.stride(0), grad, grad.stride(0),
-            targets, weights, weights, *outs, rows, cols, cols, 1.0, 1.0, 0.5, -0.69, -0.69,
+            targets, weights, weights, *outs, rows, cols, cols, 1.0, 1.0, 0.5, -0.69, -0.69, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0,
             KIND=0, WITH_LOGPS=True, WITH_GRAD=True, LSE_GIVEN=False,
             BLOCK_R=triton_rows.INTERPRETER_BLOCK_R, BLOCK_V=triton_rows.INTERPRETER_BLOCK_V)
         return grad.float()
