@@ -336,7 +336,8 @@ def test_workspace_is_what_the_rule_counts(monkeypatch):
                            impl="chunked", chunk_budget_mb=budget_mb)
     from fastdadpo.kernels.sweep import SweepSpec
 
-    plan = chunked_backend.plan_chunks(SweepSpec(kind="advantage", vocab_size=41), 20, 45, 8,
+    # No input wants a gradient, so the weight's counts as frozen (no [V, H] term in the plan).
+    plan = chunked_backend.plan_chunks(SweepSpec(kind="advantage", vocab_size=41, weight_grad=False), 20, 45, 8,
                                        chunked_backend.budget_bytes(budget_mb), grad_dtype=torch.float32)
     assert 1 < plan.rows_per_chunk < 20
     assert sum(dict(allocated).values()) == plan.rows_per_chunk * plan.row_bytes
