@@ -295,13 +295,15 @@ def cce_impl(device: torch.device) -> str:
     return "cce" if device.type == "cuda" else "torch_compile"
 
 
-def _build_fastdadpo(hint: bool, pinned: Optional[str] = None):
+def _build_fastdadpo(hint: bool, pinned: Optional[str] = None, frozen_head: bool = False):
     def build(case: Case, t: Inputs, device: torch.device) -> LossFn:
         if pinned is not None and device.type != "cuda":
             import pytest
 
             # The Triton backends run on CPU only under the interpreter: far too slow to benchmark.
             pytest.skip(f"the {pinned} backend is benchmarked on CUDA only")
+        if frozen_head:  # a LoRA student's head: no weight gradient wanted (the kernels form no dW)
+            t.student_weight.requires_grad_(False)
         backend = pinned or fastdadpo_backend(device)
         return lambda: case_loss(case, *fused_per_token(case, t, backend, hint))
 
@@ -359,6 +361,10 @@ IMPLEMENTATIONS: Dict[str, Implementation] = {i.name: i for i in (
                    ours=True, backend="chunked"),
     Implementation("fastdadpo-tile-fused", "ours (tile-fused)", _ALL, _build_fastdadpo(hint=True, pinned="triton"),
                    ours=True, backend="triton"),
+    # Not equal work: the student's head frozen (a LoRA student), so no weight gradient; beside
+    # "fastdadpo" it shows what skipping the dW GEMM and its [V, H] buffer saves.
+    Implementation("fastdadpo-frozen-head", "fastdadpo, frozen LM head (no dW)", frozenset({"kd", "nll"}),
+                   _build_fastdadpo(hint=True, frozen_head=True), ours=True),
     Implementation("naive", "naive torch (materialized logits)", _ALL, _build_naive),
     Implementation("naive-compiled", "torch.compile(naive)", _ALL, _build_naive_compiled, compiles=True),
     Implementation("liger", "Liger-Kernel chunked loss", frozenset({"divergence", "kd", "dpo"}), _build_liger,
