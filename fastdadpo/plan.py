@@ -309,6 +309,12 @@ def student_master_bytes(arch: Architecture, s: Setting) -> int:
     """AdamW's fp32 master weights, 4 bytes per parameter. Stage 0 in bf16/fp16: a full copy (4P);
     in fp32 the weights are their own master (0). Stages 1-3 keep the rank's partition in fp32,
     4P/W, a copy even when the model is fp32. offload_optimizer moves it to host memory."""
+    return _fp32_copy_of_trained(arch, s)
+
+
+def _fp32_copy_of_trained(arch: Architecture, s: Setting) -> int:
+    """An fp32 copy of the trained parameters' size: whole at stage 0 unless they are fp32 already,
+    the rank's partition at stages 1-3; none on the GPU with offload_optimizer (it lives in host memory)."""
     if s.offload_optimizer and s.on_gpu:
         return 0
     if s.zero_stage == 0:
@@ -329,11 +335,7 @@ def student_step_fp32_grads_bytes(arch: Architecture, s: Setting) -> int:
     """At the optimizer step the gradients the optimizer reads are fp32: stage 0 in bf16/fp16 copies
     all of them (4P; fp32 steps on .grad itself: 0); stages 1-3 flatten the rank's partition into
     fp32 (4P/W, a copy even in fp32). Host memory with offload_optimizer."""
-    if s.offload_optimizer and s.on_gpu:
-        return 0
-    if s.zero_stage == 0:
-        return 4 * trained_params(arch, s) if s.dtype_bytes < 4 else 0
-    return _ceil_div(4 * trained_params(arch, s), s.ranks)
+    return _fp32_copy_of_trained(arch, s)
 
 
 def student_optimizer_temp_bytes(arch: Architecture, s: Setting) -> int:
