@@ -118,7 +118,20 @@ def test_chat_completions_url():
         chat_completions_url("h:1")
 
 
-class FakeChatServer:
+class _LocalServer:
+    """A threaded HTTP server on 127.0.0.1, serving in the background; ``url`` is its address."""
+
+    def _start(self, handler, server_class=ThreadingHTTPServer):
+        self.httpd = server_class(("127.0.0.1", 0), handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class FakeChatServer(_LocalServer):
     """An OpenAI-compatible chat endpoint on 127.0.0.1 that records requests; ``statuses`` are sent
     (with an error body) before normal replies; ``delay`` seconds pass before each answer."""
 
@@ -149,13 +162,7 @@ class FakeChatServer:
             def handle_error(self, request, client_address):
                 pass   # a client that timed out closed the socket: expected in the timeout test
 
-        self.httpd = Server(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._start(Handler, Server)
 
 
 @pytest.fixture
@@ -240,7 +247,7 @@ def test_judge_configuration_errors(monkeypatch, tmp_path):
 
 # --- the http judge's transport: redirects, plain http, URLs, secrets, timeouts ----------------------------------
 
-class _ScriptedServer:
+class _ScriptedServer(_LocalServer):
     """An HTTP server on 127.0.0.1 whose every POST is answered by ``respond(handler, body)``."""
 
     def __init__(self, respond):
@@ -256,13 +263,7 @@ class _ScriptedServer:
             def log_message(self, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._start(Handler)
 
 
 @pytest.fixture

@@ -11,6 +11,8 @@ import logging
 import pytest
 import torch
 
+from kernel_grads import run_with_grads
+
 from fastdadpo.kernels import (fused_linear_advantage, fused_linear_divergence, fused_linear_logprobs,
                                naive_linear_advantage, naive_linear_divergence, naive_linear_logprobs,
                                resolve_backend)
@@ -48,22 +50,14 @@ def _tensors(seed, n, hs, ht, vs, vt, scale=1.0):
     )
 
 
-def _run(fn, leaves64, upstreams, dtype):
-    leaves = [t.detach().to(dtype).clone().requires_grad_() for t in leaves64]
-    out = fn(*leaves)
-    outs = out if isinstance(out, tuple) else (out,)
-    sum((o.double() * u).sum() for o, u in zip(outs, upstreams)).backward()
-    return outs, [leaf.grad for leaf in leaves]
-
-
 def _assert_close(actual, expected, what, atol=2e-5, rtol=2e-4):
     assert actual is not None, f"{what}: no gradient"
     torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 
 def _compare(fused, naive, leaves, upstreams, names=("hidden", "weight", "bias")):
-    fused_out, fused_grads = _run(fused, leaves, upstreams, torch.float32)
-    naive_out, naive_grads = _run(naive, leaves, upstreams, torch.float64)
+    fused_out, fused_grads = run_with_grads(fused, leaves, upstreams, torch.float32)
+    naive_out, naive_grads = run_with_grads(naive, leaves, upstreams, torch.float64)
     for i, (a, b) in enumerate(zip(fused_out, naive_out)):
         assert a.dtype == torch.float32
         _assert_close(a, b, f"output {i}")
@@ -149,11 +143,11 @@ def test_huge_logits_stay_finite_and_exact():
     teacher = (t["teacher_hidden"], t["teacher_weight"])
     kwargs = dict(kind="reverse_kl", targets=t["targets"])
     assert (torch.softmax((teacher[0] @ teacher[1].T).float(), -1) == 0).any()
-    fused_out, fused_grads = _run(lambda h, w: fused_linear_divergence(h, w, teacher[0].float(), teacher[1].float(),
+    fused_out, fused_grads = run_with_grads(lambda h, w: fused_linear_divergence(h, w, teacher[0].float(), teacher[1].float(),
                                                                        impl="chunked", **kwargs),
                                   [t["student_hidden"], t["student_weight"]], [t["upstream"], t["upstream2"]],
                                   torch.float32)
-    naive_out, naive_grads = _run(lambda h, w: naive_linear_divergence(h, w, *teacher, **kwargs),
+    naive_out, naive_grads = run_with_grads(lambda h, w: naive_linear_divergence(h, w, *teacher, **kwargs),
                                   [t["student_hidden"], t["student_weight"]], [t["upstream"], t["upstream2"]],
                                   torch.float64)
     for out in fused_out + tuple(fused_grads):

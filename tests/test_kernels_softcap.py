@@ -12,6 +12,8 @@ import math
 import pytest
 import torch
 
+from kernel_grads import run_with_grads
+
 from fastdadpo.kernels import (fused_linear_advantage, fused_linear_divergence, fused_linear_logprobs,
                                naive_linear_advantage, naive_linear_divergence, naive_linear_logprobs)
 from fastdadpo.kernels.sweep import LogitMap
@@ -51,17 +53,9 @@ def _tensors(seed, n, hs, ht, vs, vt):
                 targets=torch.randint(0, vs, (n,), generator=g))
 
 
-def _run(fn, leaves64, upstreams, dtype):
-    leaves = [t.detach().to(dtype).clone().requires_grad_() for t in leaves64]
-    out = fn(*leaves)
-    outs = out if isinstance(out, tuple) else (out,)
-    sum((o.double() * u).sum() for o, u in zip(outs, upstreams)).backward()
-    return outs, [leaf.grad for leaf in leaves]
-
-
 def _compare(fused, naive, leaves, upstreams, names=("hidden", "weight", "bias")):
-    fused_out, fused_grads = _run(fused, leaves, upstreams, torch.float32)
-    naive_out, naive_grads = _run(naive, leaves, upstreams, torch.float64)
+    fused_out, fused_grads = run_with_grads(fused, leaves, upstreams, torch.float32)
+    naive_out, naive_grads = run_with_grads(naive, leaves, upstreams, torch.float64)
     for i, (a, b) in enumerate(zip(fused_out, naive_out)):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a.double(), b, atol=3e-5, rtol=3e-4, msg=lambda m: f"output {i}: {m}")
