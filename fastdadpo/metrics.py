@@ -26,18 +26,19 @@ def accumulate(sums: Dict[str, torch.Tensor], metrics: Dict[str, torch.Tensor]) 
         sums[key] = sums.get(key, 0.0) + value.detach().float()
 
 
-def reduce_step_metrics(sums: Dict[str, torch.Tensor], tokens: int, finite: bool, stop: bool, device: torch.device):
-    """One collective for the step's summed metrics, its token count, whether the loss was finite on
-    every rank, and whether any rank asked to stop: (metrics, finite everywhere, stop requested)."""
+def reduce_step_metrics(sums: Dict[str, torch.Tensor], tokens: int, nonfinite, stop: bool,
+                        device: torch.device):
+    """One collective for the step's summed metrics, its token count, how many micro-batch losses
+    were not finite (a tensor, so the loop never waits on the device for it) and whether any rank
+    asked to stop: (metrics, finite everywhere, stop requested)."""
     keys = sorted(sums)
-    extra = [float(tokens), 0.0 if finite else 1.0, 1.0 if stop else 0.0]
-    vector = torch.cat([torch.stack([sums[k].to(device).reshape(()).double() for k in keys]) if keys
-                        else torch.zeros(0, dtype=torch.float64, device=device),
-                        torch.tensor(extra, dtype=torch.float64, device=device)])
-    values = distributed.all_reduce_sum(vector).tolist()
-    metrics = dict(zip(keys, values[:len(keys)]))
-    metrics["tokens"] = values[len(keys)]
-    return metrics, values[len(keys) + 1] == 0, values[len(keys) + 2] > 0
+    values = [sums[k].to(device).reshape(()).double() for k in keys]
+    values += [torch.as_tensor(nonfinite, dtype=torch.float64, device=device).reshape(())]
+    values += [torch.tensor(float(v), dtype=torch.float64, device=device) for v in (tokens, stop)]
+    reduced = distributed.all_reduce_sum(torch.stack(values)).tolist()
+    metrics = dict(zip(keys, reduced[:len(keys)]))
+    metrics["tokens"] = reduced[len(keys) + 1]
+    return metrics, reduced[len(keys)] == 0, reduced[len(keys) + 2] > 0
 
 
 class MetricsLog:

@@ -188,17 +188,17 @@ class Trainer:
             self.train_set, step, self.dist.rank, self.dist.world_size, self.config.train.seed)]
         normalizers = self._normalizers(batches)
         sums: Dict[str, torch.Tensor] = {}
-        finite = True
+        nonfinite = torch.zeros((), device=self.dist.device)
         for k, batch in enumerate(batches):
             loss, metrics = self._loss_step(batch, normalizers, "train")
-            finite &= bool(torch.isfinite(loss.detach()))
+            nonfinite += (~torch.isfinite(loss.detach())).float().reshape(())
             # Contributions add up over micro-batches and ranks; DeepSpeed divides by both.
             self.engine.backward(loss * self.dist.world_size * len(batches))
             accumulate(sums, metrics)
             if k < len(batches) - 1:
                 self.engine.step()  # not a boundary: accumulates only
         step_metrics, finite_everywhere, stop_requested = reduce_step_metrics(
-            sums, sum(b.tokens() for b in batches), finite, stop, self.dist.device)
+            sums, sum(b.tokens() for b in batches), nonfinite, stop, self.dist.device)
         if not finite_everywhere:
             self._diverged(f"the loss became non-finite at step {step + 1}")
         lr = self.engine.get_lr()[0]  # the rate this step applies (the scheduler moves on inside step())
@@ -244,7 +244,7 @@ class Trainer:
         for batch, stand_in in batches:
             _, metrics = self._loss_step(batch.to(self.dist.device), normalizers, "eval")
             accumulate(sums, {k: torch.zeros_like(v) for k, v in metrics.items()} if stand_in else metrics)
-        metrics, _, _ = reduce_step_metrics(sums, 0, True, False, self.dist.device)
+        metrics, _, _ = reduce_step_metrics(sums, 0, 0, False, self.dist.device)
         metrics.pop("tokens")
         self.engine.train()
         return {f"eval/{k}": v for k, v in metrics.items()}
