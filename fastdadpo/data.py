@@ -12,7 +12,7 @@ Rows follow TRL's preference format: ``prompt``, ``chosen``, ``rejected``, each 
 of ``{"role", "content"}`` messages. A string prompt is one user message, a string response one
 assistant message. TRL's implicit-prompt rows (no ``prompt``; ``chosen`` and ``rejected`` are whole
 conversations that share their opening messages) are split at the last shared message.
-``answer`` (a reference answer) and every other field pass through untouched.
+``answer`` (a reference answer, or a list of right answers) and every other field pass through untouched.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ class Example:
     prompt: list[dict]
     chosen: Optional[list[dict]]
     rejected: Optional[list[dict]]
-    answer: Optional[str]
+    answer: Union[None, str, Tuple[str, ...]]  # several when a prompt has several right answers
     source: str  # "FILE line N" or "FILE row N", for error messages
     extra: dict = field(default_factory=dict)
 
@@ -203,12 +203,23 @@ def _response(value: Any, source: str, name: str) -> list[dict]:
     return messages
 
 
-def _answer(value: Any, source: str) -> Optional[str]:
+def _answer(value: Any, source: str) -> Union[None, str, Tuple[str, ...]]:
+    """One reference answer, or a list of them when a prompt has several right answers (any one is right)."""
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
-    raise DataError(f"{source}: field 'answer' must be a string or a number, got {type(value).__name__}")
+    if isinstance(value, list):
+        if not value:
+            raise DataError(f"{source}: field 'answer' is an empty list; give at least one right answer, or leave "
+                            f"the field out")
+        answers = tuple(_answer(item, source) for item in value if not isinstance(item, list))
+        if len(answers) != len(value):
+            raise DataError(f"{source}: field 'answer' must be a string, a number or a list of them; it holds a "
+                            f"nested list")
+        return answers
+    raise DataError(f"{source}: field 'answer' must be a string, a number or a list of them (every one a right "
+                    f"answer), got {type(value).__name__}")
 
 
 def _has_implicit_prompt(row: dict) -> bool:

@@ -12,7 +12,12 @@ verifiable reference answer; optionally ``"chosen"``, a teacher response):
 (b) A pairwise comparison of each student's greedy response with the teacher's response: win, loss
     and tie rates and the preference rate ``(wins − losses) / pairs``, decided by a judge
     (``fastdadpo.judges``: ``exact``, ``model``, ``http``).
-(c) Accuracy: the fraction of responses matching ``"answer"``, over the rows that have one.
+(c) Accuracy: the fraction of responses matching ``"answer"`` (or one of its list of right
+    answers), over the rows that have one.
+
+Every model's row also keeps the per-prompt outcomes (``correct``, and each row's divergence sums
+next to the shared ``row_tokens``), so paired comparisons over the same prompts can be made later;
+with ``group_by`` (a field of the rows, e.g. a task family) the same summary is given per group.
 
 Memory: one model at a time. The teacher goes first: its responses, and its final hidden states at
 the response positions and its LM head, kept on the CPU (``[response tokens × hidden]``: small next
@@ -47,10 +52,19 @@ def conversation_text(messages: Sequence[Message]) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
+def correctness(responses: Sequence[str], examples: Sequence[Example]) -> List[Optional[bool]]:
+    """Per row: the response matches the row's answer (None for a row without one)."""
+    return [is_correct(r, e.answer) if e.answer is not None else None for r, e in zip(responses, examples)]
+
+
 def accuracy(responses: Sequence[str], examples: Sequence[Example]) -> Optional[float]:
     """Exact-match accuracy over the rows with an answer (None when no row has one)."""
-    judged = [is_correct(r, e.answer) for r, e in zip(responses, examples) if e.answer is not None]
-    return sum(judged) / len(judged) if judged else None
+    return _mean_of_known(correctness(responses, examples))
+
+
+def _mean_of_known(flags: Sequence[Optional[bool]]) -> Optional[float]:
+    known = [flag for flag in flags if flag is not None]
+    return sum(known) / len(known) if known else None
 
 
 # --- the teacher's pass and the students' ------------------------------------------------------------------
@@ -122,12 +136,13 @@ def teacher_pass(path: str, examples: Sequence[Example], *, max_new_tokens: int,
 
 
 def divergences(model, teacher: TeacherPass, *, vocab_size: int, batch_size: int,
-                device: torch.device) -> Dict[str, Optional[float]]:
+                device: torch.device) -> Dict[str, object]:
     """Mean per-token forward and reverse KL between the teacher and ``model`` over the first
-    ``vocab_size`` rows of their heads, at the response tokens of the teacher's responses (pooled)."""
+    ``vocab_size`` rows of their heads, at the response tokens of the teacher's responses (pooled),
+    and each row's sum (``row_forward_kl``, ``row_reverse_kl``)."""
     from .kernels import fused_linear_divergence
 
-    sums = dict.fromkeys(DIVERGENCE_KINDS, 0.0)
+    row_sums = {kind: [0.0] * len(teacher.sequences) for kind in DIVERGENCE_KINDS}
     tokens = 0
     teacher_head, student_head = teacher.head.to(device), head_weight(model)
     options = dict(**head_logit_options(model.config, "student"),
@@ -139,12 +154,15 @@ def divergences(model, teacher: TeacherPass, *, vocab_size: int, batch_size: int
             if not len(student_hidden):
                 continue
             teacher_hidden = torch.cat([teacher.hidden[row] for row in rows]).to(device)
+            lengths = [len(teacher.hidden[row]) for row in rows]
             for kind in DIVERGENCE_KINDS:
                 per_token = fused_linear_divergence(student_hidden, student_head, teacher_hidden, teacher_head,
                                                     kind=kind, vocab_size=vocab_size, **options)
-                sums[kind] += float(per_token.double().sum())
+                for row, part in zip(rows, per_token.double().split(lengths)):
+                    row_sums[kind][row] = float(part.sum())
             tokens += len(student_hidden)
-    return {kind: (total / tokens if tokens else None) for kind, total in sums.items()}
+    means = {kind: (sum(row_sums[kind]) / tokens if tokens else None) for kind in DIVERGENCE_KINDS}
+    return {**means, **{f"row_{kind}": row_sums[kind] for kind in DIVERGENCE_KINDS}}
 
 
 def student_pass(name: str, path: str, examples: Sequence[Example], teacher: TeacherPass, *,
@@ -157,9 +175,10 @@ def student_pass(name: str, path: str, examples: Sequence[Example], teacher: Tea
                                              teacher_head_rows=teacher.head.shape[0])
     responses = _generate(model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size,
                           device=device)
-    return {"path": path, "parameters": count_parameters(model), "accuracy": accuracy(responses, examples),
+    correct = correctness(responses, examples)
+    return {"path": path, "parameters": count_parameters(model), "accuracy": _mean_of_known(correct),
             **divergences(model, teacher, vocab_size=vocab_size, batch_size=batch_size, device=device),
-            "responses": responses}
+            "correct": correct, "responses": responses}
 
 
 # --- evaluating several students against one teacher -------------------------------------------------------
@@ -167,15 +186,19 @@ def student_pass(name: str, path: str, examples: Sequence[Example], teacher: Tea
 def evaluate_models(teacher_dir: str, students: Mapping[str, str], examples: Sequence[Example], *,
                     judge: Union[str, Judge] = "exact", max_new_tokens: int = 128, batch_size: int = 8,
                     device: Optional[Union[str, torch.device]] = None, dtype: Optional[str] = None,
-                    teacher_name: str = "teacher") -> dict:
+                    teacher_name: str = "teacher", group_by: Optional[str] = None) -> dict:
     """Evaluate every student (display name -> model directory) against the teacher on ``examples``
     (``data.load_prompts(path)``), sharing the teacher's responses and hidden states. Returns
     ``{"teacher", "judge", "examples", "answered", "response_tokens", "max_new_tokens", "models"}``,
     ``models`` mapping display names to rows, the teacher's first (accuracy; divergence 0; no pairwise
     fields), then one per student: ``path, parameters, accuracy, forward_kl, reverse_kl, wins, losses,
-    ties, win_rate, loss_rate, tie_rate, preference_rate, outcomes, responses``."""
+    ties, win_rate, loss_rate, tie_rate, preference_rate, outcomes, correct, row_forward_kl,
+    row_reverse_kl, responses``; ``row_tokens`` gives each prompt's teacher response tokens. With
+    ``group_by`` (a field every row has), ``groups`` maps each of its values to the same summaries
+    over that group's rows (``group_summaries``)."""
     if not examples:
         raise DataError("no examples to evaluate on")
+    groups = group_labels(examples, group_by) if group_by else None
     judge = build_judge(judge) if isinstance(judge, str) else judge
     check_judge_data(judge, examples)
     if not students:
@@ -191,7 +214,8 @@ def evaluate_models(teacher_dir: str, students: Mapping[str, str], examples: Seq
                            dtype=torch_dtype)
     release_memory()
     rows = {teacher_name: {"path": teacher_dir, "parameters": teacher.parameters, "accuracy": teacher.accuracy,
-                           "forward_kl": 0.0, "reverse_kl": 0.0, "responses": teacher.responses}}
+                           "forward_kl": 0.0, "reverse_kl": 0.0, "correct": correctness(teacher.responses, examples),
+                           "responses": teacher.responses}}
     for name, path in students.items():
         rows[name] = student_pass(name, path, examples, teacher, max_new_tokens=max_new_tokens,
                                   batch_size=batch_size, device=device, dtype=torch_dtype)
@@ -204,9 +228,46 @@ def evaluate_models(teacher_dir: str, students: Mapping[str, str], examples: Seq
             rows[name].update(pairwise_summary(outcomes), outcomes=outcomes)
     finally:
         judge.close()
-    return {"teacher": teacher_dir, "judge": judge.describe(), "examples": len(examples),
-            "answered": sum(e.answer is not None for e in examples), "response_tokens": teacher.response_tokens,
-            "max_new_tokens": max_new_tokens, "models": rows}
+    results = {"teacher": teacher_dir, "judge": judge.describe(), "examples": len(examples),
+               "answered": sum(e.answer is not None for e in examples), "response_tokens": teacher.response_tokens,
+               "row_tokens": [len(response) for _, response in teacher.sequences],
+               "max_new_tokens": max_new_tokens, "models": rows}
+    if groups is not None:
+        results.update(group_by=group_by, groups=group_summaries(results, groups))
+    return results
+
+
+def group_labels(examples: Sequence[Example], field: str) -> List[str]:
+    """Each row's value of ``field`` (as text), which every row must have."""
+    labels = []
+    for example in examples:
+        value = example.extra.get(field)
+        if value is None or isinstance(value, (dict, list)):
+            raise DataError(f"{example.source}: --group-by {field}: the row has no {field!r} field holding a "
+                            f"string or number (every row needs one to be grouped)")
+        labels.append(str(value))
+    return labels
+
+
+def group_summaries(results: dict, labels: Sequence[str]) -> Dict[str, dict]:
+    """Per group label: its prompt count and, per model, accuracy, forward and reverse KL (pooled over
+    the group's response tokens) and the pairwise summary of its outcomes."""
+    summaries = {}
+    for label in dict.fromkeys(labels):
+        members = [i for i, value in enumerate(labels) if value == label]
+        tokens = sum(results["row_tokens"][i] for i in members)
+        models = {}
+        for name, row in results["models"].items():
+            summary = {"accuracy": _mean_of_known([row["correct"][i] for i in members])}
+            for kind in DIVERGENCE_KINDS:
+                per_row = row.get(f"row_{kind}")
+                summary[kind] = (sum(per_row[i] for i in members) / tokens if per_row is not None and tokens else
+                                 row[kind] if per_row is None else None)
+            if "outcomes" in row:
+                summary.update(pairwise_summary([row["outcomes"][i] for i in members]))
+            models[name] = summary
+        summaries[label] = {"examples": len(members), "response_tokens": tokens, "models": models}
+    return summaries
 
 
 TABLE_COLUMNS = (("params", "parameters"), ("accuracy", "accuracy"), ("KL(t||s)", "forward_kl"),
@@ -228,20 +289,35 @@ def _cell(key: str, value) -> str:
     return str(value)
 
 
-def format_table(results: dict) -> str:
-    """The results as a plain-text table: one row per model, the teacher first."""
-    header = ["model"] + [title for title, _ in TABLE_COLUMNS]
-    body = [[name] + [_cell(key, row.get(key)) for _, key in TABLE_COLUMNS] for name, row in results["models"].items()]
-    widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
+def text_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> List[str]:
+    """Lines of a plain-text table: the first column left-aligned, the others right-aligned."""
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
 
     def line(cells):
         return "  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
                          for i, (cell, width) in enumerate(zip(cells, widths)))
 
+    return [line(header), line(["-" * w for w in widths])] + [line(cells) for cells in body]
+
+
+def format_table(results: dict) -> str:
+    """The results as a plain-text table: one row per model, the teacher first; then, when grouped,
+    one table of the per-group accuracy, preference rate and forward KL."""
+    header = ["model"] + [title for title, _ in TABLE_COLUMNS]
+    body = [[name] + [_cell(key, row.get(key)) for _, key in TABLE_COLUMNS] for name, row in results["models"].items()]
     judge = results["judge"]["name"]
     footer = (f"{results['examples']} prompts ({results['answered']} with answers), judge: {judge}, divergence over "
               f"{results['response_tokens']} teacher response tokens; pref = (wins - losses) / pairs")
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(cells) for cells in body] + [footer])
+    lines = text_table(header, body) + [footer]
+    if results.get("groups"):
+        lines += ["", f"by {results['group_by']}: accuracy / pref / KL(t||s)"]
+        labels = list(results["groups"])
+        group_body = [[name] + ["/".join(_cell(key, results["groups"][label]["models"][name].get(key))
+                                         for key in ("accuracy", "preference_rate", "forward_kl"))
+                                for label in labels] for name in results["models"]]
+        lines += text_table(["model"] + [f"{label} ({results['groups'][label]['examples']})" for label in labels],
+                            group_body)
+    return "\n".join(lines)
 
 
 # --- command line ------------------------------------------------------------------------------------------
@@ -267,6 +343,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--limit", type=int, help="evaluate on the first N rows only")
+    parser.add_argument("--group-by", metavar="FIELD",
+                        help="also summarize per value of this row field (e.g. a task family); every row needs it")
     parser.add_argument("--out", help="write the results (with every response) to this JSON file")
     parser.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: bf16 on GPU, fp32 on CPU")
@@ -306,7 +384,7 @@ def run(args) -> int:
     examples = load_prompts(args.data)[:args.limit]
     results = evaluate_models(args.teacher, _students(args), examples, judge=judge,
                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, device=device,
-                              dtype=args.dtype)
+                              dtype=args.dtype, group_by=args.group_by)
     print(format_table(results))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

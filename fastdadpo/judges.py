@@ -1,7 +1,7 @@
 """Judges of a student's response against the teacher's (``fastdadpo eval``).
 
-``exact`` (a response is right iff it matches the row's ``"answer"`` after
-``synthetic.normalize_answer``; a win is student right and teacher wrong), ``model`` (a local causal
+``exact`` (a response is right iff it matches the row's ``"answer"``, or one of its list of right
+answers, after ``synthetic.normalize_answer``; a win is student right and teacher wrong), ``model`` (a local causal
 LM reads both answers and its next-token probabilities of "A" and "B" decide) and ``http`` (an
 OpenAI-compatible chat endpoint replies "A", "B" or "tie"). ``model`` and ``http`` see every pair in
 both orders, teacher first and student first, and a verdict counts as a win or loss only when
@@ -21,7 +21,7 @@ import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import torch
 
@@ -35,8 +35,12 @@ from .synthetic import normalize_answer
 WIN, LOSS, TIE = "win", "loss", "tie"
 
 
-def is_correct(response: str, answer: Optional[str]) -> bool:
-    return answer is not None and normalize_answer(response) == normalize_answer(answer)
+def is_correct(response: str, answer: Union[None, str, Sequence[str]]) -> bool:
+    """Matches the answer, or any one of several right answers, after ``synthetic.normalize_answer``."""
+    if answer is None:
+        return False
+    answers = (answer,) if isinstance(answer, str) else answer
+    return normalize_answer(response) in {normalize_answer(a) for a in answers}
 
 
 # --- judges ------------------------------------------------------------------------------------------------
@@ -45,7 +49,7 @@ def is_correct(response: str, answer: Optional[str]) -> bool:
 class Pair:
     """One prompt's student response against the teacher's."""
     question: str
-    reference: Optional[str]
+    reference: Union[None, str, Sequence[str]]  # the right answer, or every right answer
     teacher: str
     student: str
 

@@ -2,9 +2,13 @@
 verifiable answers, a byte-level BPE tokenizer trained on it, and tiny causal LMs built from configs.
 Nothing here downloads anything.
 
-The task: short instructions about a list of words (repeat it, reverse it, count it, name its
-first or last word), phrased several ways, each with one canonical answer, so a response is
-right or wrong by exact match. New word lists give held-out prompts that no training row saw.
+The task: short instructions about a list of words, phrased several ways. Five families have one
+right answer (repeat the list, reverse it, count it, name its first or last word); three have
+several (name any word of it, name a word of it that starts with a given letter, give any two of
+its words in their order), so a teacher trained on them spreads its probability over the right
+answers, the situation in which daDPO's teacher term should know better than a teacher's single
+sample. A response is right when it matches any right answer exactly (after normalization). New
+word lists give held-out prompts that no training row saw.
 """
 from __future__ import annotations
 
@@ -24,8 +28,19 @@ TEMPLATES: Dict[str, List[str]] = {
     "first": ["What is the first word of: {seq}", "Which word comes first in: {seq}",
               "Name the opening word of: {seq}"],
     "last": ["What is the last word of: {seq}", "Which word comes last in: {seq}", "Name the final word of: {seq}"],
+    "pick": ["Name any word of: {seq}", "Pick one word from: {seq}", "Give me one of these words: {seq}"],
+    "starts": ["Name a word starting with {letter} from: {seq}", "Which word begins with {letter} in: {seq}",
+               "Find a word with first letter {letter} in: {seq}"],
+    "pair": ["Give any two words of this list in their order: {seq}", "Pick two words, keeping their order: {seq}",
+             "Name two of these words in order: {seq}"],
 }
-TASKS = tuple(TEMPLATES)
+SINGLE_ANSWER_TASKS = ("repeat", "reverse", "count", "first", "last")
+MULTI_ANSWER_TASKS = ("pick", "starts", "pair")
+TASKS = SINGLE_ANSWER_TASKS  # the default of the helpers below, which the tests' fixtures were built with
+ALL_TASKS = SINGLE_ANSWER_TASKS + MULTI_ANSWER_TASKS
+# Letters that begin at least two of the words, so a "starts" list can hold several right answers.
+_BY_LETTER = {letter: [w for w in WORDS if w[0] == letter] for letter in sorted({w[0] for w in WORDS})}
+SHARED_LETTERS = tuple(letter for letter, words in _BY_LETTER.items() if len(words) >= 2)
 
 
 def answer_for(task: str, words: List[str]) -> str:
@@ -44,15 +59,44 @@ def answer_for(task: str, words: List[str]) -> str:
     raise ValueError(f"unknown task {task!r}")
 
 
+def answers_for(task: str, words: List[str], letter: Optional[str] = None) -> List[str]:
+    """Every right answer, in a fixed order (the single-answer families have one)."""
+    if task == "pick":
+        return [f"I pick {word}." for word in words]
+    if task == "starts":
+        return [f"It is {word}." for word in words if word[0] == letter]
+    if task == "pair":
+        return [f"In order: {first} {second}" for i, first in enumerate(words) for second in words[i + 1:]]
+    return [answer_for(task, words)]
+
+
+def _starts_words(rng: random.Random, count: int) -> tuple:
+    """A letter and a list of ``count`` words in which two or three begin with it."""
+    letter = rng.choice(SHARED_LETTERS)
+    matching = rng.sample(_BY_LETTER[letter], min(len(_BY_LETTER[letter]), rng.randint(2, 3), count))
+    others = rng.sample([w for w in WORDS if w[0] != letter], count - len(matching))
+    words = matching + others
+    rng.shuffle(words)
+    return letter, words
+
+
 def make_examples(n: int, seed: int, tasks=TASKS, min_words: int = 2, max_words: int = 5) -> List[dict]:
-    """``n`` rows ``{"prompt", "answer", "task"}``; the same seed gives the same rows."""
+    """``n`` rows ``{"prompt", "answer", "answers", "task"}``: ``answers`` every right answer,
+    ``answer`` one of them drawn uniformly (the one a teacher is trained on); the same seed gives the
+    same rows."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
         task = rng.choice(tasks)
-        words = rng.sample(WORDS, rng.randint(min_words, max_words))
-        prompt = rng.choice(TEMPLATES[task]).format(seq=" ".join(words))
-        rows.append({"prompt": prompt, "answer": answer_for(task, words), "task": task})
+        letter = None
+        if task == "starts":
+            letter, words = _starts_words(rng, max(rng.randint(min_words, max_words), 3))
+        else:
+            words = rng.sample(WORDS, rng.randint(min_words, max_words))
+        prompt = rng.choice(TEMPLATES[task]).format(seq=" ".join(words), letter=letter)
+        answers = answers_for(task, words, letter)
+        answer = answers[0] if len(answers) == 1 else rng.choice(answers)
+        rows.append({"prompt": prompt, "answer": answer, "answers": answers, "task": task})
     return rows
 
 
@@ -89,9 +133,9 @@ def build_tokenizer(texts: List[str], vocab_size: int = 384, chat_template: Opti
     return fast
 
 
-def task_corpus(n: int = 600, seed: int = 0) -> List[str]:
+def task_corpus(n: int = 600, seed: int = 0, tasks=TASKS) -> List[str]:
     """Texts that cover the task's prompts, answers and chat markup, for training the tokenizer."""
-    rows = make_examples(n, seed)
+    rows = make_examples(n, seed, tasks=tasks)
     return [f"<|user|>\n{r['prompt']}<|end|>\n<|assistant|>\n{r['answer']}<|end|>\n" for r in rows]
 
 

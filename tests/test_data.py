@@ -110,7 +110,10 @@ def test_load_prompts_needs_only_a_prompt(tmp_path):
     ([{**PAIR, "prompt": [{"role": "human", "content": "x"}]}], r"line 1: field 'prompt' message 0 has role 'human'"),
     ([{**PAIR, "chosen": [{"role": "assistant"}]}], r"line 1: field 'chosen' message 0 must be an object with"),
     ([{**PAIR, "chosen": [USER]}], r"line 1: field 'chosen' must start with an assistant message"),
-    ([{**PAIR, "answer": ["a"]}], r"line 1: field 'answer' must be a string or a number, got list"),
+    ([{**PAIR, "answer": {"a": 1}}], r"line 1: field 'answer' must be a string, a number or a list of them"),
+    ([{**PAIR, "answer": []}], r"line 1: field 'answer' is an empty list"),
+    ([{**PAIR, "answer": ["a", ["b"]]}], r"line 1: field 'answer' .* holds a nested list"),
+    ([{**PAIR, "answer": ["a", True]}], r"line 1: field 'answer' must be a string, a number or a list of them"),
     ([PAIR, "[1, 2]"], r"line 2: expected an object with fields prompt, chosen, rejected; got list"),
 ])
 def test_bad_rows_name_file_line_and_field(tmp_path, rows, message):

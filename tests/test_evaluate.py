@@ -12,7 +12,7 @@ from fastdadpo.data import load_prompts
 from fastdadpo.errors import ConfigError, DataError
 from fastdadpo.evaluate import divergences, evaluate_models, format_table, teacher_pass
 from fastdadpo.judges import ExactJudge, Pair
-from fastdadpo.synthetic import build_tokenizer, make_examples, save_model_dir, tiny_causal_lm
+from fastdadpo.synthetic import ALL_TASKS, build_tokenizer, make_examples, save_model_dir, tiny_causal_lm
 
 CPU = torch.device("cpu")
 GOOD, BAD = "The last word is lake.", "I am not sure about that."
@@ -100,6 +100,43 @@ def test_evaluate_models_end_to_end_with_exact_judge(tmp_path, tokenizer, studen
         assert row["losses"] >= 3 - sum(correct[:3]) and row["forward_kl"] > 0 and row["reverse_kl"] > 0
     table = format_table(results)
     assert "llama student" in table and "pref" in table and "-50.0%" in table
+
+
+def test_grouped_evaluation_with_lists_of_right_answers(tmp_path, student_dir, teacher_dir):
+    """Rows with several right answers: a teacher response that is any one of them counts as right;
+    the per-group summaries are the overall ones restricted to each group's rows, and the per-row
+    divergence sums pool back to the overall means."""
+    rows = make_examples(8, seed=3, tasks=ALL_TASKS)
+    for index, row in enumerate(rows):
+        row["answer"] = row.pop("answers")
+        if index % 2 == 0:   # the teacher gives the last right answer (not the one drawn) on these
+            row["chosen"] = row["answer"][-1]
+    examples = load_prompts(_write_rows(tmp_path / "rows.jsonl", rows))
+    assert any(isinstance(e.answer, tuple) and len(e.answer) > 1 for e in examples)
+    results = evaluate_models(teacher_dir, {"s": student_dir}, examples, judge="exact", max_new_tokens=4,
+                              batch_size=3, device="cpu", group_by="task")
+    teacher, student = results["models"]["teacher"], results["models"]["s"]
+    assert teacher["correct"][::2] == [True] * 4
+    tokens = results["row_tokens"]
+    assert sum(tokens) == results["response_tokens"]
+    for kind in ("forward_kl", "reverse_kl"):
+        assert sum(student[f"row_{kind}"]) / sum(tokens) == pytest.approx(student[kind], rel=1e-9)
+    labels = [row["task"] for row in rows]
+    assert set(results["groups"]) == set(labels) and results["group_by"] == "task"
+    for label, group in results["groups"].items():
+        members = [i for i, value in enumerate(labels) if value == label]
+        assert group["examples"] == len(members)
+        summary = group["models"]["s"]
+        assert summary["accuracy"] == sum(student["correct"][i] for i in members) / len(members)
+        assert summary["forward_kl"] == pytest.approx(sum(student["row_forward_kl"][i] for i in members) /
+                                                      sum(tokens[i] for i in members))
+        outcomes = [student["outcomes"][i] for i in members]
+        assert summary["preference_rate"] == pytest.approx((outcomes.count("win") - outcomes.count("loss")) /
+                                                           len(members))
+        assert group["models"]["teacher"]["forward_kl"] == 0.0
+    assert "by task: accuracy / pref / KL(t||s)" in format_table(results)
+    with pytest.raises(DataError, match=r"line 1: --group-by family: the row has no 'family' field"):
+        evaluate_models(teacher_dir, {"s": student_dir}, examples, device="cpu", group_by="family")
 
 
 def test_evaluate_models_rejects_bad_input(tmp_path, tokenizer, student_dir, teacher_dir):
