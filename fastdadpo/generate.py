@@ -3,6 +3,12 @@
 "rejected"}`` plus the prompt row's ``answer`` and other fields. ``index`` is the prompt's row in
 the prompts file (the output's own ``index`` wins over a prompt field of that name).
 
+``--keep-chosen`` (ADPA's pairs): every prompt row carries its own ``chosen`` response (e.g. a
+preference dataset's preferred one), which the output keeps as it is; the teacher is neither loaded
+nor run (``--teacher`` is refused with it, so that no output looks as if a teacher had made it) and
+only the student samples ``rejected``. ADPA's released code takes the student's greedy output
+(``--temperature 0``); the temperature given is used as given. A row's input ``rejected`` is dropped.
+
 Determinism. The prompts are sorted by length and cut into fixed batches of ``--batch-size``
 (batch k is the same whatever the number of ranks or how often the run was interrupted); batch k
 of model m is sampled with a seed derived from (``--seed``, k, m). So the same command gives the
@@ -39,9 +45,10 @@ from . import chat, distributed, models
 from .checkpoint import write_text_atomic
 from .data import Example, check_tokenizers_compatible, load_prompts
 from .ds_config import inference_config
-from .errors import ConfigError, UserError
+from .errors import ConfigError, DataError, UserError
 
 ROLES = ("teacher", "student")  # teacher -> chosen, student -> rejected
+KEPT_CHOSEN_ROLES = ("student",)  # --keep-chosen: the chosen responses come with the prompts
 # The CLI's help formatter appends "(default: X)" to every flag; this (an empty rendering of the
 # default) stops it where "None" would say nothing.
 NO_DEFAULT_SHOWN = "%(default).0s"
@@ -53,8 +60,13 @@ def add_arguments(parser) -> None:
                      "refused. The same command writes the same file, whether resumed or not, on any number of "
                      "processes. Several processes: torchrun --nproc_per_node=N -m fastdadpo generate ... (both "
                      "models sharded with DeepSpeed ZeRO-3).")
-    parser.add_argument("--teacher", required=True, metavar="DIR", help=(
-        "teacher model directory (Hugging Face format); its responses become 'chosen'" + NO_DEFAULT_SHOWN))
+    parser.add_argument("--teacher", default=None, metavar="DIR", help=(
+        "teacher model directory (Hugging Face format); its responses become 'chosen'. Required, except with "
+        "--keep-chosen, which refuses it" + NO_DEFAULT_SHOWN))
+    parser.add_argument("--keep-chosen", action="store_true", help=(
+        "keep each prompt row's own 'chosen' response (every row must have one) and sample only the student's "
+        "'rejected'; the teacher is not used (ADPA's pairs: its released code samples the student greedily, "
+        "--temperature 0)"))
     parser.add_argument("--student", required=True, metavar="DIR", help=(
         "student model directory; its responses become 'rejected'. Its tokenizer must map every token to the "
         "same id as the teacher's" + NO_DEFAULT_SHOWN))
@@ -101,6 +113,12 @@ def _single_process() -> distributed.DistInfo:
 
 def _check_arguments(args) -> None:
     problems = []
+    if args.keep_chosen and args.teacher is not None:
+        problems.append(f"--keep-chosen takes 'chosen' from the prompt rows and never runs a teacher, so --teacher "
+                        f"{args.teacher} would be unused; drop one of the two")
+    if not args.keep_chosen and args.teacher is None:
+        problems.append("--teacher is required (its responses become 'chosen'), unless --keep-chosen takes them "
+                        "from the prompt rows")
     if args.max_new_tokens < 1:
         problems.append(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.temperature < 0:
@@ -118,6 +136,7 @@ def _check_arguments(args) -> None:
 @dataclass
 class _Job:
     """Everything known before any model is loaded, identical on every rank."""
+    roles: tuple  # the models that generate: ROLES, or KEPT_CHOSEN_ROLES with --keep-chosen
     examples: list[Example]
     tokenizers: dict  # role -> tokenizer
     head_rows: dict  # role -> LM-head rows
@@ -141,7 +160,7 @@ def _generate(args, info: distributed.DistInfo) -> None:
     log(f"generate: {len(job.examples)} prompts, {len(done)} already in {args.out}; {len(pending)} batches of up "
         f"to {args.batch_size} to generate on {info.world_size} process(es)")
     loaded = {role: _load_model(getattr(args, role), f"--{role}", job.tokenizers[role], job.vocab_size,
-                                job.head_rows[role], job.dtype, info) for role in ROLES}
+                                job.head_rows[role], job.dtype, info) for role in job.roles}
     empty_responses = _run_steps(args, job, loaded, pending, done, info, log)
     distributed.barrier()
     if info.is_main:
@@ -156,17 +175,24 @@ def _generate(args, info: distributed.DistInfo) -> None:
 
 def _prepare(args, info: distributed.DistInfo, log) -> _Job:
     """Read and check every input (fast failures before any model is loaded) and plan the batches."""
+    roles = KEPT_CHOSEN_ROLES if args.keep_chosen else ROLES
     examples = load_prompts(args.prompts)
-    tokenizers = {role: _load_tokenizer(getattr(args, role), f"--{role}") for role in ROLES}
-    head_rows = {role: _head_rows(getattr(args, role), f"--{role}") for role in ROLES}
+    if args.keep_chosen:
+        _check_kept_chosen(examples)
+    tokenizers = {role: _load_tokenizer(getattr(args, role), f"--{role}") for role in roles}
+    head_rows = {role: _head_rows(getattr(args, role), f"--{role}") for role in roles}
+    # Without a teacher the student is checked against itself: its head must cover its tokenizer.
+    other = "teacher" if "teacher" in roles else "student"
     try:
-        vocab_size = check_tokenizers_compatible(tokenizers["student"], tokenizers["teacher"],
+        vocab_size = check_tokenizers_compatible(tokenizers["student"], tokenizers[other],
                                                  student_head_rows=head_rows["student"],
-                                                 teacher_head_rows=head_rows["teacher"])
+                                                 teacher_head_rows=head_rows[other])
     except ConfigError as exc:
-        raise UserError(f"--teacher {args.teacher} and --student {args.student}: {exc}") from None
+        models_given = f"--teacher {args.teacher} and --student {args.student}" if other == "teacher" \
+            else f"--student {args.student}"
+        raise UserError(f"{models_given}: {exc}") from None
     prompts = {}
-    for role in ROLES:
+    for role in roles:
         prompts[role], truncated = _prompt_ids(tokenizers[role], examples, args.max_prompt_length)
         if truncated:
             log(f"generate: {truncated} prompts cut to their last {args.max_prompt_length} tokens "
@@ -174,7 +200,7 @@ def _prepare(args, info: distributed.DistInfo, log) -> _Job:
     if any("index" in example.extra for example in examples):
         log("generate: the prompts have a field 'index'; the output's 'index' (the prompt's row) replaces it")
     dtype = models.resolve_dtype(args.dtype, info.device)
-    return _Job(examples, tokenizers, head_rows, vocab_size, prompts,
+    return _Job(roles, examples, tokenizers, head_rows, vocab_size, prompts,
                 batches=plan_batches([len(ids) for ids in prompts["student"]], args.batch_size), dtype=dtype,
                 settings=_settings(args, examples, str(dtype).removeprefix("torch.")))
 
@@ -208,14 +234,16 @@ def _run_steps(args, job: _Job, loaded: dict, pending: list[int], done: set[int]
             texts = {role: _responses(loaded[role], job.tokenizers[role], [job.prompts[role][i] for i in indices],
                                       args, seed=_batch_seed(args.seed, -1 if batch_id is None else batch_id, role),
                                       info=info)
-                     for role in ROLES}
+                     for role in job.roles}
             rows = [] if batch_id is None else [
-                output_row(job.examples[i], i, chosen=texts["teacher"][k], rejected=texts["student"][k])
+                output_row(job.examples[i], i, rejected=texts["student"][k],
+                           chosen=texts["teacher"][k] if "teacher" in texts else kept_chosen(job.examples[i]))
                 for k, i in enumerate(indices) if i not in done]
             gathered = [row for part in distributed.gather_to_main(rows) for row in part]
             if info.is_main:
                 _append(out, gathered)
-                empty_responses += sum(1 for row in gathered if not row["chosen"] or not row["rejected"])
+                # A kept chosen was checked non-empty: only generated responses can be.
+                empty_responses += sum(1 for row in gathered if not row["rejected"] or not row["chosen"])
                 log(f"generate: step {step + 1}/{steps}, {len(gathered)} rows written")
     return empty_responses
 
@@ -227,6 +255,28 @@ def _load_tokenizer(path: str, flag: str):
     if tokenizer.eos_token_id is None:
         raise UserError(f"{flag} {path}: the tokenizer has no eos token, so a response could never end")
     return tokenizer
+
+
+def _check_kept_chosen(examples: Sequence[Example]) -> None:
+    """--keep-chosen: every row has one non-empty response of its own in ``chosen``."""
+    for example in examples:
+        problem = None
+        if example.chosen is None:
+            problem = "has no 'chosen' field"
+        elif len(example.chosen) != 1:
+            problem = f"has a 'chosen' of {len(example.chosen)} messages, not one response"
+        elif not example.chosen[0]["content"].strip():
+            problem = "has an empty 'chosen'"
+        if problem:
+            raise DataError(f"{example.source}: the row {problem}; --keep-chosen keeps each row's own chosen "
+                            f"response (a string, or one assistant message) and samples only the student's "
+                            f"rejected one, so every row needs one; add it, or drop --keep-chosen and give "
+                            f"--teacher to sample the chosen responses")
+
+
+def kept_chosen(example: Example) -> str:
+    """The row's own chosen response, the text it was given (``_check_kept_chosen`` made it one message)."""
+    return example.chosen[0]["content"]
 
 
 def _head_rows(path: str, flag: str) -> int:
@@ -278,6 +328,10 @@ def output_row(example: Example, index: int, *, chosen: str, rejected: str) -> d
     return row
 
 
+# What an output whose settings predate a key was generated with: it continues under the same settings.
+SETTINGS_BEFORE_THEIR_KEY = {"keep_chosen": False}
+
+
 def _settings_path(out: str) -> str:
     return out + ".settings.json"
 
@@ -291,9 +345,11 @@ def _settings(args, examples: Sequence[Example], dtype: str) -> dict:
     for example in examples:
         digest.update(json.dumps([example.prompt, example.answer, example.extra], sort_keys=True,
                                  default=str).encode())
-    return {"teacher": os.path.realpath(args.teacher), "student": os.path.realpath(args.student),
-            "teacher_weights": model_fingerprint(args.teacher), "student_weights": model_fingerprint(args.student),
-            "prompts_sha256": digest.hexdigest(), "max_new_tokens": args.max_new_tokens,
+    teacher = None if args.keep_chosen else args.teacher
+    # The prompts' digest covers the rows' kept chosen responses too (they are fields of the rows).
+    return {"teacher": teacher and os.path.realpath(teacher), "student": os.path.realpath(args.student),
+            "teacher_weights": teacher and model_fingerprint(teacher), "student_weights": model_fingerprint(args.student),
+            "keep_chosen": args.keep_chosen, "prompts_sha256": digest.hexdigest(), "max_new_tokens": args.max_new_tokens,
             "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, "batch_size": args.batch_size,
             "max_prompt_length": args.max_prompt_length, "dtype": dtype}
 
@@ -314,17 +370,19 @@ def _prepare_output(out: str, settings: dict, examples: Sequence[Example]) -> se
         raise UserError(f"{out}: the file exists but {settings_path}, the record of the settings it was generated "
                         f"with, is missing or unreadable, so it cannot be continued safely; choose another --out "
                         f"or delete the file") from None
+    recorded = {**SETTINGS_BEFORE_THEIR_KEY, **recorded}
     changed = [f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in settings.items()
                if recorded.get(key) != value]
     for role in ROLES:
-        if f"{role}_weights" in recorded and recorded[f"{role}_weights"] != settings[f"{role}_weights"] \
+        if settings[role] is not None and f"{role}_weights" in recorded and recorded[f"{role}_weights"] != settings[f"{role}_weights"] \
                 and recorded.get(role) == settings[role]:
             changed.append(f"the {role}'s config or weights at {settings[role]} changed since")
     if changed:
         raise UserError(f"{out} was generated with other settings ({'; '.join(changed)}); continuing it would mix "
                         f"two samplings in one file; rerun with the recorded settings, or choose another --out")
     _drop_partial_last_line(out)
-    return set(_read_rows(out, len(examples), [_prompt_field(example) for example in examples]))
+    chosen = [kept_chosen(example) for example in examples] if settings["keep_chosen"] else None
+    return set(_read_rows(out, len(examples), [_prompt_field(example) for example in examples], chosen))
 
 
 def _drop_partial_last_line(out: str) -> None:
@@ -341,10 +399,12 @@ def _prompt_field(example: Example):
     return json.loads(json.dumps(output_row(example, 0, chosen="", rejected="")["prompt"], default=str))
 
 
-def _read_rows(out: str, num_prompts: int, prompts: Optional[list] = None) -> dict[int, str]:
+def _read_rows(out: str, num_prompts: int, prompts: Optional[list] = None,
+               chosen: Optional[list] = None) -> dict[int, str]:
     """index -> line of every row in ``out``. Each must be what this command writes: a JSON object
     with an in-range int ``index``, string ``chosen`` and ``rejected``, and (given ``prompts``) the
-    prompt of that index; anything else is a UserError naming the line, never a row kept."""
+    prompt of that index, (given ``chosen``, the kept responses) that index's chosen; anything else
+    is a UserError naming the line, never a row kept."""
     lines: dict[int, str] = {}
     with open(out, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -365,6 +425,9 @@ def _read_rows(out: str, num_prompts: int, prompts: Optional[list] = None) -> di
             if prompts is not None and row.get("prompt") != prompts[index]:
                 raise UserError(f"{where}: its 'prompt' is not prompt {index} of --prompts; the file belongs to "
                                 f"other prompts: choose another --out or delete it")
+            if chosen is not None and row["chosen"] != chosen[index]:
+                raise UserError(f"{where}: its 'chosen' is not the chosen response of prompt {index} of --prompts "
+                                f"(--keep-chosen copies it unchanged); repair or delete the file")
             if index in lines:
                 raise UserError(f"{out} line {number}: a second row for prompt {index}")
             lines[index] = line
