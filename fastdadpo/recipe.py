@@ -5,10 +5,13 @@
 Each stage writes its output under the recipe's ``output_dir`` and is skipped when that output is
 already complete, so an interrupted run continues where it stopped (trainings resume from their
 latest checkpoint). Complete means: the stage's process exited 0 and the runner then wrote its
-completion marker, ``stages/NAME.json`` (the command it ran, and a hash of a training's config),
-and the output is still there; a directory existing proves nothing (a killed stage leaves
-partial ones). A stage whose command or config changed since its marker runs again. Each stage runs as its own ``fastdadpo`` process, under ``launcher`` (e.g.
-``torchrun --nproc_per_node=8``) for the stages that shard models over ranks.
+completion marker, ``stages/NAME.json`` (the command it ran, a hash of a training's config and,
+for a training that starts from another one, of the configs up its chain), and the output is
+still there; a directory existing proves nothing (a killed stage leaves partial ones). A stage
+whose command or config changed since its marker runs again. Each stage runs as its own
+``fastdadpo`` process, under ``launcher`` (e.g. ``torchrun --nproc_per_node=8``) for the stages
+that shard models over ranks. The generate stage is skipped when no training reads the recipe's
+pairs, and the precompute stage runs only for objectives that cache sequence log-probs.
 
 A recipe (see configs/recipes/):
 
@@ -19,9 +22,10 @@ A recipe (see configs/recipes/):
     prompts: data/prompts.jsonl      # training prompts ("prompt", optional "answer")
     eval_prompts: data/heldout.jsonl # held-out prompts for the final comparison
     prune: {ratio: 0.2}              # optional; drop_layers, calibration_samples, seed
-    generate: {max_new_tokens: 512, temperature: 0.7, top_p: 0.95, seed: 0}
+    generate: {max_new_tokens: 512, temperature: 0.7, top_p: 0.95, seed: 0}  # generate's flags, checked
+                                     # at load; keep_chosen: true for ADPA's pairs (no teacher run)
     train_common: {...}              # a training config (model/data/train/deepspeed sections) under every training
-    dsft: {train: {lr: 2.0e-5}}      # overrides for the distilled SFT
+    dsft: {train: {lr: 2.0e-5}}      # overrides for the distilled SFT; false: none
     students:                        # preference trainings from the dSFT student, by display name
       dDPO: {objective: {name: dpo}}
       daDPO: {objective: {name: dadpo}}
@@ -38,8 +42,10 @@ of the recipe's own (the rest of the entry is training overrides):
 
 An entry may only start from one listed before it, so a chain has no cycles and runs in the order
 written. A regenerated pair file is named by a hash of what it depends on (the generate settings
-and the starting training's config), so a changed upstream training gets new pairs, and a training
-downstream of it, whose config names that file, runs again. The train stage runs the chain in
+and the configs of every training up the chain), so a changed upstream training gets new pairs, and
+a training downstream of it, whose config names that file, runs again. As everywhere here, a
+training counts as its config: one retrained with the same config is taken for the same model (and
+generate refuses to continue a pair file whose student's weights changed since). The train stage runs the chain in
 order: regenerate, then train, entry by entry; the precompute stage leaves a chained entry (one
 whose starting model or pairs come from another entry) to its train stage, which precomputes what
 it needs once its inputs exist.
