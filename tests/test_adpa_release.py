@@ -16,17 +16,20 @@ from test_generate import MAX_NEW_TOKENS, expect_user_error, read_rows, referenc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYSTEM = {"role": "system", "content": "Be brief."}
-# Chosen responses in every form a preference set has them: a string (with spacing and non-ASCII text
-# that must survive as they are), one assistant message, TRL's implicit prompt inside the messages.
+# A preference set with its chosen responses in every form such sets have them: a string (with spacing
+# and non-ASCII text that must survive as they are), one assistant message, TRL's implicit prompt
+# inside the messages. Its own rejected responses ("blue dog", "tree") are what the output replaces.
 ROWS = [
     {"prompt": "Please repeat after me: red cat", "chosen": "red cat", "rejected": "blue dog", "answer": "red cat"},
-    {"prompt": [SYSTEM, {"role": "user", "content": "Count the words: sun"}], "chosen": "  There is one word.\n"},
+    {"prompt": [SYSTEM, {"role": "user", "content": "Count the words: sun"}], "chosen": "  There is one word.\n",
+     "rejected": "blue dog"},
     {"chosen": [{"role": "user", "content": "Which word comes last in: tree river"},
                 {"role": "assistant", "content": "river — the last one"}],
      "rejected": [{"role": "user", "content": "Which word comes last in: tree river"},
                   {"role": "assistant", "content": "tree"}]},
-    {"prompt": "Echo these words: dog", "chosen": [{"role": "assistant", "content": "dog ✓"}], "task": "echo"},
-    {"prompt": "Reverse the order of: apple bread milk", "chosen": "milk bread apple"},
+    {"prompt": "Echo these words: dog", "chosen": [{"role": "assistant", "content": "dog ✓"}], "task": "echo",
+     "rejected": "blue dog"},
+    {"prompt": "Reverse the order of: apple bread milk", "chosen": "milk bread apple", "rejected": "blue dog"},
 ]
 CHOSEN = ["red cat", "  There is one word.\n", "river — the last one", "dog ✓", "milk bread apple"]
 PROMPT_MESSAGES = [[{"role": "user", "content": "Please repeat after me: red cat"}],
@@ -112,7 +115,7 @@ def test_a_kept_chosen_edited_since_is_refused(capsys, kept_output, student_dir,
 
 def test_rows_without_one_chosen_response_are_refused(capsys, tmp_path, student_dir):
     out = tmp_path / "out.jsonl"
-    missing = write_jsonl(tmp_path / "missing.jsonl", [ROWS[0], ROWS[4], {"prompt": "Echo these words: sun"}])
+    missing = write_jsonl(tmp_path / "missing.jsonl", [ROWS[0], ROWS[4], {"prompt": "Echo: sun", "rejected": "x"}])
     expect_user_error(capsys, keep_chosen_command(student_dir, missing, out),
                       f"{missing} line 3: the row has no 'chosen' field; --keep-chosen keeps each row's own chosen")
     empty = write_jsonl(tmp_path / "empty.jsonl", [dict(ROWS[0], chosen=" ")])
@@ -215,8 +218,9 @@ def teacher_reference_dir(tmp_path_factory, tokenizer):
 
 def test_a_tiny_adpa_plus_chain_runs_and_resumes(tmp_path, student_dir, teacher_dir, teacher_reference_dir,
                                                  preference_file):
-    """generate (dataset chosen, student greedy) → DCKD → pairs regenerated from the DCKD student → ADPA
-    from it; a rerun skips every stage."""
+    """As released: DCKD on the dataset's own pairs (so the recipe's generate stage has nothing to do)
+    → pairs regenerated from the DCKD student (dataset chosen, greedy rejected) → ADPA from it; a rerun
+    skips every stage."""
     train = {"micro_batch_size": 2, "grad_accum": 1, "max_steps": 2, "warmup_ratio": 0.0, "seed": 7}
     recipe = {
         "output_dir": str(tmp_path / "run"), "teacher": teacher_dir, "student": student_dir,
@@ -225,7 +229,7 @@ def test_a_tiny_adpa_plus_chain_runs_and_resumes(tmp_path, student_dir, teacher_
         "train_common": {"data": {"max_length": 64, "max_prompt_length": 40}, "train": train,
                          "deepspeed": {"zero_stage": 0}},
         "students": {
-            "DCKD": {"objective": {"name": "dckd"}, "train": {"lr": 1e-2}},
+            "DCKD": {"objective": {"name": "dckd"}, "data": {"train": preference_file}, "train": {"lr": 1e-2}},
             "ADPA+": {"init": "DCKD", "regenerate": True, "objective": {"name": "adpa"},
                       "model": {"teacher_reference": teacher_reference_dir}, "train": {"lr": 1e-3}},
         },
@@ -237,7 +241,7 @@ def test_a_tiny_adpa_plus_chain_runs_and_resumes(tmp_path, student_dir, teacher_
 
     loaded = load_recipe(str(path))
     dckd_final, regenerated = loaded.final("DCKD"), loaded.pairs_for("ADPA+")
-    assert [row["chosen"] for row in read_rows(loaded.pairs)] == CHOSEN
+    assert "no training reads" in result.stdout and not os.path.exists(loaded.pairs)
     rows = read_rows(regenerated)
     assert [row["chosen"] for row in rows] == CHOSEN
     assert [row["rejected"] for row in rows] == reference_greedy(dckd_final, PROMPT_MESSAGES)
@@ -245,12 +249,12 @@ def test_a_tiny_adpa_plus_chain_runs_and_resumes(tmp_path, student_dir, teacher_
     adpa_config = yaml.safe_load(open(loaded.path("configs", "ADPA-.yaml")))
     assert adpa_config["model"]["student"] == dckd_final and adpa_config["data"]["train"] == regenerated
     assert os.path.exists(os.path.join(loaded.final("ADPA+"), "config.json"))
-    for marker in ("generate", "train-DCKD", "generate-ADPA-", "train-ADPA-"):
+    for marker in ("train-DCKD", "generate-ADPA-", "train-ADPA-"):
         assert os.path.exists(loaded.path("stages", f"{marker}.json")), marker
 
     again = _run(str(path))
     assert again.returncode == 0, again.stderr[-3000:]
     skipped = [line for line in again.stdout.splitlines() if "skipped" in line]
-    for stage in ("generate:", "DCKD:", "generate-ADPA-:", "ADPA+:"):
+    for stage in ("DCKD:", "generate-ADPA-:", "ADPA+:"):
         assert any(stage in line for line in skipped), (stage, again.stdout)
     assert "done in" not in again.stdout
