@@ -343,13 +343,15 @@ def _settings(args, examples: Sequence[Example], dtype: str) -> dict:
 
     digest = hashlib.sha256()
     for example in examples:
-        digest.update(json.dumps([example.prompt, example.answer, example.extra], sort_keys=True,
-                                 default=str).encode())
+        # Kept chosen responses are part of the output; otherwise a row's chosen is not read at all
+        # (and the digest stays what outputs written before --keep-chosen recorded).
+        row = [example.prompt, example.answer, example.extra] + ([example.chosen] if args.keep_chosen else [])
+        digest.update(json.dumps(row, sort_keys=True, default=str).encode())
     teacher = None if args.keep_chosen else args.teacher
-    # The prompts' digest covers the rows' kept chosen responses too (they are fields of the rows).
     return {"teacher": teacher and os.path.realpath(teacher), "student": os.path.realpath(args.student),
-            "teacher_weights": teacher and model_fingerprint(teacher), "student_weights": model_fingerprint(args.student),
-            "keep_chosen": args.keep_chosen, "prompts_sha256": digest.hexdigest(), "max_new_tokens": args.max_new_tokens,
+            "teacher_weights": teacher and model_fingerprint(teacher),
+            "student_weights": model_fingerprint(args.student), "keep_chosen": args.keep_chosen,
+            "prompts_sha256": digest.hexdigest(), "max_new_tokens": args.max_new_tokens,
             "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, "batch_size": args.batch_size,
             "max_prompt_length": args.max_prompt_length, "dtype": dtype}
 
@@ -374,7 +376,8 @@ def _prepare_output(out: str, settings: dict, examples: Sequence[Example]) -> se
     changed = [f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in settings.items()
                if recorded.get(key) != value]
     for role in ROLES:
-        if settings[role] is not None and f"{role}_weights" in recorded and recorded[f"{role}_weights"] != settings[f"{role}_weights"] \
+        weights = f"{role}_weights"
+        if settings[role] is not None and weights in recorded and recorded[weights] != settings[weights] \
                 and recorded.get(role) == settings[role]:
             changed.append(f"the {role}'s config or weights at {settings[role]} changed since")
     if changed:

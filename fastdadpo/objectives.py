@@ -431,8 +431,8 @@ class DaDPOToken(DPO, _DivergenceTerm):
     one sweep. Not a method of the daDPO paper or of any other source we have."""
 
     name = "dadpo_token"
-    formula = ("ours, a token-level variant: dDPO + α·mean_t D(π_te‖π_θ) over chosen and rejected response tokens, "
-               "one sweep")
+    formula = ("ours, a token-level variant: dDPO + α·mean_t D(π_te‖π_θ) over chosen and rejected response "
+               "tokens, one sweep")
     needs_teacher = True
     alpha: float = parameter(0.1, "weight of the token-level divergence", UNPUBLISHED)
 

@@ -113,6 +113,15 @@ def test_a_kept_chosen_edited_since_is_refused(capsys, kept_output, student_dir,
                       f"{out} line 3: its 'chosen' is not the chosen response of prompt 2")
 
 
+def test_an_output_of_other_chosen_responses_is_not_continued(capsys, kept_output, student_dir, tmp_path):
+    edited = write_jsonl(tmp_path / "edited.jsonl", ROWS[:4] + [dict(ROWS[4], chosen="bread milk apple")])
+    out = tmp_path / "pairs.jsonl"
+    shutil.copy(kept_output, out)
+    shutil.copy(kept_output.parent / "pairs.jsonl.settings.json", tmp_path / "pairs.jsonl.settings.json")
+    expect_user_error(capsys, keep_chosen_command(student_dir, edited, out),
+                      f"{out} was generated with other settings (prompts_sha256")
+
+
 def test_rows_without_one_chosen_response_are_refused(capsys, tmp_path, student_dir):
     out = tmp_path / "out.jsonl"
     missing = write_jsonl(tmp_path / "missing.jsonl", [ROWS[0], ROWS[4], {"prompt": "Echo: sun", "rejected": "x"}])
