@@ -6,7 +6,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$root/scripts/setup.sh"
 cd "$root"
 out=${1:-runs/demo-teacher}
-"$PYTHON" -m fastdadpo demo --train-teacher --out "$out"
+"$PYTHON" -m fastdadpo demo --train-teacher --out "$out" --seeds 1 --beta2-sweep none
 rm -rf fastdadpo/demo_data/teacher
 mkdir -p fastdadpo/demo_data
 cp -r "$out/teacher/final" fastdadpo/demo_data/teacher

@@ -12,6 +12,7 @@ import yaml
 
 from fastdadpo.errors import ConfigError
 from fastdadpo.recipe import load_recipe
+from fastdadpo.synthetic import ALL_TASKS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,18 +39,30 @@ def quick_demo(tmp_path_factory):
 def test_quick_demo_runs_every_stage(quick_demo):
     out, result = quick_demo
     names = ["teacher", "student (before)", "after dSFT", "after dDPO", "after daDPO", "after daDPO-token"]
-    with open(out / "eval.json", encoding="utf-8") as handle:
+    with open(out / "seed-0" / "eval.json", encoding="utf-8") as handle:
         results = json.load(handle)
     assert list(results["models"]) == names
     for name in names[1:]:
         row = results["models"][name]
         assert 0.0 <= row["accuracy"] <= 1.0 and row["forward_kl"] >= 0.0
         assert row["wins"] + row["losses"] + row["ties"] == results["examples"]
+    assert results["group_by"] == "task" and set(results["groups"]) <= set(ALL_TASKS)
     for name in names:
         assert name in result.stdout  # the comparison table
-    for path in ("curves.png", "comparison.png", "results.txt", "pairs.jsonl", "student-pruned/config.json"):
+    assert "paired test on per-prompt correctness" in result.stdout and "by kind of task" in result.stdout
+    for path in ("results.txt", "results.json", "seed-0/curves.png", "seed-0/comparison.png", "seed-0/pairs.jsonl",
+                 "seed-0/student-pruned/config.json"):
         assert (out / path).exists(), path
-    pruned = json.load(open(out / "student-pruned" / "config.json"))
+    summary = json.load(open(out / "results.json"))
+    assert summary["seeds"] == [0] and summary["models"]["after dSFT"]["all"]["accuracy"]["values"] == \
+        [results["models"]["after dSFT"]["accuracy"]]
+    # No prompt of a seed's data is one the teacher was trained on, and held-out prompts are unseen.
+    taught = {json.loads(line)["prompt"] for line in open(out / "data" / "teacher_train.jsonl")}
+    heldout = [json.loads(line) for line in open(out / "seed-0" / "data" / "heldout.jsonl")]
+    prompts = {json.loads(line)["prompt"] for line in open(out / "seed-0" / "data" / "prompts.jsonl")}
+    assert not (taught | prompts) & {row["prompt"] for row in heldout} and not taught & prompts
+    assert all(isinstance(row["answer"], list) and row["kind"] in ("single", "multi") for row in heldout)
+    pruned = json.load(open(out / "seed-0" / "student-pruned" / "config.json"))
     teacher = json.load(open(out / "teacher" / "final" / "config.json"))
     assert pruned["intermediate_size"] < teacher["intermediate_size"]
 
@@ -57,24 +70,29 @@ def test_quick_demo_runs_every_stage(quick_demo):
 def test_rerun_skips_complete_stages_and_continues_an_interrupted_one(quick_demo):
     out, _ = quick_demo
     # Pretend the run was killed during the last training: its final/ never appeared.
-    shutil.rmtree(out / "train" / "daDPO-token" / "final")
-    os.remove(out / "eval.json")
+    shutil.rmtree(out / "seed-0" / "train" / "daDPO-token" / "final")
+    os.remove(out / "seed-0" / "eval.json")
     result = _demo(out)
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout
     for skipped in ("teacher", "prune:", "generate:", "dSFT:", "dDPO:", "daDPO:"):
         assert any(skipped in line and "skipped" in line for line in log.splitlines()), skipped
     assert "train-daDPO-token" in log and "eval:" in log
-    assert (out / "train" / "daDPO-token" / "final" / "config.json").exists()
-    assert json.load(open(out / "eval.json"))["models"]["after daDPO-token"]
+    assert (out / "seed-0" / "train" / "daDPO-token" / "final" / "config.json").exists()
+    assert json.load(open(out / "seed-0" / "eval.json"))["models"]["after daDPO-token"]
     # Results older than a model they cover are stale: evaluated again.
-    os.utime(out / "train" / "dDPO" / "final" / "config.json")
+    os.utime(out / "seed-0" / "train" / "dDPO" / "final" / "config.json")
     result = _demo(out)
     assert result.returncode == 0, result.stderr[-3000:]
     assert not any("eval:" in line and "skipped" in line for line in result.stdout.splitlines())
-    # A directory holds one demo's settings: another seed must not reuse this one's stages.
-    result = _demo(out, "--seed", "1")
+    # A directory holds one demo's settings: stages run with another thread count must not be reused.
+    result = _demo(out, "--threads", "2")
     assert result.returncode == 2 and "add --fresh" in result.stderr and "Traceback" not in result.stderr
+    for bad, message in ((["--seeds", "0"], "--seeds: 0 must be at least 1"),
+                         (["--beta2-sweep", "0.1,x"], "--beta2-sweep: '0.1,x' is not"),
+                         (["--beta2-sweep", "0"], "every β2 must be a positive")):
+        result = _demo(out, *bad)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, bad
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "recipes", "*.yaml"))),
