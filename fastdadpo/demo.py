@@ -14,8 +14,8 @@
    ``scripts/train_demo_teacher.sh``) regenerates it; ``--quick`` trains its tiny one on the spot.
 3. Per seed, the paper's pipeline as a recipe (``fastdadpo run``): prune the teacher by 20% to get
    the student, sample teacher (chosen) and student (rejected) responses, distilled SFT, then dDPO,
-   daDPO and token-level daDPO from the dSFT student (and, in the first seed, daDPO at the sweep's
-   other β2 values), and a comparison on the held-out prompts: accuracy, preference rate against the
+   daDPO and token-level daDPO from the dSFT student (and, in the first seed, daDPO at the
+   ``--beta2-sweep`` values), and a comparison on the held-out prompts: accuracy, preference rate against the
    teacher (exact-match judge), divergence to the teacher, overall and per task family.
 4. The report (``demo_report``): mean ± std over the seeds, per kind and family of task, McNemar's
    exact test of each preference objective against dSFT and dDPO on the same prompts, the β2 sweep.
@@ -55,9 +55,12 @@ class Sizes:
     beta2_sweep: tuple         # extra daDPO β2 values, trained in the first seed only
 
 
+# One seed by default: a seed takes ~6 min on 2 cores (dSFT 100 s, each preference training 60 s, each
+# process start ~10 s), so three and the sweep (~21 min) would not fit the main job's 15 minutes. The
+# README's table comes from --seeds 3 --beta2-sweep 0.005,0.05,0.2 (README_RUN).
 FULL = Sizes(teacher_examples=12000, prompts=1536, heldout=200, teacher_hidden=128, teacher_layers=4,
-             teacher_steps=12000, dsft_steps=300, preference_steps=100, micro_batch=32, seeds=3,
-             beta2_sweep=(0.005, 0.05, 0.2))
+             teacher_steps=12000, dsft_steps=300, preference_steps=100, micro_batch=32, seeds=1, beta2_sweep=())
+README_RUN = "--seeds 3 --beta2-sweep 0.005,0.05,0.2"
 QUICK = Sizes(teacher_examples=256, prompts=48, heldout=24, teacher_hidden=32, teacher_layers=2, teacher_steps=8,
               dsft_steps=3, preference_steps=2, micro_batch=8, seeds=1, beta2_sweep=())
 MAX_LENGTH, MAX_PROMPT_LENGTH, MAX_NEW_TOKENS = 64, 40, 24
@@ -77,11 +80,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="the first distillation seed (prompts, pruning, samples, "
                                                               "training; the teacher is the same for every seed)")
     parser.add_argument("--seeds", type=int, default=None,
-                        help=f"distillation runs, seeds --seed, --seed+1, ... (default {FULL.seeds}, "
-                             f"{QUICK.seeds} with --quick); the table gives mean ± std over them")
+                        help=f"distillation runs, seeds --seed, --seed+1, ... (default {FULL.seeds}, ~6 min each on 2 "
+                             f"cores); with several the tables give mean ± std over them")
     parser.add_argument("--beta2-sweep", default=None, metavar="LIST",
-                        help="comma-separated extra daDPO β2 values trained in the first seed (default "
-                             f"{','.join(map(str, FULL.beta2_sweep))}; 'none' for no sweep, the default with --quick)")
+                        help="comma-separated extra daDPO β2 values trained in the first seed ('none', the default: "
+                             f"no sweep; the README's table: {README_RUN})")
     parser.add_argument("--threads", type=int, default=None,
                         help=f"CPU threads of every stage (default $OMP_NUM_THREADS, else {DEFAULT_THREADS}): the "
                              "same count gives the same table bit for bit on one machine")
