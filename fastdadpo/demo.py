@@ -89,7 +89,7 @@ def add_arguments(parser) -> None:
                         help=f"CPU threads of every stage (default $OMP_NUM_THREADS, else {DEFAULT_THREADS}): the "
                              "same count gives the same table bit for bit on one machine")
     parser.add_argument("--train-teacher", action="store_true",
-                        help=f"train the teacher from scratch ({FULL.teacher_steps} steps, ~40 min on 2 cores) instead "
+                        help=f"train the teacher from scratch ({FULL.teacher_steps} steps, 53 min on 2 cores) instead "
                              f"of using the one shipped in {SHIPPED_TEACHER}")
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates the demo's shipped teacher (fastdadpo/demo_data/teacher) from scratch: a 1M-parameter
-# Qwen2 trained with `fastdadpo train` on the synthetic task (12,000 steps; ~30 min on 2 CPU cores).
+# Qwen2 trained with `fastdadpo train` on the synthetic task (12,000 steps; 53 min on 2 CPU cores).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$root/scripts/setup.sh"
