@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 from .errors import UserError
-from .evaluate import text_table
+from .evaluate import subset_summary, text_table
 from .synthetic import ALL_TASKS, MULTI_ANSWER_TASKS
 
 KINDS = ("single", "multi")
@@ -70,20 +70,6 @@ def spread(values: Sequence[Optional[float]]) -> dict:
             "values": list(values)}
 
 
-def _subset_summary(row: dict, run: SeedRun, members: Sequence[int]) -> dict:
-    """Accuracy, preference rate and forward KL of one model over some of a seed's prompts."""
-    correct = [row["correct"][i] for i in members if row["correct"][i] is not None]
-    summary = {"accuracy": sum(correct) / len(correct) if correct else None}
-    if "outcomes" in row:
-        outcomes = [row["outcomes"][i] for i in members]
-        summary["preference_rate"] = (outcomes.count("win") - outcomes.count("loss")) / len(outcomes)
-    tokens = sum(run.results["row_tokens"][i] for i in members)
-    per_row = row.get("row_forward_kl")
-    summary["forward_kl"] = (sum(per_row[i] for i in members) / tokens if per_row and tokens else
-                             row["forward_kl"] if per_row is None else None)
-    return summary
-
-
 def _members(run: SeedRun) -> Dict[str, List[int]]:
     groups = {"all": list(range(len(run.tasks)))}
     for kind in KINDS:
@@ -103,7 +89,7 @@ def summarize(runs: Sequence[SeedRun], *, beta2: float, sweep: Dict[str, float])
     for name in names:
         per_group = {group: {} for group in groups}
         for group in groups:
-            seeds = [_subset_summary(run.results["models"][name], run, _members(run)[group])
+            seeds = [subset_summary(run.results, name, _members(run)[group])
                      for run in runs if group in _members(run)]
             for metric in ("accuracy", "preference_rate", "forward_kl"):
                 per_group[group][metric] = spread([s.get(metric) for s in seeds])
@@ -148,8 +134,8 @@ def sweep_table(run: SeedRun, beta2: float, sweep: Dict[str, float]) -> List[dic
             continue
         members = _members(run)
         rows.append({"beta2": value, "model": points[value],
-                     **{group: _subset_summary(row, run, members[group]) for group in ("all",) + KINDS
-                        if group in members}})
+                     **{group: subset_summary(run.results, points[value], members[group])
+                        for group in ("all",) + KINDS if group in members}})
     return rows
 
 

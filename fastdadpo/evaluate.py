@@ -249,24 +249,29 @@ def group_labels(examples: Sequence[Example], field: str) -> List[str]:
     return labels
 
 
+def subset_summary(results: dict, name: str, members: Sequence[int]) -> dict:
+    """One model's accuracy, forward and reverse KL (pooled over the response tokens of the rows
+    ``members``) and the pairwise summary of its outcomes there."""
+    row = results["models"][name]
+    tokens = sum(results["row_tokens"][i] for i in members)
+    summary = {"accuracy": _mean_of_known([row["correct"][i] for i in members])}
+    for kind in DIVERGENCE_KINDS:
+        per_row = row.get(f"row_{kind}")  # the teacher has none: its divergence is 0 everywhere
+        summary[kind] = (row[kind] if per_row is None else
+                         sum(per_row[i] for i in members) / tokens if tokens else None)
+    if "outcomes" in row:
+        summary.update(pairwise_summary([row["outcomes"][i] for i in members]))
+    return summary
+
+
 def group_summaries(results: dict, labels: Sequence[str]) -> Dict[str, dict]:
-    """Per group label: its prompt count and, per model, accuracy, forward and reverse KL (pooled over
-    the group's response tokens) and the pairwise summary of its outcomes."""
+    """Per group label: its prompt count and response tokens, and every model's ``subset_summary``."""
     summaries = {}
     for label in dict.fromkeys(labels):
         members = [i for i, value in enumerate(labels) if value == label]
-        tokens = sum(results["row_tokens"][i] for i in members)
-        models = {}
-        for name, row in results["models"].items():
-            summary = {"accuracy": _mean_of_known([row["correct"][i] for i in members])}
-            for kind in DIVERGENCE_KINDS:
-                per_row = row.get(f"row_{kind}")
-                summary[kind] = (sum(per_row[i] for i in members) / tokens if per_row is not None and tokens else
-                                 row[kind] if per_row is None else None)
-            if "outcomes" in row:
-                summary.update(pairwise_summary([row["outcomes"][i] for i in members]))
-            models[name] = summary
-        summaries[label] = {"examples": len(members), "response_tokens": tokens, "models": models}
+        summaries[label] = {"examples": len(members),
+                            "response_tokens": sum(results["row_tokens"][i] for i in members),
+                            "models": {name: subset_summary(results, name, members) for name in results["models"]}}
     return summaries
 
 
