@@ -213,11 +213,13 @@ def _answer(value: Any, source: str) -> Union[None, str, Tuple[str, ...]]:
         if not value:
             raise DataError(f"{source}: field 'answer' is an empty list; give at least one right answer, or leave "
                             f"the field out")
-        answers = tuple(_answer(item, source) for item in value if not isinstance(item, list))
-        if len(answers) != len(value):
+        if any(isinstance(item, list) for item in value):
             raise DataError(f"{source}: field 'answer' must be a string, a number or a list of them; it holds a "
                             f"nested list")
-        return answers
+        if any(item is None for item in value):
+            raise DataError(f"{source}: field 'answer' holds a null among its answers; every entry must be a right "
+                            f"answer (a string or a number)")
+        return tuple(_answer(item, source) for item in value)
     raise DataError(f"{source}: field 'answer' must be a string, a number or a list of them (every one a right "
                     f"answer), got {type(value).__name__}")
 

@@ -34,6 +34,11 @@ class SeedRun:
     tasks: List[str]       # each held-out row's task family, in the evaluation's order
     kinds: List[str]       # each held-out row's kind: "single" or "multi"
 
+    @property
+    def members(self) -> Dict[str, List[int]]:
+        """Row indices per group: "all", each kind and each task family present."""
+        return _members(self.tasks, self.kinds)
+
 
 def load_seed_run(seed_dir: str, seed: int) -> SeedRun:
     paths = {"eval": os.path.join(seed_dir, "eval.json"), "heldout": os.path.join(seed_dir, "data", "heldout.jsonl")}
@@ -70,12 +75,12 @@ def spread(values: Sequence[Optional[float]]) -> dict:
             "values": list(values)}
 
 
-def _members(run: SeedRun) -> Dict[str, List[int]]:
-    groups = {"all": list(range(len(run.tasks)))}
+def _members(tasks: Sequence[str], kinds: Sequence[str]) -> Dict[str, List[int]]:
+    groups = {"all": list(range(len(tasks)))}
     for kind in KINDS:
-        groups[kind] = [i for i, value in enumerate(run.kinds) if value == kind]
-    for task in dict.fromkeys(run.tasks):
-        groups[task] = [i for i, value in enumerate(run.tasks) if value == task]
+        groups[kind] = [i for i, value in enumerate(kinds) if value == kind]
+    for task in dict.fromkeys(tasks):
+        groups[task] = [i for i, value in enumerate(tasks) if value == task]
     return {name: members for name, members in groups.items() if members}
 
 
@@ -84,13 +89,14 @@ def summarize(runs: Sequence[SeedRun], *, beta2: float, sweep: Dict[str, float])
     sweep_models = {f"after {name}" for name in sweep}
     names = [name for name in runs[0].results["models"]
              if name not in sweep_models and all(name in run.results["models"] for run in runs)]
-    groups = list(_members(runs[0]))
+    groups_of = [run.members for run in runs]  # computed once: every model and metric reads them
+    groups = list(groups_of[0])
     models = {}
     for name in names:
         per_group = {group: {} for group in groups}
         for group in groups:
-            seeds = [subset_summary(run.results, name, _members(run)[group])
-                     for run in runs if group in _members(run)]
+            seeds = [subset_summary(run.results, name, members[group])
+                     for run, members in zip(runs, groups_of) if group in members]
             for metric in ("accuracy", "preference_rate", "forward_kl"):
                 per_group[group][metric] = spread([s.get(metric) for s in seeds])
         per_group["all"]["reverse_kl"] = spread([run.results["models"][name]["reverse_kl"] for run in runs])
@@ -101,6 +107,7 @@ def summarize(runs: Sequence[SeedRun], *, beta2: float, sweep: Dict[str, float])
 
 
 def paired_tests(runs: Sequence[SeedRun], names: Sequence[str]) -> List[dict]:
+    groups_of = [run.members for run in runs]
     tests = []
     for model, baseline in COMPARISONS:
         if model not in names or baseline not in names:
@@ -108,9 +115,9 @@ def paired_tests(runs: Sequence[SeedRun], names: Sequence[str]) -> List[dict]:
         entry = {"model": model, "baseline": baseline}
         for group in ("all",) + KINDS:
             only_model = only_baseline = pairs = 0
-            for run in runs:
+            for run, members in zip(runs, groups_of):
                 first, second = (run.results["models"][m]["correct"] for m in (model, baseline))
-                for i in _members(run).get(group, []):
+                for i in members.get(group, []):
                     if first[i] is None or second[i] is None:
                         continue
                     pairs += 1
@@ -127,12 +134,12 @@ def sweep_table(run: SeedRun, beta2: float, sweep: Dict[str, float]) -> List[dic
     if not sweep:
         return []
     points = {0.0: "after dDPO", beta2: "after daDPO", **{value: f"after {name}" for name, value in sweep.items()}}
+    members = run.members
     rows = []
     for value in sorted(points):
         row = run.results["models"].get(points[value])
         if row is None:
             continue
-        members = _members(run)
         rows.append({"beta2": value, "model": points[value],
                      **{group: subset_summary(run.results, points[value], members[group])
                         for group in ("all",) + KINDS if group in members}})

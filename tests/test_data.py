@@ -114,6 +114,7 @@ def test_load_prompts_needs_only_a_prompt(tmp_path):
     ([{**PAIR, "answer": []}], r"line 1: field 'answer' is an empty list"),
     ([{**PAIR, "answer": ["a", ["b"]]}], r"line 1: field 'answer' .* holds a nested list"),
     ([{**PAIR, "answer": ["a", True]}], r"line 1: field 'answer' must be a string, a number or a list of them"),
+    ([{**PAIR, "answer": ["a", None]}], r"line 1: field 'answer' holds a null among its answers"),
     ([PAIR, "[1, 2]"], r"line 2: expected an object with fields prompt, chosen, rejected; got list"),
 ])
 def test_bad_rows_name_file_line_and_field(tmp_path, rows, message):
