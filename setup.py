@@ -1,7 +1,10 @@
 """fastdadpo: memory-lean teacher-student distillation (daDPO, dDPO, KD, DCKD, ADPA).
 
-`kernels/` is installed as the subpackage `fastdadpo.kernels`: a top-level package named
-`kernels` would collide with the Hugging Face `kernels` library that transformers imports.
+`kernels/src/` is installed as the subpackage `fastdadpo.kernels`. `kernels/` itself has no
+`__init__.py`, on purpose: Hugging Face's `kernels` library (which transformers imports) has that
+name, and a regular package `kernels` on `sys.path` (the repository root is there for
+`python -m ...` and pytest) would shadow it. A folder without `__init__.py` is at most a namespace
+package, which the import system passes over for any regular package of the same name.
 """
 from setuptools import setup
 
@@ -13,31 +16,35 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["fastdadpo", "fastdadpo.kernels"],
-    package_dir={"fastdadpo": "fastdadpo", "fastdadpo.kernels": "kernels"},
+    package_dir={"fastdadpo": "fastdadpo", "fastdadpo.kernels": "kernels/src"},
     package_data={"fastdadpo": ["demo_data/teacher/*", "plan_data/*.json"]},
+    # Every range is tested (scripts/matrix.sh): its floor by the `oldest` cell, which pins each one
+    # exactly (requirements/matrix-oldest.txt; tests/test_packaging.py keeps the two equal), its top by
+    # the `latest` cell, the exact set in between by the lock (requirements/lock-*.txt, CI's run).
+    # torch and triton start at the GPU machine's stack (torch 2.11, triton 3.6).
     install_requires=[
-        # torch is pinned by scripts/setup.sh (CPU build) before this runs; any 2.4+ works.
-        "torch>=2.4",
-        "triton>=3.0; platform_system == 'Linux'",
-        "numpy",
-        "pyyaml",
-        "transformers>=4.46",
-        "accelerate",
-        "tokenizers",
-        "safetensors",
-        "datasets",
-        "pyarrow",
-        "deepspeed>=0.15",
-        "peft>=0.13",  # LoRA students (model.lora)
-        "psutil",
-        "tqdm",
-        "matplotlib",
+        # torch is pinned by scripts/setup.sh (the lock, or a matrix cell) before this is resolved.
+        "torch>=2.11.0",
+        "triton>=3.6.0; platform_system == 'Linux'",
+        "numpy>=1.26.0",
+        "pyyaml>=6.0.1",
+        "transformers>=5.17.0",
+        "accelerate>=1.10.0",
+        "tokenizers>=0.23.1",
+        "safetensors>=0.8.0",
+        "datasets>=4.4.0",
+        "pyarrow>=21.0.0",
+        "deepspeed>=0.18.0",
+        "peft>=0.17.0",  # LoRA students (model.lora)
+        "psutil>=5.9.0",
+        "tqdm>=4.66.3",
+        "matplotlib>=3.8.0",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout", "pytest-benchmark>=4", "hypothesis>=6"],
+        "dev": ["pytest>=8.3.0", "pytest-timeout>=2.3.1", "pytest-benchmark>=5.1.0", "hypothesis>=6.100.0"],
         # trl: bench/test_peer_trainers.py (TRL's DPO, GKD and distillation trainers; needs Python 3.11+, and
         # its requirements do not include torch, so it cannot pull a CUDA build over the pinned one).
-        "bench": ["pytest-benchmark>=4", "liger-kernel>=0.5", "cut-cross-entropy",
+        "bench": ["pytest-benchmark>=5.1.0", "liger-kernel>=0.6.0", "cut-cross-entropy>=24.12.1",
                   "trl>=1.16; python_version >= '3.11'"],
     },
     entry_points={"console_scripts": ["fastdadpo=fastdadpo.cli:main"]},

@@ -145,6 +145,7 @@ def test_teacher_flag_rules(capsys, tmp_path, teacher_dir, student_dir, preferen
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_two_ranks_write_what_one_process_writes(kept_output, student_dir, preference_file, tmp_path):
     out = tmp_path / "pairs.jsonl"
     result = run_cli(keep_chosen_command(student_dir, preference_file, out),
@@ -225,6 +226,7 @@ def teacher_reference_dir(tmp_path_factory, tokenizer):
     return save_model_dir(model, tokenizer, str(tmp_path_factory.mktemp("teacher_reference")))
 
 
+@pytest.mark.slow
 def test_a_tiny_adpa_plus_chain_runs_and_resumes(tmp_path, student_dir, teacher_dir, teacher_reference_dir,
                                                  preference_file):
     """As released: DCKD on the dataset's own pairs (so the recipe's generate stage has nothing to do)

@@ -114,6 +114,7 @@ def test_greedy_matches_transformers_generate(greedy_output, teacher_dir, studen
     assert [row["rejected"] for row in rows] == reference_greedy(student_dir, messages)
 
 
+@pytest.mark.slow
 def test_sampling_is_reproducible(sampled_output, greedy_output, teacher_dir, student_dir, prompts_file,
                                   tmp_path):
     again = tmp_path / "again.jsonl"
@@ -124,6 +125,7 @@ def test_sampling_is_reproducible(sampled_output, greedy_output, teacher_dir, st
     assert [row["chosen"] for row in sampled] != [row["chosen"] for row in greedy]
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_file(sampled_output, teacher_dir, student_dir, prompts_file,
                                                tmp_path):
     rows = sampled_output.read_text().splitlines(keepends=True)
@@ -147,6 +149,7 @@ def test_a_killed_run_resumes_to_the_same_file(sampled_output, teacher_dir, stud
     assert result.returncode == 2 and "seed3->4" in unwrapped(result.stderr) and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_two_ranks_write_what_one_process_writes(greedy_output, teacher_dir, student_dir, prompts_file,
                                                   tmp_path):
     out = tmp_path / "pairs.jsonl"  # 5 prompts in batches of 2: rank 1 generates a dummy batch in step 2

@@ -100,6 +100,7 @@ def _resume_copy(run_with_checkpoint, tmp_path, *sets):
                          "--set", f"train.resume={copy}", "--set", "train.max_steps=3", *sets]), copy
 
 
+@pytest.mark.slow
 def test_pickle_payload_in_a_checkpoint_is_refused(run_with_checkpoint, tmp_path):
     resume, copy = _resume_copy(run_with_checkpoint, tmp_path)
     marker = tmp_path / "payload-ran"

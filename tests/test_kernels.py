@@ -341,7 +341,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("mode", ["hint", "recompute"])
+@pytest.mark.parametrize("mode", ["hint", pytest.param("recompute", marks=pytest.mark.slow)])
 def test_memory_stays_far_under_one_logits_tensor(mode):
     """N=4096, V=65,536: one fp32 [N, V] tensor is 1 GiB; forward+backward must stay far under it
     (the gradients themselves, 68 MB, included)."""

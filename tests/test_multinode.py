@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 TIMEOUT = 300
+pytestmark = pytest.mark.slow  # two launchers, each a ZeRO-3 training: the full suite only
 STEPS, SAVE_EVERY = 4, 2
 
 

@@ -25,7 +25,7 @@ def _env():
 
 def _demo(out, *extra):
     return subprocess.run([sys.executable, "-m", "fastdadpo", "demo", "--quick", "--out", str(out), *extra],
-                          capture_output=True, text=True, timeout=TIMEOUT, env=_env())
+                          capture_output=True, text=True, timeout=TIMEOUT, env=_env(), cwd=REPO)
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +36,7 @@ def quick_demo(tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_quick_demo_runs_every_stage(quick_demo):
     out, result = quick_demo
     names = ["teacher", "student (before)", "after dSFT", "after dDPO", "after daDPO", "after daDPO-token"]
@@ -67,6 +68,7 @@ def test_quick_demo_runs_every_stage(quick_demo):
     assert pruned["intermediate_size"] < teacher["intermediate_size"]
 
 
+@pytest.mark.slow
 def test_rerun_skips_complete_stages_and_continues_an_interrupted_one(quick_demo):
     out, _ = quick_demo
     # Pretend the run was killed during the last training: its final/ never appeared.
@@ -125,6 +127,6 @@ def test_bad_recipes_are_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="students must map display names"):
         load_recipe(str(path))
     result = subprocess.run([sys.executable, "-m", "fastdadpo", "run", str(path), "--stages", "train,polish"],
-                            capture_output=True, text=True, timeout=TIMEOUT, env=_env())
+                            capture_output=True, text=True, timeout=TIMEOUT, env=_env(), cwd=REPO)
     assert result.returncode == 2 and "unknown stage(s) polish" in result.stderr
     assert "Traceback" not in result.stderr

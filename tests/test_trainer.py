@@ -59,6 +59,8 @@ def _config(toy, tmp_path, objective: str, **overrides) -> str:
     path.write_text(yaml.safe_dump(config))
     return str(path)
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def _env(**extra):
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
@@ -74,7 +76,8 @@ def _train(config: str, *sets: str, ranks: int = 1, env=None, check=True):
                    "-m", "fastdadpo", "train", config]
     for item in sets:
         command += ["--set", item]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=env or _env())
+    # From the repository root, as a user runs it (its folders must not shadow installed packages).
+    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=env or _env(), cwd=REPO)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
@@ -91,7 +94,9 @@ OBJECTIVE_SETTINGS = {
 }
 
 
-@pytest.mark.parametrize("objective", list(OBJECTIVE_SETTINGS))
+# daDPO on two ranks stays in the fast tier; the other objectives run in the full suite.
+@pytest.mark.parametrize("objective", [pytest.param(name, marks=() if name == "dadpo" else pytest.mark.slow)
+                                       for name in OBJECTIVE_SETTINGS])
 def test_every_objective_trains_on_two_ranks(toy, tmp_path, objective):
     """Each objective trains under ZeRO-3 on two gloo ranks; its loss on a fixed held set falls."""
     config = _config(toy, tmp_path, objective, train__max_steps=8, data__eval=toy["eval"], train__eval_every=1,
@@ -112,6 +117,7 @@ def test_every_objective_trains_on_two_ranks(toy, tmp_path, objective):
     assert os.path.exists(tmp_path / "run" / "final" / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_two_ranks_follow_one_rank(toy, tmp_path):
     """2 ranks x micro-batch 1, 1 rank x micro-batch 2 and 1 rank x micro-batch 1 x 2 accumulations
     compute the same steps (global normalizers, the same examples in each optimizer step), with
@@ -140,6 +146,7 @@ def test_two_ranks_follow_one_rank(toy, tmp_path):
             assert final_two[key] == pytest.approx(final_other[key], rel=2e-5, abs=1e-6), (other, key)
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(toy, tmp_path):
     full = tmp_path / "full"
     config = _config(toy, tmp_path, "dpo", train__output_dir=str(full), train__save_every=3, train__max_steps=6)
@@ -154,6 +161,7 @@ def test_resume_reproduces_the_uninterrupted_run(toy, tmp_path):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_then_resume_continues(toy, tmp_path):
     uninterrupted = tmp_path / "uninterrupted"
     config = _config(toy, tmp_path, "sft", train__max_steps=40, train__micro_batch_size=1,
@@ -185,6 +193,7 @@ def test_sigterm_checkpoints_then_resume_continues(toy, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), a["step"]
 
 
+@pytest.mark.slow
 def test_a_killed_rank_ends_the_others_with_one_paragraph(toy, tmp_path):
     """SIGKILL one of two ranks mid-run: the other ends with one paragraph naming the lost rank and
     the last complete checkpoint (no backend traceback), and the checkpoints written stay complete."""
@@ -278,6 +287,7 @@ def test_non_finite_loss_stops_with_checkpoints_intact(toy, tmp_path, tokenizer)
     assert len(rows) == len(checkpoints) and all(r["loss"] == r["loss"] for r in rows)
 
 
+@pytest.mark.slow
 def test_divergence_stops_the_run_at_every_zero_stage(toy, tmp_path):
     """An absurd learning rate: the gradient (or the loss) goes non-finite; the run ends with exit
     status 2 and one paragraph, exports no final/ model, and never logs a non-finite row."""
@@ -293,6 +303,7 @@ def test_divergence_stops_the_run_at_every_zero_stage(toy, tmp_path):
         assert all(r["loss"] == r["loss"] and r["grad_norm"] == r["grad_norm"] for r in rows)
 
 
+@pytest.mark.slow
 def test_each_row_logs_the_rate_it_applied_and_the_gradient_norm_at_every_stage(toy, tmp_path):
     """Step 1 of a run without warm-up applies the full rate (logged before the scheduler moves on);
     grad_norm is logged under ZeRO-0 too, equal to ZeRO-3's. data.max_length alone (no
@@ -332,6 +343,7 @@ def test_bad_data_is_a_clear_error(toy, tmp_path):
     assert f"{bad} line 2" in " ".join(result.stderr.split())
 
 
+@pytest.mark.slow
 def test_tied_embeddings_student_on_two_ranks(toy, tmp_path, llama_dir):
     """A Llama student whose LM head is its input embedding (one ZeRO-3 parameter, two uses)."""
     from transformers import AutoModelForCausalLM
@@ -347,6 +359,7 @@ def test_tied_embeddings_student_on_two_ranks(toy, tmp_path, llama_dir):
     assert not torch.equal(trained, original)
 
 
+@pytest.mark.slow
 def test_lora_student_trains_on_two_ranks_and_exports_merged_and_adapter(toy, tmp_path):
     """model.lora under ZeRO-3 on two ranks: only the adapters train (the loss falls), final/ is the
     merged model and loads with plain transformers, final-adapter/ is a PEFT adapter whose merge
@@ -372,6 +385,7 @@ def test_lora_student_trains_on_two_ranks_and_exports_merged_and_adapter(toy, tm
     assert all(torch.equal(final[k], pristine[k]) for k in final if k not in adapted)  # frozen: untouched
 
 
+@pytest.mark.slow
 def test_cached_log_probs_are_reused_across_runs(toy, tmp_path):
     config = _config(toy, tmp_path, "dadpo", train__max_steps=1, data__cache_dir=str(tmp_path / "cache"))
     first = _train(config, f"train.output_dir={tmp_path / 'first'}")
@@ -381,6 +395,7 @@ def test_cached_log_probs_are_reused_across_runs(toy, tmp_path):
     assert _metrics(tmp_path / "first")[0]["loss"] == _metrics(tmp_path / "second")[0]["loss"]
 
 
+@pytest.mark.slow
 def test_cached_log_probs_follow_examples_when_rows_are_dropped(toy, tmp_path):
     """A row dropped at tokenization (empty chosen) shifts list positions against data rows; the
     cached reference and teacher log-probs must still belong to their own examples: the same steps
@@ -491,6 +506,7 @@ def test_head_options_from_each_config_name():
             head_logit_options(config, "model.teacher")
 
 
+@pytest.mark.slow
 def test_gemma2_soft_capped_models_train_with_dadpo_token_on_two_ranks(toy, tmp_path, gemma):
     """The must-show: a Gemma-2-shaped student and teacher (soft-capped logits, V = 256,000) train
     with dadpo_token under 2-rank ZeRO-3 with the fused kernels; and on one rank the fused first

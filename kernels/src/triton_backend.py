@@ -40,7 +40,10 @@ def interpreting() -> bool:
 # (bench/compile_report.py: registers and spills on sm_90a and sm_80) so that no specialization
 # spills. Half inputs: the forward holds two to three [64, 128] float32 logit tiles at 8 warps
 # (32 registers each); the backward steps H by 32, not 64, which keeps its loops within 255
-# registers on sm_80 (at 64 the JSD/reverse-KL ones spill). float32 inputs are multiplied exactly
+# registers on sm_80 (at 64 the JSD/reverse-KL ones spill); so does ADPA's advantage forward, whose
+# three [64, 128] logit tiles at H step 64 take 255 registers and spill 16 bytes on sm_80 under
+# triton 3.6 (the GPU machine's; 0 under 3.9): at 32, 233 registers and no spills under either.
+# float32 inputs are multiplied exactly
 # (no tensor cores: FMA dots, whose operands sit in registers): smaller tiles stepping H by 16
 # (at [64, 128] x 32 every float32 kernel spills, 0.5-2 KB on sm_80). ptxas caps these FMA kernels
 # at 128 or 168 registers to fit more programs per SM and then spills a few dozen bytes, differently
@@ -51,6 +54,7 @@ def interpreting() -> bool:
 # BLOCK_N and BLOCK_V also set the backward's atomic traffic: N·V·H·(1/BLOCK_N + 1/BLOCK_V) adds.
 _GPU_CONFIGS = {
     ("forward", "half"): (dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64), dict(num_warps=8, num_stages=3)),
+    ("forward", "half", "advantage"): (dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32), dict(num_warps=8, num_stages=3)),
     ("backward", "half"): (dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32), dict(num_warps=8, num_stages=3)),
     ("forward", "float32"): (dict(BLOCK_N=64, BLOCK_V=32, BLOCK_H=16), dict(num_warps=8, num_stages=3)),
     ("forward", "float32", "advantage"): (dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16), dict(num_warps=8, num_stages=3)),
