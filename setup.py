@@ -44,7 +44,7 @@ setup(
         "dev": ["pytest>=8.3.0", "pytest-timeout>=2.3.1", "pytest-benchmark>=5.1.0", "hypothesis>=6.100.0"],
         # trl: bench/test_peer_trainers.py (TRL's DPO, GKD and distillation trainers; needs Python 3.11+, and
         # its requirements do not include torch, so it cannot pull a CUDA build over the pinned one).
-        "bench": ["pytest-benchmark>=5.1.0", "liger-kernel>=0.6.0", "cut-cross-entropy>=24.12.1",
+        "bench": ["pytest-benchmark>=5.1.0", "liger-kernel>=0.6.2", "cut-cross-entropy>=24.12.1",
                   "trl>=1.16; python_version >= '3.11'"],
     },
     entry_points={"console_scripts": ["fastdadpo=fastdadpo.cli:main"]},

@@ -119,32 +119,48 @@ def _chunks(shape: Shape, rows_per_chunk: int) -> int:
     return -(-shape.n // max(1, min(shape.n, rows_per_chunk)))
 
 
-def _ours_chunk_rows(shape: Shape, kind: str, with_logps: bool) -> int:
-    """Rows per chunk of our chunked backend, from its own rule at its default budget."""
+def _ours_plan(shape: Shape, kind: str, with_logps: bool):
+    """Our chunked backend's plan at its default budget (None without a chunked backend in this tree)."""
     try:
         import torch
 
         from fastdadpo.kernels import chunked_backend
         from fastdadpo.kernels.sweep import SweepSpec
-    except ImportError:  # no chunked backend in this tree: one chunk per 1,024 rows
-        return 1024
+    except ImportError:
+        return None
     spec = SweepSpec(kind=kind, vocab_size=shape.v if kind != "none" else 0, with_logps=with_logps)
-    plan = chunked_backend.plan_chunks(spec, shape.n, shape.v, shape.hs, chunked_backend.budget_bytes(None),
-                                       grad_dtype=torch.bfloat16 if shape.elem == 2 else torch.float32)
-    return plan.rows_per_chunk
+    return chunked_backend.plan_chunks(spec, shape.n, shape.v, shape.hs, chunked_backend.budget_bytes(None),
+                                       input_dtype=torch.bfloat16 if shape.elem == 2 else torch.float32)
 
 
-def _chunked_bytes(shape: Shape, chunks: int, logit_elem: int, grad_elem: int, passes: int) -> float:
+def _ours_chunk_rows(shape: Shape, kind: str, with_logps: bool) -> int:
+    """Rows per chunk of our chunked backend, from its own rule at its default budget (one chunk per
+    1,024 rows without one)."""
+    plan = _ours_plan(shape, kind, with_logps)
+    return 1024 if plan is None else plan.rows_per_chunk
+
+
+def _ours_accumulator_elem(shape: Shape, kind: str, with_logps: bool) -> int:
+    """Bytes per element of our chunked backend's dW and dh accumulators (fp32 where its budget holds
+    them, else the inputs' dtype)."""
+    plan = _ours_plan(shape, kind, with_logps)
+    return shape.elem if plan is None else plan.grad_dtype.itemsize
+
+
+def _chunked_bytes(shape: Shape, chunks: int, logit_elem: int, grad_elem: int, passes: int,
+                   acc_elem: Optional[int] = None) -> float:
     """A row-chunked design: per chunk, a GEMM per head writes its logits (re-reading that head),
     one row-wise pass reads them and writes the gradient over the student's, and the two gradient
     GEMMs read it (dh = G·W re-reads the student head; dW += Gᵀ·X reads and writes dW).
-    ``passes``: 1 when the gradient is formed in the forward, 2 when the backward recomputes."""
+    ``passes``: 1 when the gradient is formed in the forward, 2 when the backward recomputes.
+    ``acc_elem``: bytes per element of the dW and dh accumulators (default ``grad_elem``)."""
+    acc_elem = grad_elem if acc_elem is None else acc_elem
     heads = 1 + shape.frozen
     nv = shape.n * shape.v
     logits = passes * nv * logit_elem * 2 * heads + nv * grad_elem * 3
     weights = chunks * (passes * (shape.student_head + shape.frozen_heads) + shape.student_head
-                        + 2 * shape.v * shape.hs * grad_elem)
-    hidden = passes * shape.rows + 2 * shape.n * shape.hs * grad_elem
+                        + 2 * shape.v * shape.hs * acc_elem)
+    hidden = passes * shape.rows + 2 * shape.n * shape.hs * acc_elem
     return logits + weights + hidden
 
 
@@ -167,7 +183,8 @@ def _model_chunked(shape, kind, with_logps, hint):
     else:
         flops = 4 * shape.hs + 2 * shape.hf
         why = "no hint: the backward recomputes every head's logits (log-probs: the student's only)"
-    return flops, _chunked_bytes(shape, chunks, 4, shape.elem, 1 if hint else 2), \
+    return flops, _chunked_bytes(shape, chunks, 4, shape.elem, 1 if hint else 2,
+                                  _ours_accumulator_elem(shape, kind, with_logps)), \
         f"{_formula(shape, 3, 1) if hint else _formula(shape, 4, 2)}: {why}; {chunks} chunks (its budget rule), " \
         "fp32 logits"
 

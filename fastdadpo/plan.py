@@ -39,8 +39,11 @@ DS_REDUCE_BUCKET = 500_000_000  # reduce_bucket_size, elements
 DS_PREFETCH_BUCKET = 50_000_000  # stage3_prefetch_bucket_size, elements
 DS_MAX_LIVE = 1_000_000_000  # stage3_max_live_parameters, elements
 DS_PERSISTENCE = 100_000  # stage3_param_persistence_threshold, elements: smaller parameters stay gathered
-# The chunked kernels' default budget on CUDA (kernels/chunked_backend.py), MiB.
+# The chunked kernels' default budget on CUDA (kernels/src/chunked_backend.py), MiB.
 GPU_CHUNK_BUDGET_MB = 1400.0
+# Bytes per element of the chunked kernels' dW and dh accumulators on CUDA where the budget holds
+# them (kernels/src/chunked_backend.py, GRAD_ACCUMULATION = "float32"); else the model dtype's.
+GPU_GRAD_ACCUMULATION_BYTES = 4
 # The largest micro-batch the search tries.
 MAX_MICRO_BATCH = 4096
 # Architectures Liger's RMSNorm/SwiGLU patches apply to (model.liger_kernels auto, on CUDA).
@@ -449,7 +452,8 @@ def kernel_sweeps(objective, s: Setting) -> List[KernelSweep]:
 def kernel_workspace_bytes(sweep: KernelSweep, arch: Architecture, s: Setting, teacher_vocab: int) -> int:
     """The row-chunk buffers of one call, by the kernels' own chunk-size rule. GPU (the chunked
     backend): ``plan_chunks`` with its 1400 MiB budget, whose row buffers are fp32 logits of the
-    student (V) and of each teacher (the shared vocabulary); the dW and dh it also counts are the
+    student (V) and of each teacher (the shared vocabulary), or, at the end, the fp32 gradients
+    cast to the model dtype if that is more; the dW and dh accumulators it also counts are the
     ``kernel_gradient_bytes`` term, so they are taken out here. CPU (chunked torch): R = 32 MiB
     / (V·4) rows, and fp32 R x V buffers: the student's logits and a work buffer, plus a copy for
     the log-probs when there is also a divergence, the teacher's logits (and the reference
@@ -459,7 +463,8 @@ def kernel_workspace_bytes(sweep: KernelSweep, arch: Architecture, s: Setting, t
     if s.on_gpu:
         spec_cols = (vocab if sweep.with_logps else shared) + shared * sweep.teachers
         chunk = _gpu_chunk_rows(sweep, arch, s, shared)
-        return chunk * spec_cols * 4 + 8 * sweep.rows * 4
+        # At the end the chunk buffers are gone and the gradients' cast takes their place.
+        return max(chunk * spec_cols * 4, _gpu_gradient_cast_bytes(sweep, arch, s, shared)) + 8 * sweep.rows * 4
     from .kernels.torch_chunked import chunk_rows
     import torch
 
@@ -471,25 +476,68 @@ def kernel_workspace_bytes(sweep: KernelSweep, arch: Architecture, s: Setting, t
 
 
 def _gpu_chunk_rows(sweep: KernelSweep, arch: Architecture, s: Setting, shared: int) -> int:
-    """Rows per chunk under the chunked backend's rule (kernels/chunked_backend.plan_chunks),
-    restated here so planning needs no Triton: R = (budget − fixed) / per-row, at least 64, at most N,
-    fixed = (N + V)·H·b + 8·N·4, per row = 4·(student columns + teacher columns)."""
+    """Rows per chunk under the chunked backend's rule (kernels/src/chunked_backend.plan_chunks),
+    restated here so planning needs no Triton: R = max(budget − fixed, cast) / per-row, at least 64,
+    at most N, fixed = (N + V)·H·a (a: the accumulators' bytes, ``_gpu_grad_bytes``) + 8·N·4,
+    cast = the gradients in the model dtype when a is wider, per row = 4·(student columns + teacher
+    columns)."""
+    return _gpu_chunk_rows_for(sweep, arch, s, shared, _gpu_grad_bytes(sweep, arch, s, shared))
+
+
+def _gpu_chunk_rows_for(sweep: KernelSweep, arch: Architecture, s: Setting, shared: int, grad_bytes: int) -> int:
     budget = int(s.chunk_budget_mb * 2**20)
-    fixed = (sweep.rows + (0 if s.lora_rank else arch.vocab)) * arch.hidden * s.dtype_bytes + 8 * sweep.rows * 4
-    row_bytes = 4 * ((arch.vocab if sweep.with_logps else shared) + shared * sweep.teachers)
+    fixed = (sweep.rows + _head_grad_rows(arch, s)) * arch.hidden * grad_bytes + 8 * sweep.rows * 4
+    row_bytes = _gpu_row_bytes(sweep, arch, shared)
     fit = (budget - fixed) // row_bytes if budget > fixed else 0
-    return max(1, min(sweep.rows, max(64, fit)))
+    cast = _cast_bytes(sweep, arch, s, grad_bytes)
+    return max(1, min(sweep.rows, max(64, fit, cast // row_bytes)))
 
 
-def kernel_gradient_bytes(sweep: KernelSweep, arch: Architecture, s: Setting) -> int:
-    """The gradients a call forms for the student's inputs: dW [V, H] and dh [N, H], fp32 on CPU
-    (the torch backend accumulates in fp32), in the model dtype on the GPU (the chunked backend's
-    GEMMs accumulate in fp32 inside and write dW in the weight's dtype); plus the compacted copy of
-    the student's hidden rows the call keeps for backward (N·H·b). A frozen head (a LoRA student)
-    gets no dW: the kernels skip it."""
-    grad_bytes = s.dtype_bytes if s.on_gpu else 4
-    head_rows = 0 if s.lora_rank else arch.vocab
-    return (head_rows + sweep.rows) * arch.hidden * grad_bytes + sweep.rows * arch.hidden * s.dtype_bytes
+def _gpu_row_bytes(sweep: KernelSweep, arch: Architecture, shared: int) -> int:
+    return 4 * ((arch.vocab if sweep.with_logps else shared) + shared * sweep.teachers)
+
+
+def _gpu_grad_bytes(sweep: KernelSweep, arch: Architecture, s: Setting, shared: int) -> int:
+    """Bytes per element of the chunked backend's dW and dh accumulators: fp32 where the budget
+    holds them, their cast and the chunks (``plan_chunks``: the budget is the call's contract), else
+    the model dtype's."""
+    if s.dtype_bytes == GPU_GRAD_ACCUMULATION_BYTES:
+        return s.dtype_bytes
+    grad_bytes = GPU_GRAD_ACCUMULATION_BYTES
+    chunk = _gpu_chunk_rows_for(sweep, arch, s, shared, grad_bytes)
+    fixed = (sweep.rows + _head_grad_rows(arch, s)) * arch.hidden * grad_bytes + 8 * sweep.rows * 4
+    peak = fixed + max(chunk * _gpu_row_bytes(sweep, arch, shared), _cast_bytes(sweep, arch, s, grad_bytes))
+    return grad_bytes if peak <= int(s.chunk_budget_mb * 2**20) else s.dtype_bytes
+
+
+def _head_grad_rows(arch: Architecture, s: Setting) -> int:
+    return 0 if s.lora_rank else arch.vocab  # a frozen head (a LoRA student) gets no dW
+
+
+def _cast_bytes(sweep: KernelSweep, arch: Architecture, s: Setting, grad_bytes: int) -> int:
+    if s.dtype_bytes == grad_bytes:
+        return 0
+    return (sweep.rows + _head_grad_rows(arch, s)) * arch.hidden * s.dtype_bytes
+
+
+def _gpu_gradient_cast_bytes(sweep: KernelSweep, arch: Architecture, s: Setting, shared: int) -> int:
+    """dW and dh cast from fp32 accumulators to the model dtype at the end of a GPU call (nothing
+    when they are accumulated in the model dtype)."""
+    return _cast_bytes(sweep, arch, s, _gpu_grad_bytes(sweep, arch, s, shared))
+
+
+def kernel_gradient_bytes(sweep: KernelSweep, arch: Architecture, s: Setting,
+                          teacher_vocab: Optional[int] = None) -> int:
+    """The gradients a call forms for the student's inputs: dW [V, H] and dh [N, H], accumulated in
+    fp32 by the torch backend (it computes in fp32) and by the chunked backend where its budget holds
+    fp32 accumulators (``_gpu_grad_bytes``), else in the model dtype; plus the compacted copy of the
+    student's hidden rows the call keeps for backward (N·H·b). A frozen head (a LoRA student) gets
+    no dW: the kernels skip it. The GPU's final cast to the model dtype is in
+    ``kernel_workspace_bytes``. ``teacher_vocab``: the teachers' vocabulary (default: the student's)."""
+    shared = min(arch.vocab, arch.vocab if teacher_vocab is None else teacher_vocab) if sweep.teachers else 0
+    grad_bytes = _gpu_grad_bytes(sweep, arch, s, shared) if s.on_gpu else 4
+    return ((_head_grad_rows(arch, s) + sweep.rows) * arch.hidden * grad_bytes
+            + sweep.rows * arch.hidden * s.dtype_bytes)
 
 
 def teacher_shard_bytes(arch: Architecture, s: Setting) -> int:
@@ -589,8 +637,8 @@ def build_plan(models: Models, objective, s: Setting) -> Plan:
     teacher_vocab = min((arch.vocab for _, arch in models.teachers), default=st.vocab)
     workspace = max(kernel_workspace_bytes(sw, st, s, teacher_vocab) for sw in sweeps)
     held = [sw for sw in sweeps if sw.holds_grads]
-    gradients = sum(kernel_gradient_bytes(sw, st, s) for sw in held) if held else \
-        max(kernel_gradient_bytes(sw, st, s) for sw in sweeps)
+    gradients = sum(kernel_gradient_bytes(sw, st, s, teacher_vocab) for sw in held) if held else \
+        max(kernel_gradient_bytes(sw, st, s, teacher_vocab) for sw in sweeps)
     terms += [Term("kernel row-chunk buffers", workspace),
               Term("kernel dW [V, H] and dh accumulators", gradients,
                    f"{len(held)} call(s) form gradients in the forward and hold them" if held

@@ -76,7 +76,8 @@ case "$tier" in
 esac
 status=${PIPESTATUS[0]}
 set -e
-summary=$(grep -E "^=+ .*(passed|failed|error).* in [0-9.]+s" "$log" | sed -E 's/^=+ (.*) =+$/\1/' | paste -sd';' -)
+# pytest's closing lines (tests, then the benchmark suite), with or without their ==== borders.
+summary=$(grep -E "^(=+ )?[0-9]+ (passed|failed|error).* in [0-9.]+s" "$log" | sed -E 's/^=+ //; s/ =+$//' | paste -sd';' -)
 [ -n "$summary" ] || summary="no pytest summary"
 result=$([ "$status" = 0 ] && echo pass || echo "FAIL (exit $status)")
 row="| $cell | $versions | $tier | $result: $summary ($(( ($(date +%s) - started) / 60 )) min with setup) | $(date -u +%Y-%m-%d) |"

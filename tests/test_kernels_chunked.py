@@ -276,29 +276,42 @@ def _plan(kind, with_logps, vocab, hidden, tokens=8192, budget_mb=None):
 @pytest.mark.parametrize("kind,with_logps", [("none", True), ("forward_kl", True), ("jsd", False),
                                              ("advantage", False)])
 @pytest.mark.parametrize("vocab,hidden", [(256000, 2304), (128256, 2048), (151936, 1536)])
-def test_default_budget_keeps_a_call_within_1_5_gb(kind, with_logps, vocab, hidden, monkeypatch):
-    """The default plan at V=128k–256k (CCE's, Liger's, Qwen2.5's heads, N=8192, bf16): peak above
-    the inputs (gradients included) within the budget, the budget within 1.5 GB, and chunks of at
-    least the GEMM-friendly minimum."""
+@pytest.mark.parametrize("accumulation", ["float32", "inputs"])
+def test_default_budget_bounds_a_call(kind, with_logps, vocab, hidden, accumulation, monkeypatch):
+    """The default plan at V=128k–256k (CCE's, Liger's, Qwen2.5's heads, N=8192, bf16): the peak
+    above the inputs (gradients included) within the budget, itself within 1.5 GB, whichever
+    accumulation is asked for: fp32 accumulators (the default) where they, their final cast to bf16
+    and the chunks fit, else the inputs' dtype. Chunks of at least the GEMM-friendly minimum, and
+    the rule tight."""
+    import torch
+
     from fastdadpo.kernels import chunked_backend
 
     monkeypatch.delenv(chunked_backend.CHUNK_BUDGET_ENV, raising=False)
-    plan = _plan(kind, with_logps, vocab, hidden)
+    monkeypatch.setattr(chunked_backend, "GRAD_ACCUMULATION", accumulation)
+    tokens = 8192
+    plan = _plan(kind, with_logps, vocab, hidden, tokens=tokens)
+    gradients = (tokens + vocab) * hidden
+    in_fp32 = plan.grad_dtype == torch.float32
+    assert in_fp32 or plan.grad_dtype == torch.bfloat16
+    assert accumulation == "float32" or not in_fp32
+    assert plan.fixed_bytes == gradients * (4 if in_fp32 else 2) + 8 * tokens * 4
+    assert plan.cast_bytes == (gradients * 2 if in_fp32 else 0)
     assert plan.budget_bytes <= 1.5e9
     assert plan.peak_bytes <= plan.budget_bytes, plan
     assert plan.rows_per_chunk >= chunked_backend.MIN_CHUNK_ROWS
     # The rule is tight: one more row per chunk would break the budget.
-    assert plan.peak_bytes + plan.row_bytes > plan.budget_bytes
-    # fp32 logit rows: the student's, plus the teacher's, plus the reference teacher's (advantage).
-    heads = {"none": 1, "forward_kl": 2, "jsd": 2, "advantage": 3}[kind]
-    assert plan.row_bytes == 4 * vocab * heads
+    assert plan.fixed_bytes + (plan.rows_per_chunk + 1) * plan.row_bytes > plan.budget_bytes
+    if accumulation == "float32" and not in_fp32:  # bf16 only because fp32 would not fit
+        fp32_need = gradients * 4 + 8 * tokens * 4 + max(gradients * 2, 64 * plan.row_bytes)
+        assert fp32_need > plan.budget_bytes
 
 
 def test_budget_from_argument_and_environment(monkeypatch):
     from fastdadpo.kernels import chunked_backend
 
-    monkeypatch.setenv(chunked_backend.CHUNK_BUDGET_ENV, "3000")
-    assert chunked_backend.budget_bytes() == 3000 * 2**20
+    monkeypatch.setenv(chunked_backend.CHUNK_BUDGET_ENV, "6000")
+    assert chunked_backend.budget_bytes() == 6000 * 2**20
     assert chunked_backend.budget_bytes(500) == 500 * 2**20
     assert _plan("forward_kl", True, 256000, 2304).rows_per_chunk > _plan("forward_kl", True, 256000, 2304,
                                                                          budget_mb=1400).rows_per_chunk
@@ -332,7 +345,7 @@ def test_workspace_is_what_the_rule_counts(monkeypatch):
 
     # No input wants a gradient, so the weight's counts as frozen (no [V, H] term in the plan).
     plan = chunked_backend.plan_chunks(SweepSpec(kind="advantage", vocab_size=41, weight_grad=False), 20, 45, 8,
-                                       chunked_backend.budget_bytes(budget_mb), grad_dtype=torch.float32)
+                                       chunked_backend.budget_bytes(budget_mb), input_dtype=torch.float32)
     assert 1 < plan.rows_per_chunk < 20
     assert sum(dict(allocated).values()) == plan.rows_per_chunk * plan.row_bytes
 

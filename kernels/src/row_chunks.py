@@ -3,6 +3,7 @@ on CUDA): reused R x V workspace buffers, logit GEMMs into them, and the two gra
 push a chunk's d(loss)/d(logits) into the hidden-state and weight gradients."""
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -25,24 +26,46 @@ class Workspace:
         return buffer[:rows]
 
 
-_MIXED_GEMM_UNAVAILABLE = False
+# Device types whose torch has no mixed-dtype GEMM (``out_dtype``: half inputs, fp32 output): CPU.
+_NO_MIXED_GEMM = set()
+
+
+def _mixed_gemm(gemm, device: torch.device, fallback, *args, **kwargs) -> torch.Tensor:
+    """``gemm(*args, out_dtype=..., **kwargs)`` where the device has it, else ``fallback()``;
+    remembered per device type, so a CPU call never sends a later CUDA one down the fallback."""
+    if device.type not in _NO_MIXED_GEMM:
+        try:
+            return gemm(*args, **kwargs)
+        except (RuntimeError, TypeError, NotImplementedError) as error:
+            _NO_MIXED_GEMM.add(device.type)
+            if device.type != "cpu":  # expected on CPU; elsewhere the fallback's fp32 copies cost memory and time
+                logging.getLogger("fastdadpo.kernels").warning(
+                    "fastdadpo.kernels: no mixed-dtype GEMM (out_dtype) on %s (%s); computing in fp32 on "
+                    "upcast copies instead", device.type, error)
+    return fallback()
 
 
 def logits_into(out: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """out ← rows @ weight.T into a workspace buffer. Half-precision rows and weights give float32
     logits straight from cuBLAS (``out_dtype``: fp32 accumulate, no rounding to bf16 between the
-    GEMM and the softmax)."""
-    global _MIXED_GEMM_UNAVAILABLE
+    GEMM and the softmax). Without that GEMM (CPU) the same math: the operands upcast to fp32,
+    where products of two halves are exact and the sums fp32, never logits rounded to half."""
     if rows.dtype == out.dtype:
         return torch.mm(rows, weight.T, out=out)
-    if not _MIXED_GEMM_UNAVAILABLE:
-        try:
-            return torch.mm(rows, weight.T, out_dtype=out.dtype, out=out)
-        except (RuntimeError, TypeError, NotImplementedError):
-            # Older torch (no out_dtype) or a device without it: same math through a
-            # half-precision temporary, one chunk large.
-            _MIXED_GEMM_UNAVAILABLE = True
-    return out.copy_(torch.mm(rows, weight.T))
+    return _mixed_gemm(torch.mm, out.device,
+                       lambda: torch.mm(rows.to(out.dtype), weight.to(out.dtype).T, out=out),
+                       rows, weight.T, out_dtype=out.dtype, out=out)
+
+
+def addmm_into(acc: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
+    """acc += mat1 @ mat2, for an accumulator wider than its half operands too (an fp32 dW from
+    bf16 chunks): one GEMM whose fp32 epilogue adds into acc, no half-precision rounding. Without
+    that GEMM (CPU) the same math on operands upcast to fp32."""
+    if mat1.dtype == acc.dtype:
+        return acc.addmm_(mat1, mat2)
+    return _mixed_gemm(torch.addmm, acc.device,
+                       lambda: acc.addmm_(mat1.to(acc.dtype), mat2.to(acc.dtype)),
+                       acc, mat1, mat2, out_dtype=acc.dtype, out=acc)
 
 
 def new_grads(rows: int, weight: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype,
@@ -64,12 +87,13 @@ def accumulate_chunk_grads(grads: SweepGrads, rows: slice, grad_logits: torch.Te
                            student_weight: torch.Tensor) -> None:
     """grads += the chunk's share: dh[rows] += G·W, dW[:C] += Gᵀ·X, db[:C] += Σ_rows G, for the chunk's
     [R, C] logit gradient G over the first C rows of the head. Accumulating (not assigning) the
-    hidden rows lets a backward add to gradients a forward sweep already formed. A frozen head
+    hidden rows lets a backward add to gradients a forward sweep already formed. The gradients may
+    be wider than G (fp32 accumulators for half inputs: ``addmm_into``). A frozen head
     (``grads.weight`` None) skips the dW GEMM."""
     columns = grad_logits.shape[1]
     weight = student_weight[:columns]
-    grads.hidden[rows].addmm_(grad_logits, weight)
+    addmm_into(grads.hidden[rows], grad_logits, weight)
     if grads.weight is not None:
-        grads.weight[:columns].addmm_(grad_logits.T, student_rows)
+        addmm_into(grads.weight[:columns], grad_logits.T, student_rows)
     if grads.bias is not None:
         grads.bias[:columns] += grad_logits.sum(dim=0, dtype=grads.bias.dtype)
