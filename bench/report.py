@@ -133,20 +133,6 @@ def _ours_plan(shape: Shape, kind: str, with_logps: bool):
                                        input_dtype=torch.bfloat16 if shape.elem == 2 else torch.float32)
 
 
-def _ours_chunk_rows(shape: Shape, kind: str, with_logps: bool) -> int:
-    """Rows per chunk of our chunked backend, from its own rule at its default budget (one chunk per
-    1,024 rows without one)."""
-    plan = _ours_plan(shape, kind, with_logps)
-    return 1024 if plan is None else plan.rows_per_chunk
-
-
-def _ours_accumulator_elem(shape: Shape, kind: str, with_logps: bool) -> int:
-    """Bytes per element of our chunked backend's dW and dh accumulators (fp32 where its budget holds
-    them, else the inputs' dtype)."""
-    plan = _ours_plan(shape, kind, with_logps)
-    return shape.elem if plan is None else plan.grad_dtype.itemsize
-
-
 def _chunked_bytes(shape: Shape, chunks: int, logit_elem: int, grad_elem: int, passes: int,
                    acc_elem: Optional[int] = None) -> float:
     """A row-chunked design: per chunk, a GEMM per head writes its logits (re-reading that head),
@@ -176,15 +162,18 @@ def _tile_fused_bytes(shape: Shape, passes: int) -> float:
 # implementation family -> (FLOPs in units of F·H, HBM bytes, why), per (shape, kind, with_logps, hint).
 # kind "none" = log-probs only; hint = the caller's grad_weights (gradient formable in the forward).
 def _model_chunked(shape, kind, with_logps, hint):
-    chunks = _chunks(shape, _ours_chunk_rows(shape, kind, with_logps))
+    # Our chunked backend's own plan at its default budget (without one in this tree: 1,024-row chunks
+    # whose accumulators are in the inputs' dtype).
+    plan = _ours_plan(shape, kind, with_logps)
+    chunks = _chunks(shape, 1024 if plan is None else plan.rows_per_chunk)
+    accumulator_elem = shape.elem if plan is None else plan.grad_dtype.itemsize
     if hint:
         flops = 3 * shape.hs + shape.hf
         why = "hint: each head's logits once, gradient formed in the same sweep, two gradient GEMMs"
     else:
         flops = 4 * shape.hs + 2 * shape.hf
         why = "no hint: the backward recomputes every head's logits (log-probs: the student's only)"
-    return flops, _chunked_bytes(shape, chunks, 4, shape.elem, 1 if hint else 2,
-                                  _ours_accumulator_elem(shape, kind, with_logps)), \
+    return flops, _chunked_bytes(shape, chunks, 4, shape.elem, 1 if hint else 2, accumulator_elem), \
         f"{_formula(shape, 3, 1) if hint else _formula(shape, 4, 2)}: {why}; {chunks} chunks (its budget rule), " \
         "fp32 logits"
 

@@ -462,9 +462,9 @@ def kernel_workspace_bytes(sweep: KernelSweep, arch: Architecture, s: Setting, t
     shared = min(vocab, teacher_vocab) if sweep.teachers else 0
     if s.on_gpu:
         spec_cols = (vocab if sweep.with_logps else shared) + shared * sweep.teachers
-        chunk = _gpu_chunk_rows(sweep, arch, s, shared)
+        chunk, _, cast = _gpu_chunk_plan(sweep, arch, s, shared)
         # At the end the chunk buffers are gone and the gradients' cast takes their place.
-        return max(chunk * spec_cols * 4, _gpu_gradient_cast_bytes(sweep, arch, s, shared)) + 8 * sweep.rows * 4
+        return max(chunk * spec_cols * 4, cast) + 8 * sweep.rows * 4
     from .kernels.torch_chunked import chunk_rows
     import torch
 
@@ -475,55 +475,41 @@ def kernel_workspace_bytes(sweep: KernelSweep, arch: Architecture, s: Setting, t
     return rows * vocab * 4 * buffers
 
 
-def _gpu_chunk_rows(sweep: KernelSweep, arch: Architecture, s: Setting, shared: int) -> int:
-    """Rows per chunk under the chunked backend's rule (kernels/src/chunked_backend.plan_chunks),
-    restated here so planning needs no Triton: R = max(budget − fixed, cast) / per-row, at least 64,
-    at most N, fixed = (N + V)·H·a (a: the accumulators' bytes, ``_gpu_grad_bytes``) + 8·N·4,
-    cast = the gradients in the model dtype when a is wider, per row = 4·(student columns + teacher
-    columns)."""
-    return _gpu_chunk_rows_for(sweep, arch, s, shared, _gpu_grad_bytes(sweep, arch, s, shared))
-
-
-def _gpu_chunk_rows_for(sweep: KernelSweep, arch: Architecture, s: Setting, shared: int, grad_bytes: int) -> int:
+def _gpu_chunk_plan(sweep: KernelSweep, arch: Architecture, s: Setting, shared: int) -> Tuple[int, int, int]:
+    """(rows per chunk, accumulator bytes per element, cast bytes) under the chunked backend's rule
+    (kernels/src/chunked_backend.plan_chunks), restated here so planning needs no Triton:
+    R = max(budget − fixed, cast) / per-row, at least 64, at most N; fixed = (N + V)·H·a + 8·N·4;
+    cast = the gradients in the model dtype when a is wider; per row = 4·(student columns + teacher
+    columns). a is fp32 where fixed + max(R·per-row, cast) fits the budget (the budget is the call's
+    contract), else the model dtype's."""
     budget = int(s.chunk_budget_mb * 2**20)
-    fixed = (sweep.rows + _head_grad_rows(arch, s)) * arch.hidden * grad_bytes + 8 * sweep.rows * 4
-    row_bytes = _gpu_row_bytes(sweep, arch, shared)
-    fit = (budget - fixed) // row_bytes if budget > fixed else 0
-    cast = _cast_bytes(sweep, arch, s, grad_bytes)
-    return max(1, min(sweep.rows, max(64, fit, cast // row_bytes)))
+    grads = (sweep.rows + _head_grad_rows(arch, s)) * arch.hidden
+    row_bytes = 4 * ((arch.vocab if sweep.with_logps else shared) + shared * sweep.teachers)
+
+    def plan(grad_bytes: int) -> Tuple[int, int, int, int]:
+        fixed = grads * grad_bytes + 8 * sweep.rows * 4
+        cast = 0 if grad_bytes == s.dtype_bytes else grads * s.dtype_bytes
+        fit = (budget - fixed) // row_bytes if budget > fixed else 0
+        chunk = max(1, min(sweep.rows, max(64, fit, cast // row_bytes)))
+        return chunk, grad_bytes, cast, fixed + max(chunk * row_bytes, cast)
+
+    chunk, grad_bytes, cast, peak = plan(max(s.dtype_bytes, GPU_GRAD_ACCUMULATION_BYTES))
+    if grad_bytes != s.dtype_bytes and peak > budget:
+        chunk, grad_bytes, cast, _ = plan(s.dtype_bytes)
+    return chunk, grad_bytes, cast
 
 
-def _gpu_row_bytes(sweep: KernelSweep, arch: Architecture, shared: int) -> int:
-    return 4 * ((arch.vocab if sweep.with_logps else shared) + shared * sweep.teachers)
+def _gpu_chunk_rows(sweep: KernelSweep, arch: Architecture, s: Setting, shared: int) -> int:
+    return _gpu_chunk_plan(sweep, arch, s, shared)[0]
 
 
 def _gpu_grad_bytes(sweep: KernelSweep, arch: Architecture, s: Setting, shared: int) -> int:
-    """Bytes per element of the chunked backend's dW and dh accumulators: fp32 where the budget
-    holds them, their cast and the chunks (``plan_chunks``: the budget is the call's contract), else
-    the model dtype's."""
-    if s.dtype_bytes == GPU_GRAD_ACCUMULATION_BYTES:
-        return s.dtype_bytes
-    grad_bytes = GPU_GRAD_ACCUMULATION_BYTES
-    chunk = _gpu_chunk_rows_for(sweep, arch, s, shared, grad_bytes)
-    fixed = (sweep.rows + _head_grad_rows(arch, s)) * arch.hidden * grad_bytes + 8 * sweep.rows * 4
-    peak = fixed + max(chunk * _gpu_row_bytes(sweep, arch, shared), _cast_bytes(sweep, arch, s, grad_bytes))
-    return grad_bytes if peak <= int(s.chunk_budget_mb * 2**20) else s.dtype_bytes
+    """Bytes per element of the chunked backend's dW and dh accumulators (``_gpu_chunk_plan``)."""
+    return _gpu_chunk_plan(sweep, arch, s, shared)[1]
 
 
 def _head_grad_rows(arch: Architecture, s: Setting) -> int:
     return 0 if s.lora_rank else arch.vocab  # a frozen head (a LoRA student) gets no dW
-
-
-def _cast_bytes(sweep: KernelSweep, arch: Architecture, s: Setting, grad_bytes: int) -> int:
-    if s.dtype_bytes == grad_bytes:
-        return 0
-    return (sweep.rows + _head_grad_rows(arch, s)) * arch.hidden * s.dtype_bytes
-
-
-def _gpu_gradient_cast_bytes(sweep: KernelSweep, arch: Architecture, s: Setting, shared: int) -> int:
-    """dW and dh cast from fp32 accumulators to the model dtype at the end of a GPU call (nothing
-    when they are accumulated in the model dtype)."""
-    return _cast_bytes(sweep, arch, s, _gpu_grad_bytes(sweep, arch, s, shared))
 
 
 def kernel_gradient_bytes(sweep: KernelSweep, arch: Architecture, s: Setting,

@@ -54,13 +54,10 @@ if { [ "$stack" = latest ] && [ "${FASTDADPO_SET_UP:-}" != "$venv $want" ]; } ||
         || [ "$(cat "$stamp")" != "$want" ] || ! "$PYTHON" -c "import fastdadpo.kernels" >/dev/null 2>&1; then
     upgrade=()
     [ "$stack" = latest ] && upgrade=(--upgrade --upgrade-strategy eager)
+    # The stack's torch pin; a stack without one takes the lock's (latest: the newest release).
     torch_pin=torch
-    for file in ${constraints[@]+"${constraints[@]}"}; do
-        pin=$(grep -E '^torch==' "$file" || true)
-        [ -n "$pin" ] && torch_pin=$pin
-    done
-    if [ "$torch_pin" = torch ] && [ "$stack" != latest ]; then
-        torch_pin=torch==2.13.0   # no pin in the stack: the CPU build our machines carry
+    if [ "$stack" != latest ]; then
+        torch_pin=$(awk '/^torch==/ {print; exit}' ${constraints[@]+"${constraints[@]}"} "$root/requirements/lock-cpu.txt")
     fi
     echo "[setup] installing $torch_pin into $venv"
     pip_install ${upgrade[@]+"${upgrade[@]}"} ${constraint_args[@]+"${constraint_args[@]}"} "$torch_pin"

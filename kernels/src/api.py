@@ -147,8 +147,8 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
 
     ``chunk_budget_mb``: the memory (MiB) the chunked backend may take above its inputs, gradients
     included (default ``FASTDADPO_CHUNK_BUDGET_MB``, else 1400); it sizes the row chunks. Half-precision
-    heads get fp32 gradient accumulators: where they and their final cast do not fit the budget, a
-    call takes that much (``chunked_backend.plan_chunks``).
+    heads get fp32 gradient accumulators where they and their final cast fit the budget, else
+    accumulators in their own dtype (``chunked_backend.plan_chunks``).
     """
     _check_head("fused_linear_logprobs", hidden, weight)
     _check_temperature(temperature)

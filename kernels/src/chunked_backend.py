@@ -15,8 +15,8 @@ recomputes both models in backward: F·(4·Hs + 2·Ht).
 Precision: bf16/fp16 hidden states and heads go to cuBLAS as they are, logits come out in fp32
 (``out_dtype``), the row kernel computes in fp32, and the gradient is written in the inputs' dtype
 (it feeds the two gradient GEMMs, fp32-accumulated inside each). dh and dW are summed across
-chunks in fp32 buffers, which the GEMMs add into in their fp32 epilogue (``addmm(out_dtype=)``);
-autograd casts them to the inputs' dtype once. On CPU (the interpreter's tests) half inputs are
+chunks in fp32 buffers where the memory budget holds them, which the GEMMs add into in their fp32
+epilogue (``addmm(out_dtype=)``); autograd casts them to the inputs' dtype once. On CPU (the interpreter's tests) half inputs are
 upcast to fp32 first, unless ``CUDA_PRECISION_ON_CPU``.
 
 Why fp32 accumulation (``GRAD_ACCUMULATION``): bench/results/cpu-bf16-accumulation.md, this
