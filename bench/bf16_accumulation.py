@@ -77,17 +77,17 @@ def make_inputs(head_rows: int, seed: int = 0) -> dict:
 
 
 def _call(fn_case: str, t: dict, vocab: int, h, w, impl: str, **kwargs):
-    """(div or None, logp) of one case; the grad_weights hints are the upstream gradients, so the
-    gradients are formed in the forward sweep (the KD and CE default)."""
+    """(div or None, logp, loss) of one case, loss = Σ u·div + Σ u2·logp reduced in the call
+    (``weights=``: the gradients formed in the forward sweep, as KD and CE run)."""
     from fastdadpo.kernels import fused_linear_divergence, fused_linear_logprobs
 
     if fn_case == "logprobs":
-        return None, fused_linear_logprobs(h, w, t["targets"], impl=impl, grad_weights=t["upstream2"].float(),
-                                           **kwargs)
-    return fused_linear_divergence(h, w, t["teacher_hidden"].to(h.dtype), t["teacher_weight"].to(h.dtype),
-                                   kind="forward_kl", targets=t["targets"], vocab_size=vocab, impl=impl,
-                                   grad_weights=t["upstream"].float(), logp_grad_weights=t["upstream2"].float(),
-                                   **kwargs)
+        out = fused_linear_logprobs(h, w, t["targets"], impl=impl, weights=t["upstream2"].float(), **kwargs)
+        return None, out.values, out.loss
+    out = fused_linear_divergence(h, w, t["teacher_hidden"].to(h.dtype), t["teacher_weight"].to(h.dtype),
+                                  kind="forward_kl", targets=t["targets"], vocab_size=vocab, impl=impl,
+                                  weights=t["upstream"].float(), logp_weights=t["upstream2"].float(), **kwargs)
+    return out.values, out.logps, out.loss
 
 
 def _loss(div, logp, t):
@@ -122,7 +122,7 @@ def reference(fn_case: str, t: dict, vocab: int) -> dict:
 def force_chunk_rows(rows: int) -> None:
     """Chunks of exactly ``rows`` rows for every path alike: the budget rule gives fp32 accumulators
     chunks as large as their final cast (no peak added), the bf16 ones the floor of a tiny budget."""
-    from fastdadpo.kernels import chunked_backend, triton_rows
+    from fastdadpo.kernels import chunk_plan, chunked_backend, triton_rows
 
     rule = getattr(chunked_backend.plan_chunks, "rule", chunked_backend.plan_chunks)  # not a forced one
 
@@ -135,17 +135,17 @@ def force_chunk_rows(rows: int) -> None:
 
 
 def run_path(fn_case: str, t: dict, vocab: int, dtype: torch.dtype, accumulation: str) -> dict:
-    from fastdadpo.kernels import chunked_backend
+    from fastdadpo.kernels import chunk_plan, chunked_backend
 
-    default, chunked_backend.GRAD_ACCUMULATION = chunked_backend.GRAD_ACCUMULATION, accumulation
+    default, chunk_plan.GRAD_ACCUMULATION = chunk_plan.GRAD_ACCUMULATION, accumulation
     h = t["student_hidden"].to(dtype).clone().requires_grad_()
     w = t["student_weight"].to(dtype).clone().requires_grad_()
     started = time.perf_counter()
     try:
-        div, logp = _call(fn_case, t, vocab, h, w, "chunked")
-        _loss(div, logp, t).backward()
+        div, logp, loss = _call(fn_case, t, vocab, h, w, "chunked_triton")
+        loss.backward()
     finally:
-        chunked_backend.GRAD_ACCUMULATION = default
+        chunk_plan.GRAD_ACCUMULATION = default
     return dict(div=None if div is None else div.detach(), logp=logp.detach(), d_hidden=h.grad, d_weight=w.grad,
                 seconds=time.perf_counter() - started)
 
@@ -209,17 +209,17 @@ def memory_plans() -> list:
     ``plan_chunks`` picks (fp32 only where the budget holds it)."""
     import torch
 
-    from fastdadpo.kernels import chunked_backend
+    from fastdadpo.kernels import chunk_plan, chunked_backend
     from fastdadpo.kernels.sweep import SweepSpec
 
     rows = []
-    budget = chunked_backend.budget_bytes(chunked_backend.DEFAULT_CHUNK_BUDGET_MB)
+    budget = chunk_plan.budget_bytes(chunk_plan.DEFAULT_CHUNK_BUDGET_MB["cuda"])
     for shape in PLAN_SHAPES:
         spec = SweepSpec(kind=shape["kind"], vocab_size=0 if shape["kind"] == "none" else shape["vocab"],
                          with_logps=True)
         chosen = chunked_backend.plan_chunks(spec, 8192, shape["vocab"], shape["hidden"], budget).grad_dtype
         for accumulation, dtype in (("inputs", torch.bfloat16), ("float32", torch.float32)):
-            plan = chunked_backend._plan_for(spec, 8192, shape["vocab"], shape["hidden"], budget, torch.bfloat16,
+            plan = chunk_plan._plan_for(spec, 8192, shape["vocab"], shape["hidden"], budget, torch.bfloat16,
                                              torch.float32, False, dtype)
             rows.append(dict(shape, accumulation=accumulation, rows_per_chunk=plan.rows_per_chunk,
                              chunks=-(-8192 // plan.rows_per_chunk), peak_bytes=plan.peak_bytes,
@@ -228,7 +228,7 @@ def memory_plans() -> list:
 
 
 def measure() -> dict:
-    from fastdadpo.kernels import chunked_backend, triton_rows
+    from fastdadpo.kernels import chunk_plan, chunked_backend, triton_rows
 
     plans = memory_plans()
     chunked_backend.CUDA_PRECISION_ON_CPU = True
@@ -259,7 +259,7 @@ def measure() -> dict:
         del t
     return dict(command="python bench/bf16_accumulation.py --out bench/results", machine=machine(), rows=rows,
                 chunk_sweep=chunk_sweep(), memory_plans=plans, chunk_rows=CHUNK_ROWS, tokens=TOKENS,
-                hidden=HIDDEN, default_grad_accumulation=chunked_backend.GRAD_ACCUMULATION)
+                hidden=HIDDEN, default_grad_accumulation=chunk_plan.GRAD_ACCUMULATION)
 
 
 def _fmt(x, digits=2):
@@ -275,7 +275,7 @@ def markdown(data: dict) -> str:
         f"{data['chunk_rows']} (the last ragged), H = {data['hidden']} (student and teacher), bf16 hidden states "
         "and heads. Loss: mean forward KL(teacher‖student) − mean log p(target) (`forward_kl_with_targets`, "
         "one call returning both), or −mean log p alone (`logprobs`); every 7th target ignored; the weights "
-        "passed as the grad_weights hints (gradients formed in the forward sweep, as KD and CE run). The "
+        "reduced in the call (`weights=`: gradients formed in the forward sweep, as KD and CE run). The "
         "chunked backend as on CUDA (`CUDA_PRECISION_ON_CPU`): fp32 logits from the bf16 operands, the Triton "
         "row kernel (interpreted, 1,024-column tiles) writing the bf16 d(loss)/d(logits) over them, then "
         "dh = G·W and dW += Gᵀ·X per chunk into bf16 buffers (`GRAD_ACCUMULATION = \"inputs\"`: one rounding "

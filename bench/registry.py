@@ -172,8 +172,8 @@ def case_loss(case: Case, div: Optional[torch.Tensor], logp: Optional[torch.Tens
     raise ValueError(f"unknown case family {case.family!r}")
 
 
-def gradient_hints(case: Case, targets: torch.Tensor):
-    """(grad_weights, logp_grad_weights) for fastdadpo's hint: the weights w with loss = Σ w·out.
+def reduction_weights(case: Case, targets: torch.Tensor):
+    """(weights, logp_weights) of the case's loss = Σ w·out, fastdadpo's reduced call.
     None for DPO, whose gradient per token depends on the pair's margin (no fixed weighting)."""
     if case.family == "dpo":
         return None
@@ -182,27 +182,37 @@ def gradient_hints(case: Case, targets: torch.Tensor):
             "nll": (None, -mean)}[case.family]
 
 
-def fused_per_token(case: Case, t: Inputs, backend: str, hint: bool):
-    """fastdadpo's fused kernels: (divergence or advantage, target log-probs) per token."""
+def fused_per_token(case: Case, t: Inputs, backend: str, reduced: bool):
+    """fastdadpo's fused kernels: (divergence or advantage, target log-probs) per token, or, with
+    ``reduced`` where the case's loss is a weighted sum of them (every case but DPO), the kernels'
+    ``Reduced`` result, whose ``loss`` is the case's loss with its gradient formed in the sweep."""
     from fastdadpo.kernels import fused_linear_advantage, fused_linear_divergence, fused_linear_logprobs
 
-    hints = gradient_hints(case, t.targets) if hint else None
-    div_weights, logp_weights = hints or (None, None)
+    weights = reduction_weights(case, t.targets) if reduced else None
+    div_weights, logp_weights = weights or (None, None)
     if case.family == "divergence":
-        return fused_linear_divergence(t.student_hidden, t.student_weight, t.teacher_hidden, t.teacher_weight,
-                                       kind=case.kind, beta=case.jsd_beta, grad_weights=div_weights,
-                                       impl=backend), None
+        out = fused_linear_divergence(t.student_hidden, t.student_weight, t.teacher_hidden, t.teacher_weight,
+                                      kind=case.kind, beta=case.jsd_beta, weights=div_weights, impl=backend)
+        return out if weights else (out, None)
     if case.family == "kd":
         return fused_linear_divergence(t.student_hidden, t.student_weight, t.teacher_hidden, t.teacher_weight,
                                        kind=case.kind, beta=case.jsd_beta, targets=t.targets, ignore_index=IGNORE_INDEX,
-                                       grad_weights=div_weights, logp_grad_weights=logp_weights, impl=backend)
+                                       weights=div_weights, logp_weights=logp_weights, impl=backend)
     if case.family in ("nll", "dpo"):
-        return None, fused_linear_logprobs(t.student_hidden, t.student_weight, t.targets, ignore_index=IGNORE_INDEX,
-                                           grad_weights=logp_weights, impl=backend)
+        out = fused_linear_logprobs(t.student_hidden, t.student_weight, t.targets, ignore_index=IGNORE_INDEX,
+                                    weights=logp_weights, impl=backend)
+        return out if weights else (None, out)
     if case.family == "advantage":
-        return fused_linear_advantage(t.student_hidden, t.student_weight, t.teacher_hidden, t.teacher_weight,
-                                      t.ref_hidden, t.ref_weight, grad_weights=div_weights, impl=backend), None
+        out = fused_linear_advantage(t.student_hidden, t.student_weight, t.teacher_hidden, t.teacher_weight,
+                                     t.ref_hidden, t.ref_weight, weights=div_weights, impl=backend)
+        return out if weights else (out, None)
     raise ValueError(f"unknown case family {case.family!r}")
+
+
+def fused_loss(case: Case, t: Inputs, backend: str, reduced: bool) -> torch.Tensor:
+    """The case's loss from fastdadpo's kernels, reduced in the sweep or from per-token outputs."""
+    out = fused_per_token(case, t, backend, reduced)
+    return out.loss if hasattr(out, "loss") else case_loss(case, *out)
 
 
 def naive_per_token(case: Case, student_hidden, student_weight, targets, teacher_hidden=None, teacher_weight=None,
@@ -286,7 +296,7 @@ class Implementation:
 def fastdadpo_backend(device: torch.device) -> str:
     # Pinned, so that FASTDADPO_KERNEL_BACKEND in the environment cannot turn "ours" into the reference:
     # the default of fastdadpo.kernels on each device.
-    return "chunked" if device.type == "cuda" else "torch"
+    return "chunked"
 
 
 def cce_impl(device: torch.device) -> str:
@@ -295,7 +305,7 @@ def cce_impl(device: torch.device) -> str:
     return "cce" if device.type == "cuda" else "torch_compile"
 
 
-def _build_fastdadpo(hint: bool, pinned: Optional[str] = None, frozen_head: bool = False):
+def _build_fastdadpo(reduced: bool, pinned: Optional[str] = None, frozen_head: bool = False):
     def build(case: Case, t: Inputs, device: torch.device) -> LossFn:
         if pinned is not None and device.type != "cuda":
             import pytest
@@ -305,7 +315,7 @@ def _build_fastdadpo(hint: bool, pinned: Optional[str] = None, frozen_head: bool
         if frozen_head:  # a LoRA student's head: no weight gradient wanted (the kernels form no dW)
             t.student_weight.requires_grad_(False)
         backend = pinned or fastdadpo_backend(device)
-        return lambda: case_loss(case, *fused_per_token(case, t, backend, hint))
+        return lambda: fused_loss(case, t, backend, reduced)
 
     return build
 
@@ -352,19 +362,19 @@ def _build_cce(case: Case, t: Inputs, device: torch.device) -> LossFn:
 _ALL = frozenset({"divergence", "kd", "nll", "dpo", "advantage"})
 
 IMPLEMENTATIONS: Dict[str, Implementation] = {i.name: i for i in (
-    # "ours" = fastdadpo with the gradient hint where the loss allows one (not DPO).
-    Implementation("fastdadpo", "fastdadpo (grad_weights hint)", _ALL, _build_fastdadpo(hint=True), ours=True),
-    Implementation("fastdadpo-no-hint", "fastdadpo (no hint: recompute in backward)", _ALL - {"dpo"},
-                   _build_fastdadpo(hint=False), ours=True),
+    # "ours" = fastdadpo with its loss reduced in the sweep (weights=) where it is a weighted sum (not DPO).
+    Implementation("fastdadpo", "fastdadpo (weights=: gradient in the sweep)", _ALL, _build_fastdadpo(reduced=True), ours=True),
+    Implementation("fastdadpo-no-hint", "fastdadpo (per-row outputs: recompute in backward)", _ALL - {"dpo"},
+                   _build_fastdadpo(reduced=False), ours=True),
     # Both CUDA designs side by side (GPU sizes only): the chunked default and the tile-fused kernels.
-    Implementation("fastdadpo-chunked", "ours (chunked)", _ALL, _build_fastdadpo(hint=True, pinned="chunked"),
+    Implementation("fastdadpo-chunked", "ours (chunked)", _ALL, _build_fastdadpo(reduced=True, pinned="chunked"),
                    ours=True, backend="chunked"),
-    Implementation("fastdadpo-tile-fused", "ours (tile-fused)", _ALL, _build_fastdadpo(hint=True, pinned="triton"),
+    Implementation("fastdadpo-tile-fused", "ours (tile-fused)", _ALL, _build_fastdadpo(reduced=True, pinned="triton"),
                    ours=True, backend="triton"),
     # Not equal work: the student's head frozen (a LoRA student), so no weight gradient; beside
     # "fastdadpo" it shows what skipping the dW GEMM and its [V, H] buffer saves.
     Implementation("fastdadpo-frozen-head", "fastdadpo, frozen LM head (no dW)", frozenset({"kd", "nll"}),
-                   _build_fastdadpo(hint=True, frozen_head=True), ours=True),
+                   _build_fastdadpo(reduced=True, frozen_head=True), ours=True),
     Implementation("naive", "naive torch (materialized logits)", _ALL, _build_naive),
     Implementation("naive-compiled", "torch.compile(naive)", _ALL, _build_naive_compiled, compiles=True),
     Implementation("liger", "Liger-Kernel chunked loss", frozenset({"divergence", "kd", "dpo"}), _build_liger,

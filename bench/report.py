@@ -124,12 +124,12 @@ def _ours_plan(shape: Shape, kind: str, with_logps: bool):
     try:
         import torch
 
-        from fastdadpo.kernels import chunked_backend
+        from fastdadpo.kernels import chunk_plan, chunked_backend
         from fastdadpo.kernels.sweep import SweepSpec
     except ImportError:
         return None
     spec = SweepSpec(kind=kind, vocab_size=shape.v if kind != "none" else 0, with_logps=with_logps)
-    return chunked_backend.plan_chunks(spec, shape.n, shape.v, shape.hs, chunked_backend.budget_bytes(None),
+    return chunk_plan.plan_chunks(spec, shape.n, shape.v, shape.hs, chunk_plan.budget_bytes(None),
                                        input_dtype=torch.bfloat16 if shape.elem == 2 else torch.float32)
 
 

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from .errors import ConfigError
+from .kernels import BACKENDS, KernelSettings
 from .objectives import DEFAULT_OBJECTIVE, OBJECTIVES, Objective, ParameterError
 
 PROMPT_SHARE = 0.5  # data.max_prompt_length when unset: this share of data.max_length (TRL's 1024/512 ratio)
@@ -176,12 +177,35 @@ class DeepSpeedSection:
 
 
 @dataclass
+class KernelsSection:
+    """``kernels:``: the fused kernels' backend and memory budget, passed to every kernel call the
+    trainer makes (the objectives' and the cached log-probs'). Unset: the environment
+    (``FASTDADPO_KERNEL_BACKEND``, ``FASTDADPO_CHUNK_BUDGET_MB``), else the kernels' defaults."""
+
+    # chunked (the default: budgeted row chunks, the row sweep Triton on CUDA and torch elsewhere),
+    # chunked_triton, torch, triton (the tile-fused kernels) or naive (materialized logits: a reference)
+    backend: Optional[str] = None
+    # MiB one kernel call may take above its inputs, gradients included; default 1400 on CUDA, 160 on CPU
+    chunk_budget_mb: Optional[float] = None
+
+    def validate(self, fail) -> None:
+        if self.backend is not None and self.backend not in BACKENDS:
+            fail("kernels.backend", f"is {self.backend!r}; choose one of {', '.join(BACKENDS)} (or leave it unset)")
+        if self.chunk_budget_mb is not None and not self.chunk_budget_mb > 0:
+            fail("kernels.chunk_budget_mb", f"must be > 0 MiB, got {self.chunk_budget_mb}")
+
+    def settings(self) -> KernelSettings:
+        return KernelSettings(backend=self.backend, chunk_budget_mb=self.chunk_budget_mb)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objective: Objective = field(default_factory=OBJECTIVES[DEFAULT_OBJECTIVE])
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    kernels: KernelsSection = field(default_factory=KernelsSection)
     source: str = field(default="<defaults>", compare=False)
 
     def to_dict(self) -> dict:
@@ -195,7 +219,7 @@ class Config:
 
 
 SECTIONS = {name: hint for name, hint in typing.get_type_hints(Config).items() if name not in ("source", "objective")}
-SECTION_NAMES = ("model", "data", "objective", "train", "deepspeed")
+SECTION_NAMES = ("model", "data", "objective", "train", "deepspeed", "kernels")
 
 
 # --- loading -----------------------------------------------------------------------------------------------
@@ -421,3 +445,4 @@ def validate(config: Config, where: Optional[_Where] = None) -> None:
     config.data.validate(where.fail)
     config.train.validate(where.fail)
     config.deepspeed.validate(where.fail, where("deepspeed.extra"))
+    config.kernels.validate(where.fail)

@@ -29,12 +29,12 @@ import torch
 
 from . import chat
 from .errors import ConfigError, DataError
+from .kernels import IGNORE_INDEX
 from .checkpoint import write_file_atomic
 from .models import padded
 
 RESPONSE_FIELDS = ("chosen", "rejected")
 KNOWN_FIELDS = ("prompt", *RESPONSE_FIELDS, "answer")
-IGNORE_INDEX = -100
 _CACHE_FORMAT = 2  # bump when the cached layout or the tokenization policy changes
 
 

@@ -31,14 +31,13 @@ from typing import TYPE_CHECKING, ClassVar, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from fastdadpo.kernels import (DIVERGENCE_KINDS, fused_linear_advantage, fused_linear_divergence,
-                               fused_linear_logprobs)
+from fastdadpo.kernels import (DIVERGENCE_KINDS, IGNORE_INDEX, KernelSettings, fused_linear_advantage,
+                               fused_linear_divergence, fused_linear_logprobs)
 
 if TYPE_CHECKING:
     from .data import Batch
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
-IGNORE_INDEX = -100
 
 # Sources of the defaults. Zephyr = Tunstall et al. 2023 (dSFT, dDPO); ADPA = Gao, Wan et al.,
 # ICLR 2025 (arXiv 2502.17927): its paper, and its authors' released training scripts (DCKD and ADPA
@@ -182,6 +181,12 @@ class StepInputs:
     teacher_reference: Optional[Head] = None
     reference_logps: Optional[torch.Tensor] = None  # [S] cached Σ log π_ref per sequence
     teacher_logps: Optional[torch.Tensor] = None  # [S] cached Σ log π_te per sequence
+    kernels: KernelSettings = field(default_factory=KernelSettings)  # the config's kernels: section
+
+    def student_options(self) -> dict:
+        """The kernels' keyword arguments every call on the student takes: its logit map, the backend
+        and the chunk budget."""
+        return {**self.student.logit_options(), **self.kernels.call_options()}
 
 
 @dataclass
@@ -274,13 +279,15 @@ class _DivergenceTerm(Objective):
         _check(self.kind == "jsd" or self.jsd_beta == 0.5, "jsd_beta", f"applies to kind jsd only, not {self.kind!r}")
         _positive(self, "temperature")
 
-    def _divergence(self, inputs: StepInputs, mask, targets, grad_weights, logp_grad_weights=None):
-        """(per-token divergence, student token log-probs of ``targets``) from one sweep."""
+    def _divergence(self, inputs: StepInputs, mask, targets, weights, logp_weights=None):
+        """One sweep: ``Reduced(loss = Σ weights·D + Σ logp_weights·log π_θ(target), values = the
+        per-token divergence, logps = the student's token log-probs of ``targets``)``; the log-probs
+        stay per row and differentiable without ``logp_weights``."""
         return fused_linear_divergence(
             inputs.student.hidden, inputs.student.weight, inputs.teacher.hidden, inputs.teacher.weight,
             kind=self.kind, beta=self.jsd_beta, temperature=self.temperature, mask=mask, targets=targets,
-            vocab_size=inputs.vocab_size, grad_weights=grad_weights, logp_grad_weights=logp_grad_weights,
-            **inputs.student.logit_options(), **inputs.teacher.logit_options("teacher_"))
+            vocab_size=inputs.vocab_size, weights=weights, logp_weights=logp_weights,
+            **inputs.student_options(), **inputs.teacher.logit_options("teacher_"))
 
 
 @dataclass(frozen=True)
@@ -295,10 +302,9 @@ class SFT(Objective):
         batch = inputs.batch
         chosen = batch.chosen_rows()
         weights = _weights(chosen, -1.0 / inputs.normalizers.chosen_tokens)
-        logps = fused_linear_logprobs(inputs.student.hidden, inputs.student.weight,
-                                      torch.where(chosen, batch.targets, IGNORE_INDEX), grad_weights=weights,
-                                      **inputs.student.logit_options())
-        loss = (logps * weights).sum()
+        loss, logps, _ = fused_linear_logprobs(inputs.student.hidden, inputs.student.weight,
+                                               torch.where(chosen, batch.targets, IGNORE_INDEX), weights=weights,
+                                               **inputs.student_options())
         return ObjectiveOutput(loss, {"loss": loss.detach(), "logps/chosen": _chosen_logps_metric(inputs, logps)})
 
 
@@ -321,11 +327,10 @@ class KD(_DivergenceTerm):
         chosen = batch.chosen_rows()
         div_weights = _weights(chosen, 1.0 / norm.chosen_tokens)
         logp_weights = _weights(chosen, -self.ce_weight / norm.chosen_tokens)
-        div, logps = self._divergence(inputs, chosen, torch.where(chosen, batch.targets, IGNORE_INDEX), div_weights,
-                                      logp_weights)
+        loss, div, logps = self._divergence(inputs, chosen, torch.where(chosen, batch.targets, IGNORE_INDEX),
+                                            div_weights, logp_weights)
         divergence = (div * div_weights).sum()
         cross_entropy = -(logps * _weights(chosen, 1.0 / norm.chosen_tokens)).sum()
-        loss = divergence + self.ce_weight * cross_entropy
         return ObjectiveOutput(loss, {"loss": loss.detach(), "kd/divergence": divergence.detach(),
                                       "sft/ce": cross_entropy.detach(),
                                       "logps/chosen": _chosen_logps_metric(inputs, logps)})
@@ -353,7 +358,7 @@ class _Preference(Objective):
     def _token_terms(self, inputs: StepInputs):
         """Token log-probs, plus any token-level loss term and its metrics from the same sweep."""
         logps = fused_linear_logprobs(inputs.student.hidden, inputs.student.weight, inputs.batch.targets,
-                                      **inputs.student.logit_options())
+                                      **inputs.student_options())
         return logps, None, {}
 
     def __call__(self, inputs: StepInputs) -> ObjectiveOutput:
@@ -443,8 +448,7 @@ class DaDPOToken(DPO, _DivergenceTerm):
     def _token_terms(self, inputs: StepInputs):
         responses = inputs.batch.response_rows()
         token_mean = _weights(responses, 1.0 / inputs.normalizers.response_tokens)
-        div, logps = self._divergence(inputs, responses, inputs.batch.targets, token_mean)
-        divergence = (div * token_mean).sum()
+        divergence, _, logps = self._divergence(inputs, responses, inputs.batch.targets, token_mean)
         return logps, self.alpha * divergence, {"kd/divergence": divergence.detach()}
 
 
@@ -473,12 +477,11 @@ class DCKD(_DivergenceTerm):
         div_weights = (_weights(chosen, self.lambda_chosen / norm.chosen_tokens)
                        + _weights(rejected, self.lambda_rejected * per_rejected))
         ce_weights = _weights(chosen, -1.0 / norm.chosen_tokens)
-        div, logps = self._divergence(inputs, chosen | rejected, torch.where(chosen, batch.targets, IGNORE_INDEX),
-                                      div_weights, ce_weights)
+        loss, div, logps = self._divergence(inputs, chosen | rejected,
+                                            torch.where(chosen, batch.targets, IGNORE_INDEX), div_weights, ce_weights)
         sft = (logps * ce_weights).sum()
         kl_chosen = (div * _weights(chosen, 1.0 / norm.chosen_tokens)).sum()
         kl_rejected = (div * _weights(rejected, per_rejected)).sum()
-        loss = sft + self.lambda_chosen * kl_chosen + self.lambda_rejected * kl_rejected
         pooled = (kl_chosen * norm.chosen_tokens + kl_rejected * norm.rejected_tokens) / norm.response_tokens
         return ObjectiveOutput(loss, {"loss": loss.detach(), "sft/ce": sft.detach(), "kd/divergence": pooled.detach(),
                                       "kd/divergence_chosen": kl_chosen.detach(),
@@ -514,18 +517,17 @@ class ADPA(Objective):
         chosen, rejected = batch.chosen_rows(), batch.rejected_rows()
         per_rejected = 1.0 / max(norm.rejected_tokens, 1.0)
         ce_weights = _weights(chosen, -1.0 / norm.chosen_tokens)
-        logps = fused_linear_logprobs(inputs.student.hidden, inputs.student.weight,
-                                      torch.where(chosen, batch.targets, IGNORE_INDEX), grad_weights=ce_weights,
-                                      **inputs.student.logit_options())
-        advantage = fused_linear_advantage(
+        sft, logps, _ = fused_linear_logprobs(inputs.student.hidden, inputs.student.weight,
+                                              torch.where(chosen, batch.targets, IGNORE_INDEX), weights=ce_weights,
+                                              **inputs.student_options())
+        advantage_term, advantage, _ = fused_linear_advantage(
             inputs.student.hidden, inputs.student.weight, inputs.teacher.hidden, inputs.teacher.weight,
             inputs.teacher_reference.hidden, inputs.teacher_reference.weight, temperature=self.temperature,
-            mask=rejected, vocab_size=inputs.vocab_size, grad_weights=_weights(rejected, -self.gamma * per_rejected),
-            **inputs.student.logit_options(), **inputs.teacher.logit_options("teacher_"),
+            mask=rejected, vocab_size=inputs.vocab_size, weights=_weights(rejected, -self.gamma * per_rejected),
+            **inputs.student_options(), **inputs.teacher.logit_options("teacher_"),
             **inputs.teacher_reference.logit_options("ref_"))
-        sft = (logps * ce_weights).sum()
         mean_advantage = (advantage * _weights(rejected, per_rejected)).sum()
-        loss = sft - self.gamma * mean_advantage
+        loss = sft + advantage_term
         return ObjectiveOutput(loss, {"loss": loss.detach(), "sft/ce": sft.detach(),
                                       "adpa/advantage": mean_advantage.detach(),
                                       "logps/chosen": _chosen_logps_metric(inputs, logps)})

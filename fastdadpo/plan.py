@@ -29,7 +29,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+import torch
+
 from .errors import ConfigError
+from .kernels.chunk_plan import ChunkPlan, budget_bytes, plan_chunks
+from .kernels.sweep import SweepSpec
 
 GIB = 2**30
 PLAN_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plan_data")
@@ -39,11 +43,6 @@ DS_REDUCE_BUCKET = 500_000_000  # reduce_bucket_size, elements
 DS_PREFETCH_BUCKET = 50_000_000  # stage3_prefetch_bucket_size, elements
 DS_MAX_LIVE = 1_000_000_000  # stage3_max_live_parameters, elements
 DS_PERSISTENCE = 100_000  # stage3_param_persistence_threshold, elements: smaller parameters stay gathered
-# The chunked kernels' default budget on CUDA (kernels/src/chunked_backend.py), MiB.
-GPU_CHUNK_BUDGET_MB = 1400.0
-# Bytes per element of the chunked kernels' dW and dh accumulators on CUDA where the budget holds
-# them (kernels/src/chunked_backend.py, GRAD_ACCUMULATION = "float32"); else the model dtype's.
-GPU_GRAD_ACCUMULATION_BYTES = 4
 # The largest micro-batch the search tries.
 MAX_MICRO_BATCH = 4096
 # Architectures Liger's RMSNorm/SwiGLU patches apply to (model.liger_kernels auto, on CUDA).
@@ -219,7 +218,7 @@ class Setting:
     prefetch_bucket: int = DS_PREFETCH_BUCKET
     max_live: int = DS_MAX_LIVE
     persistence_threshold: int = DS_PERSISTENCE
-    chunk_budget_mb: float = GPU_CHUNK_BUDGET_MB
+    chunk_budget_mb: Optional[float] = None  # kernels.chunk_budget_mb; None: the kernels' default for the device
     lora_rank: int = 0  # model.lora.r; 0: every parameter is trained
     lora_targets: Tuple[str, ...] = ()
     lora_dropout: float = 0.0
@@ -450,62 +449,33 @@ def kernel_sweeps(objective, s: Setting) -> List[KernelSweep]:
 
 
 def kernel_workspace_bytes(sweep: KernelSweep, arch: Architecture, s: Setting, teacher_vocab: int) -> int:
-    """The row-chunk buffers of one call, by the kernels' own chunk-size rule. GPU (the chunked
-    backend): ``plan_chunks`` with its 1400 MiB budget, whose row buffers are fp32 logits of the
-    student (V) and of each teacher (the shared vocabulary), or, at the end, the fp32 gradients
-    cast to the model dtype if that is more; the dW and dh accumulators it also counts are the
-    ``kernel_gradient_bytes`` term, so they are taken out here. CPU (chunked torch): R = 32 MiB
-    / (V·4) rows, and fp32 R x V buffers: the student's logits and a work buffer, plus a copy for
-    the log-probs when there is also a divergence, the teacher's logits (and the reference
-    teacher's), a second work buffer for JSD."""
-    vocab = arch.vocab
-    shared = min(vocab, teacher_vocab) if sweep.teachers else 0
-    if s.on_gpu:
-        spec_cols = (vocab if sweep.with_logps else shared) + shared * sweep.teachers
-        chunk, _, cast = _gpu_chunk_plan(sweep, arch, s, shared)
-        # At the end the chunk buffers are gone and the gradients' cast takes their place.
-        return max(chunk * spec_cols * 4, cast) + 8 * sweep.rows * 4
-    from .kernels.torch_chunked import chunk_rows
-    import torch
-
-    rows = chunk_rows(vocab, torch.float32, sweep.rows)
-    buffers = 2  # the student's logits, work
-    if sweep.teachers:
-        buffers += sweep.teachers + (1 if sweep.with_logps else 0) + (1 if sweep.jsd else 0)
-    return rows * vocab * 4 * buffers
+    """The row-chunk buffers of one call, by the kernels' own rule (``chunk_plan.plan_chunks``, the
+    budgeted row-chunk algorithm on every device: the Triton row sweep on GPU, torch's on CPU): the
+    fp32 logit chunks of the student (V) and of each teacher (the shared vocabulary), the torch row
+    sweep's scratch, or, at the end, the fp32 gradients cast to the model dtype if that is more; plus
+    the per-row vectors. The dW and dh accumulators the rule also counts are the
+    ``kernel_gradient_bytes`` term, so they are taken out here."""
+    plan = _chunk_plan(sweep, arch, s, min(arch.vocab, teacher_vocab) if sweep.teachers else 0)
+    # At the end the chunk buffers are gone and the gradients' cast takes their place.
+    return max(plan.rows_per_chunk * plan.row_bytes, plan.cast_bytes) + 8 * sweep.rows * 4
 
 
-def _gpu_chunk_plan(sweep: KernelSweep, arch: Architecture, s: Setting, shared: int) -> Tuple[int, int, int]:
-    """(rows per chunk, accumulator bytes per element, cast bytes) under the chunked backend's rule
-    (kernels/src/chunked_backend.plan_chunks), restated here so planning needs no Triton:
-    R = max(budget − fixed, cast) / per-row, at least 64, at most N; fixed = (N + V)·H·a + 8·N·4;
-    cast = the gradients in the model dtype when a is wider; per row = 4·(student columns + teacher
-    columns). a is fp32 where fixed + max(R·per-row, cast) fits the budget (the budget is the call's
-    contract), else the model dtype's."""
-    budget = int(s.chunk_budget_mb * 2**20)
-    grads = (sweep.rows + _head_grad_rows(arch, s)) * arch.hidden
-    row_bytes = 4 * ((arch.vocab if sweep.with_logps else shared) + shared * sweep.teachers)
-
-    def plan(grad_bytes: int) -> Tuple[int, int, int, int]:
-        fixed = grads * grad_bytes + 8 * sweep.rows * 4
-        cast = 0 if grad_bytes == s.dtype_bytes else grads * s.dtype_bytes
-        fit = (budget - fixed) // row_bytes if budget > fixed else 0
-        chunk = max(1, min(sweep.rows, max(64, fit, cast // row_bytes)))
-        return chunk, grad_bytes, cast, fixed + max(chunk * row_bytes, cast)
-
-    chunk, grad_bytes, cast, peak = plan(max(s.dtype_bytes, GPU_GRAD_ACCUMULATION_BYTES))
-    if grad_bytes != s.dtype_bytes and peak > budget:
-        chunk, grad_bytes, cast, _ = plan(s.dtype_bytes)
-    return chunk, grad_bytes, cast
+def _chunk_plan(sweep: KernelSweep, arch: Architecture, s: Setting, shared: int) -> ChunkPlan:
+    """The kernels' plan for one call of ``sweep`` (at temperature 1, a divergence over the
+    teacher's vocabulary)."""
+    kind = "none" if not sweep.teachers else "advantage" if sweep.teachers == 2 else "jsd" if sweep.jsd else "forward_kl"
+    spec = SweepSpec(kind=kind, vocab_size=shared, with_logps=sweep.with_logps,
+                     weight_grad=_head_grad_rows(arch, s) > 0)
+    # The GPU computes in the model dtype; the CPU upcasts half inputs to fp32.
+    dtype = torch.float32 if s.dtype_bytes == 4 or not s.on_gpu else torch.bfloat16
+    device = torch.device("cuda" if s.on_gpu else "cpu")
+    return plan_chunks(spec, sweep.rows, arch.vocab, arch.hidden, budget_bytes(s.chunk_budget_mb, device),
+                       input_dtype=dtype, row_sweep="triton" if s.on_gpu else "torch")
 
 
-def _gpu_chunk_rows(sweep: KernelSweep, arch: Architecture, s: Setting, shared: int) -> int:
-    return _gpu_chunk_plan(sweep, arch, s, shared)[0]
-
-
-def _gpu_grad_bytes(sweep: KernelSweep, arch: Architecture, s: Setting, shared: int) -> int:
-    """Bytes per element of the chunked backend's dW and dh accumulators (``_gpu_chunk_plan``)."""
-    return _gpu_chunk_plan(sweep, arch, s, shared)[1]
+def _grad_bytes(sweep: KernelSweep, arch: Architecture, s: Setting, shared: int) -> int:
+    """Bytes per element of the kernels' dW and dh accumulators (``_chunk_plan``)."""
+    return torch.finfo(_chunk_plan(sweep, arch, s, shared).grad_dtype).bits // 8
 
 
 def _head_grad_rows(arch: Architecture, s: Setting) -> int:
@@ -515,13 +485,13 @@ def _head_grad_rows(arch: Architecture, s: Setting) -> int:
 def kernel_gradient_bytes(sweep: KernelSweep, arch: Architecture, s: Setting,
                           teacher_vocab: Optional[int] = None) -> int:
     """The gradients a call forms for the student's inputs: dW [V, H] and dh [N, H], accumulated in
-    fp32 by the torch backend (it computes in fp32) and by the chunked backend where its budget holds
-    fp32 accumulators (``_gpu_grad_bytes``), else in the model dtype; plus the compacted copy of the
+    fp32 where the kernels' budget holds fp32 accumulators (always on CPU, which computes in fp32;
+    ``_grad_bytes``), else in the model dtype; plus the compacted copy of the
     student's hidden rows the call keeps for backward (N·H·b). A frozen head (a LoRA student) gets
     no dW: the kernels skip it. The GPU's final cast to the model dtype is in
     ``kernel_workspace_bytes``. ``teacher_vocab``: the teachers' vocabulary (default: the student's)."""
     shared = min(arch.vocab, arch.vocab if teacher_vocab is None else teacher_vocab) if sweep.teachers else 0
-    grad_bytes = _gpu_grad_bytes(sweep, arch, s, shared) if s.on_gpu else 4
+    grad_bytes = _grad_bytes(sweep, arch, s, shared)
     return ((_head_grad_rows(arch, s) + sweep.rows) * arch.hidden * grad_bytes
             + sweep.rows * arch.hidden * s.dtype_bytes)
 
@@ -713,7 +683,7 @@ def setting_from_config(config, *, ranks: int, device: str, micro_batch: Optiona
         max_live=int(zero.get("stage3_max_live_parameters", zero.get("max_live_parameters", DS_MAX_LIVE))),
         persistence_threshold=int(zero.get("stage3_param_persistence_threshold",
                                            zero.get("param_persistence_threshold", DS_PERSISTENCE))),
-        chunk_budget_mb=float(os.environ.get("FASTDADPO_CHUNK_BUDGET_MB") or GPU_CHUNK_BUDGET_MB))
+        chunk_budget_mb=config.kernels.chunk_budget_mb)
     lora = getattr(config.model, "lora", None)
     if lora is not None:
         values.update(lora_rank=int(lora.r), lora_targets=tuple(lora.target_modules), lora_dropout=float(lora.dropout))

@@ -170,13 +170,13 @@ def training_tables(config, engine, splits: dict, collate: Callable, dist, dtype
                 nonlocal frozen
                 log.info(f"computing {name} log-probs of {split} ({len(examples)} examples), cached for later runs")
                 if name == "reference" and not config.model.reference:
-                    token_logps = _student_token_logps(engine)  # π_ref = the starting student, before any update
+                    token_logps = _student_token_logps(engine, config.kernels.settings())  # π_ref = the starting student, before any update
                 else:
                     if frozen is None:
                         frozen = build_frozen(path, key=f"model.{name}", dtype=dtype, device=dist.device,
                                               offload=config.deepspeed.teacher_offload, extra=config.deepspeed.extra,
                                               liger_kernels=config.model.liger_kernels)
-                    token_logps = _frozen_token_logps(frozen)
+                    token_logps = _frozen_token_logps(frozen, config.kernels.settings())
                 return sequence_logps_table(
                     token_logps, examples, collate=collate, micro_batch_size=config.train.micro_batch_size,
                     rank=dist.rank, world_size=dist.world_size, gather=distributed.all_gather_object, device=dist.device)
@@ -188,8 +188,9 @@ def training_tables(config, engine, splits: dict, collate: Callable, dist, dtype
     return tables
 
 
-def _student_token_logps(engine):
-    logit_options = models.head_logit_options(engine.module.model.config, "model.student")
+def _student_token_logps(engine, kernels):
+    logit_options = {**models.head_logit_options(engine.module.model.config, "model.student"),
+                     **kernels.call_options()}
 
     def token_logps(batch):
         engine.eval()
@@ -199,10 +200,10 @@ def _student_token_logps(engine):
     return token_logps
 
 
-def _frozen_token_logps(frozen):
+def _frozen_token_logps(frozen, kernels):
     def token_logps(batch):
         hidden = frozen.hidden(batch.input_ids, batch.attention_mask, batch.position_ids)
         return fused_linear_logprobs(hidden, frozen.head, batch.targets, softcap=frozen.softcap,
-                                     logit_scale=frozen.logit_scale)
+                                     logit_scale=frozen.logit_scale, **kernels.call_options())
 
     return token_logps

@@ -104,6 +104,7 @@ class Trainer:
             liger_kernels=config.model.liger_kernels)
         # Its soft cap and logit scale, for every kernel call on its head.
         self.student_logits = models.head_logit_options(self.student_model.config, "model.student")
+        self.kernel_settings = config.kernels.settings()  # the kernels: section, for every kernel call
         t = config.train
         if config.model.lora is not None:
             adapted = models.add_lora(self.student_model, config.model.lora)
@@ -225,7 +226,8 @@ class Trainer:
                 student=Head(hidden, head_weight, **self.student_logits), batch=batch, normalizers=normalizers, vocab_size=self.vocab_size,
                 teacher=teacher, teacher_reference=teacher_reference,
                 reference_logps=batch.per_sequence(self.cached.get(("reference", split))),
-                teacher_logps=batch.per_sequence(self.cached.get(("teacher", split)))))
+                teacher_logps=batch.per_sequence(self.cached.get(("teacher", split))),
+                kernels=self.kernel_settings))
             return output.loss, output.metrics
 
         return self.engine(batch.input_ids, batch.attention_mask, batch.position_ids, compute)

@@ -15,7 +15,7 @@ import torch
 
 from kernel_grads import run_with_grads
 
-from fastdadpo.kernels import (chunked_backend, fused_linear_advantage, fused_linear_divergence,
+from fastdadpo.kernels import (chunk_plan, chunked_backend, fused_linear_advantage, fused_linear_divergence,
                                fused_linear_logprobs, naive_linear_advantage, naive_linear_divergence,
                                naive_linear_logprobs, row_chunks, triton_rows)
 from fastdadpo.kernels.sweep import SweepSpec
@@ -95,7 +95,7 @@ def test_bf16_at_128k_vocab_in_21_chunks(monkeypatch):
 
     def fused(h, w):
         return fused_linear_divergence(h, w, t["teacher_hidden"], t["teacher_weight"], targets=targets,
-                                       impl="chunked", grad_weights=mean.float(), logp_grad_weights=-mean.float())
+                                       impl="chunked_triton", weights=mean.float(), logp_weights=-mean.float())
 
     leaves = [t["student_hidden"], t["student_weight"]]
     ref_outs, (ref_dh, ref_dw) = run_with_grads(
@@ -105,7 +105,7 @@ def test_bf16_at_128k_vocab_in_21_chunks(monkeypatch):
     untargeted[targets[targets >= 0]] = False
     dw_untargeted = {}
     for accumulation in ("float32", "inputs"):
-        monkeypatch.setattr(chunked_backend, "GRAD_ACCUMULATION", accumulation)
+        monkeypatch.setattr(chunk_plan, "GRAD_ACCUMULATION", accumulation)
         outs, (dh, dw) = run_with_grads(fused, leaves, upstreams, torch.bfloat16)
         for a, b in zip(outs, ref_outs):
             torch.testing.assert_close(a.double(), b.detach(), atol=2e-5, rtol=0)
@@ -133,9 +133,9 @@ def test_divergence_bf16_padded_heads(kind, hint, small_chunks):
     t = _bf16_inputs(1, n=45, hs=24, ht=40, vs=131, vt=139)
     kwargs = dict(kind=kind, beta=0.3, temperature=1.7, mask=t["mask"], vocab_size=127, targets=t["targets"],
                   logp_temperature=0.8)
-    hints = dict(grad_weights=t["upstream"].float(), logp_grad_weights=t["upstream2"].float()) if hint else {}
+    hints = dict(weights=t["upstream"].float(), logp_weights=t["upstream2"].float()) if hint else {}
     teacher = (t["teacher_hidden"], t["teacher_weight"])
-    outs = _check(lambda h, w: fused_linear_divergence(h, w, *teacher, impl="chunked", **kwargs, **hints),
+    outs = _check(lambda h, w: fused_linear_divergence(h, w, *teacher, impl="chunked_triton", **kwargs, **hints),
                   lambda h, w: naive_linear_divergence(h, w, *(x.double() for x in teacher), **kwargs),
                   [t["student_hidden"], t["student_weight"]], [t["upstream"], t["upstream2"]])
     assert torch.all(outs[0][~t["mask"]] == 0) and torch.all(outs[1][t["targets"] == -100] == 0)
@@ -144,7 +144,7 @@ def test_divergence_bf16_padded_heads(kind, hint, small_chunks):
 def test_logprobs_bf16_with_bias(small_chunks):
     t = _bf16_inputs(2, n=40, hs=24, ht=8, vs=101, vt=101)
     kwargs = dict(temperature=1.3)
-    _check(lambda h, w, b: fused_linear_logprobs(h, w, t["targets"], bias=b, impl="chunked", **kwargs),
+    _check(lambda h, w, b: fused_linear_logprobs(h, w, t["targets"], bias=b, impl="chunked_triton", **kwargs),
            lambda h, w, b: naive_linear_logprobs(h, w, t["targets"], bias=b, **kwargs),
            [t["student_hidden"], t["student_weight"], t["bias"]], [t["upstream"]])
 
@@ -153,7 +153,7 @@ def test_advantage_bf16(small_chunks):
     t = _bf16_inputs(3, n=30, hs=16, ht=24, vs=53, vt=59)
     kwargs = dict(temperature=0.7, mask=t["mask"], vocab_size=53)
     frozen = [t[k] for k in ("teacher_hidden", "teacher_weight", "ref_hidden", "ref_weight")]
-    _check(lambda h, w: fused_linear_advantage(h, w, *frozen, impl="chunked", grad_weights=t["upstream"].float(),
+    _check(lambda h, w: fused_linear_advantage(h, w, *frozen, impl="chunked_triton", weights=t["upstream"].float(),
                                                **kwargs),
            lambda h, w: naive_linear_advantage(h, w, *(x.double() for x in frozen), **kwargs),
            [t["student_hidden"], t["student_weight"]], [t["upstream"]])
@@ -181,19 +181,19 @@ def _spy_gradient_dtypes(monkeypatch):
 ])
 def test_switches_select_the_path(switch, accumulation, expected, monkeypatch):
     monkeypatch.setattr(chunked_backend, "CUDA_PRECISION_ON_CPU", switch)
-    monkeypatch.setattr(chunked_backend, "GRAD_ACCUMULATION", accumulation)
+    monkeypatch.setattr(chunk_plan, "GRAD_ACCUMULATION", accumulation)
     seen = _spy_gradient_dtypes(monkeypatch)
     t = _bf16_inputs(4, n=9, hs=8, ht=8, vs=33, vt=33)
     h, w = t["student_hidden"].clone().requires_grad_(), t["student_weight"].clone().requires_grad_()
-    fused_linear_logprobs(h, w, t["targets"], impl="chunked").sum().backward()
+    fused_linear_logprobs(h, w, t["targets"], impl="chunked_triton").sum().backward()
     assert seen and set(seen) == {expected}
     assert h.grad.dtype == w.grad.dtype == torch.bfloat16
 
 
 def test_unknown_accumulation_is_refused(monkeypatch):
-    monkeypatch.setattr(chunked_backend, "GRAD_ACCUMULATION", "bf16")
+    monkeypatch.setattr(chunk_plan, "GRAD_ACCUMULATION", "bf16")
     with pytest.raises(ValueError, match="GRAD_ACCUMULATION"):
-        chunked_backend.grad_accumulation_dtype(torch.bfloat16)
+        chunk_plan.grad_accumulation_dtype(torch.bfloat16)
 
 
 def test_mixed_gemms_on_cpu_compute_in_fp32():
@@ -214,16 +214,15 @@ def test_mixed_gemms_on_cpu_compute_in_fp32():
     assert (torch.ones(300, 6).bfloat16().addmm_(weight, rows.T).double() - expected).abs().max() > 1e-3
 
 
-def test_planner_restates_the_chunk_rule(monkeypatch):
-    """fastdadpo.plan's copy of the rule (no Triton there) gives the chunked backend's chunks and
-    accumulators at its default budget, for bf16 heads of 128k–256k rows (bf16 accumulators there:
+def test_planner_uses_the_kernels_chunk_rule(monkeypatch):
+    """fastdadpo.plan imports the kernels' rule (chunk_plan, Triton-free) and gives the chunked
+    backend's chunks, accumulators and peak at its default CUDA budget, for bf16 heads of 128k–256k rows (bf16 accumulators there:
     fp32 ones and their cast do not fit 1400 MiB at N = 8192), and at a budget that holds fp32."""
     from fastdadpo import plan
 
-    monkeypatch.delenv(chunked_backend.CHUNK_BUDGET_ENV, raising=False)
-    assert chunked_backend.grad_accumulation_dtype(torch.bfloat16) == torch.float32
-    assert plan.GPU_GRAD_ACCUMULATION_BYTES == 4
-    assert plan.GPU_CHUNK_BUDGET_MB == chunked_backend.DEFAULT_CHUNK_BUDGET_MB
+    monkeypatch.delenv(chunk_plan.CHUNK_BUDGET_ENV, raising=False)
+    assert chunk_plan.grad_accumulation_dtype(torch.bfloat16) == torch.float32
+    assert plan.plan_chunks is chunk_plan.plan_chunks  # one rule, not a restatement
     accumulators = {}
     for vocab, hidden, teachers in ((256000, 2304, 0), (128256, 2048, 1), (151936, 1536, 1)):
         arch = plan.Architecture(hidden=hidden, layers=1, heads=1, kv_heads=1, head_dim=hidden, intermediate=hidden,
@@ -233,24 +232,24 @@ def test_planner_restates_the_chunk_rule(monkeypatch):
         sweep = plan.KernelSweep(rows=8192, teachers=teachers)
         spec = SweepSpec(kind="forward_kl" if teachers else "none", vocab_size=vocab if teachers else 0,
                          with_logps=True)
-        ours = chunked_backend.plan_chunks(spec, 8192, vocab, hidden, chunked_backend.budget_bytes(None))
-        assert plan._gpu_chunk_rows(sweep, arch, setting, vocab if teachers else 0) == ours.rows_per_chunk
-        assert plan._gpu_grad_bytes(sweep, arch, setting, vocab if teachers else 0) == ours.grad_dtype.itemsize
+        ours = chunk_plan.plan_chunks(spec, 8192, vocab, hidden, chunk_plan.budget_bytes(None))
+        assert plan._chunk_plan(sweep, arch, setting, vocab if teachers else 0).rows_per_chunk == ours.rows_per_chunk
+        assert plan._grad_bytes(sweep, arch, setting, vocab if teachers else 0) == ours.grad_dtype.itemsize
         planned = (plan.kernel_workspace_bytes(sweep, arch, setting, vocab)
                    + plan.kernel_gradient_bytes(sweep, arch, setting, vocab) - 8192 * hidden * 2)  # less the kept rows
         assert planned == ours.peak_bytes
         accumulators[vocab] = ours.grad_dtype
     assert set(accumulators.values()) == {torch.bfloat16}
     # With room for them (the same heads at N = 1024 and 3500 MiB), fp32 accumulators, and the same plan.
-    monkeypatch.setenv(chunked_backend.CHUNK_BUDGET_ENV, "3500")
+    monkeypatch.setenv(chunk_plan.CHUNK_BUDGET_ENV, "3500")
     for vocab, hidden in ((256000, 2304), (151936, 1536)):
         arch = plan.Architecture(hidden=hidden, layers=1, heads=1, kv_heads=1, head_dim=hidden, intermediate=hidden,
                                  vocab=vocab, tied=True)
         setting = plan.Setting(ranks=1, device="gpu", dtype_bytes=2, zero_stage=0, micro_batch=1, sequences=1,
                                max_length=1024, chunk_budget_mb=3500.0)
         sweep = plan.KernelSweep(rows=1024, teachers=0)
-        ours = chunked_backend.plan_chunks(SweepSpec(kind="none", vocab_size=0, with_logps=True), 1024, vocab, hidden,
-                                           chunked_backend.budget_bytes(None))
+        ours = chunk_plan.plan_chunks(SweepSpec(kind="none", vocab_size=0, with_logps=True), 1024, vocab, hidden,
+                                           chunk_plan.budget_bytes(None))
         assert ours.grad_dtype == torch.float32 and ours.peak_bytes <= ours.budget_bytes
-        assert plan._gpu_grad_bytes(sweep, arch, setting, 0) == 4
-        assert plan._gpu_chunk_rows(sweep, arch, setting, 0) == ours.rows_per_chunk
+        assert plan._grad_bytes(sweep, arch, setting, 0) == 4
+        assert plan._chunk_plan(sweep, arch, setting, 0).rows_per_chunk == ours.rows_per_chunk

@@ -1,6 +1,7 @@
-"""The chunked backend (cuBLAS-style GEMMs + one Triton row kernel per chunk) against the naive float64
-reference: values and gradients (hidden, weight, bias) of every function and kind, with and without
-the grad_weights hint, the hint rejected, one output hinted and the other not; its Triton kernel runs
+"""The chunked algorithm with its Triton row kernel (``chunked_triton``: GEMMs + one Triton row kernel
+per chunk) against the naive float64 reference: values and gradients (hidden, weight, bias) of every
+function and kind, per row and reduced (``weights=``), one output reduced and the other per row; its
+Triton kernel runs
 under TRITON_INTERPRET=1 in fp32 (the interpreter computes tl.dot on bf16 wrongly), its GEMMs in torch
 on CPU. Irregular shapes (prime vocabularies, rows no chunk or block divides, teacher hidden sizes
 that differ, padded teacher heads), masks, ignore_index, temperatures. And the chunk-size rule:
@@ -29,9 +30,9 @@ def interpreter(monkeypatch):
 def small_chunks(monkeypatch):
     """Chunks of 7 rows (the budget is tiny and the floor lowered): several chunks and a ragged last
     one, each smaller than the interpreter's 16-row programs."""
-    from fastdadpo.kernels import chunked_backend
+    from fastdadpo.kernels import chunk_plan, chunked_backend
 
-    monkeypatch.setattr(chunked_backend, "MIN_CHUNK_ROWS", 7)
+    monkeypatch.setattr(chunk_plan, "MIN_CHUNK_ROWS", 7)
     return 1e-6
 
 
@@ -78,7 +79,7 @@ def test_logprobs_match_reference(temperature, with_bias, hint, small_chunks):
 
     def fused(h, w, *b):
         return fused_linear_logprobs(h, w, targets, bias=b[0] if b else None, temperature=temperature,
-                                     grad_weights=weights, impl="chunked", chunk_budget_mb=small_chunks)
+                                     weights=weights, impl="chunked_triton", chunk_budget_mb=small_chunks)
 
     def naive(h, w, *b):
         return naive_linear_logprobs(h, w, targets, bias=b[0] if b else None, temperature=temperature)
@@ -100,11 +101,13 @@ def test_divergence_matches_reference(kind, with_targets, hint):
         kwargs.update(targets=targets, logp_temperature=1.3)
     hints = {}
     if hint:
-        hints = dict(grad_weights=t["upstream"].float(), logp_grad_weights=t["upstream2"].float())
+        hints = dict(weights=t["upstream"].float())
+        if with_targets:
+            hints.update(logp_weights=t["upstream2"].float())
     teacher = (t["teacher_hidden"], t["teacher_weight"])
 
     def fused(h, w):
-        return fused_linear_divergence(h, w, teacher[0].float(), teacher[1].float(), impl="chunked", **kwargs,
+        return fused_linear_divergence(h, w, teacher[0].float(), teacher[1].float(), impl="chunked_triton", **kwargs,
                                        **hints)
 
     def naive(h, w):
@@ -118,9 +121,9 @@ def test_divergence_at_temperature_one_in_several_chunks(small_chunks):
     t = _tensors(2, n=31, hs=16, ht=16, vs=67, vt=67)
     teacher = (t["teacher_hidden"], t["teacher_weight"])
     kwargs = dict(kind="forward_kl", targets=t["targets"])
-    _compare(lambda h, w: fused_linear_divergence(h, w, teacher[0].float(), teacher[1].float(), impl="chunked",
-                                                  chunk_budget_mb=small_chunks, grad_weights=t["upstream"].float(),
-                                                  logp_grad_weights=t["upstream2"].float(), **kwargs),
+    _compare(lambda h, w: fused_linear_divergence(h, w, teacher[0].float(), teacher[1].float(), impl="chunked_triton",
+                                                  chunk_budget_mb=small_chunks, weights=t["upstream"].float(),
+                                                  logp_weights=t["upstream2"].float(), **kwargs),
              lambda h, w: naive_linear_divergence(h, w, *teacher, **kwargs),
              [t["student_hidden"], t["student_weight"]], [t["upstream"], t["upstream2"]])
 
@@ -131,8 +134,8 @@ def test_advantage_matches_reference(hint, small_chunks):
     kwargs = dict(temperature=0.7, mask=t["mask"], vocab_size=53)
     frozen = [t[k] for k in ("teacher_hidden", "teacher_weight", "ref_hidden", "ref_weight")]
     weights = t["upstream"].float() if hint else None
-    _compare(lambda h, w: fused_linear_advantage(h, w, *(x.float() for x in frozen), impl="chunked",
-                                                 grad_weights=weights, chunk_budget_mb=small_chunks, **kwargs),
+    _compare(lambda h, w: fused_linear_advantage(h, w, *(x.float() for x in frozen), impl="chunked_triton",
+                                                 weights=weights, chunk_budget_mb=small_chunks, **kwargs),
              lambda h, w: naive_linear_advantage(h, w, *frozen, **kwargs),
              [t["student_hidden"], t["student_weight"]], [t["upstream"]])
 
@@ -144,7 +147,7 @@ def test_huge_logits_stay_finite_and_exact():
     kwargs = dict(kind="reverse_kl", targets=t["targets"])
     assert (torch.softmax((teacher[0] @ teacher[1].T).float(), -1) == 0).any()
     fused_out, fused_grads = run_with_grads(lambda h, w: fused_linear_divergence(h, w, teacher[0].float(), teacher[1].float(),
-                                                                       impl="chunked", **kwargs),
+                                                                       impl="chunked_triton", **kwargs),
                                   [t["student_hidden"], t["student_weight"]], [t["upstream"], t["upstream2"]],
                                   torch.float32)
     naive_out, naive_grads = run_with_grads(lambda h, w: naive_linear_divergence(h, w, *teacher, **kwargs),
@@ -160,73 +163,48 @@ def test_huge_logits_stay_finite_and_exact():
 
 def _spy_sweeps(monkeypatch):
     """Record (kind, with_logps, forms gradients) of every chunked sweep."""
-    from fastdadpo.kernels import chunked_backend
+    from fastdadpo.kernels import chunk_plan, chunked_backend
 
     calls = []
     original = chunked_backend.sweep
 
-    def spy(spec, inputs, budget, row_grads=None, **kwargs):
+    def spy(spec, inputs, budget, row_sweep="torch", row_grads=None, **kwargs):
         calls.append((spec.kind, spec.with_logps, row_grads is not None))
-        return original(spec, inputs, budget, row_grads, **kwargs)
+        return original(spec, inputs, budget, row_sweep, row_grads, **kwargs)
 
     monkeypatch.setattr(chunked_backend, "sweep", spy)
     return calls
 
 
-def test_hinted_divergence_with_unhinted_logps_recomputes_the_student_only(monkeypatch):
-    """dadpo_token's shape: a hinted divergence and DPO's unhinted log-probs, the teacher twice as
+def test_reduced_divergence_with_per_row_logps_recomputes_the_student_only(monkeypatch):
+    """dadpo_token's shape: a reduced divergence and DPO's per-row log-probs, the teacher twice as
     wide as the student. The forward forms the divergence's gradients (teacher once); the backward
     is a log-prob sweep of the student alone. Exact either way."""
     t = _tensors(5, n=21, hs=8, ht=24, vs=61, vt=61)
     calls = _spy_sweeps(monkeypatch)
     teacher = (t["teacher_hidden"], t["teacher_weight"])
     kwargs = dict(kind="jsd", targets=t["targets"], mask=t["mask"])
-    _compare(lambda h, w: fused_linear_divergence(h, w, teacher[0].float(), teacher[1].float(), impl="chunked",
-                                                  grad_weights=t["upstream"].float(), **kwargs),
+    _compare(lambda h, w: fused_linear_divergence(h, w, teacher[0].float(), teacher[1].float(), impl="chunked_triton",
+                                                  weights=t["upstream"].float(), **kwargs),
              lambda h, w: naive_linear_divergence(h, w, *teacher, **kwargs),
              [t["student_hidden"], t["student_weight"]], [t["upstream"], t["upstream2"]])
     assert calls == [("jsd", True, True), ("none", True, True)], calls
 
 
-def test_unhinted_logprobs_backward_is_one_student_sweep(monkeypatch):
+def test_per_row_logprobs_backward_is_one_student_sweep(monkeypatch):
     t = _tensors(6, n=15, hs=8, ht=8, vs=37, vt=37)
     calls = _spy_sweeps(monkeypatch)
-    _compare(lambda h, w: fused_linear_logprobs(h, w, t["targets"], impl="chunked"),
+    _compare(lambda h, w: fused_linear_logprobs(h, w, t["targets"], impl="chunked_triton"),
              lambda h, w: naive_linear_logprobs(h, w, t["targets"]),
              [t["student_hidden"], t["student_weight"]], [t["upstream"]])
     assert calls == [("none", True, False), ("none", True, True)], calls
-
-
-def test_rejected_hint_recomputes_exactly_and_says_so_once(monkeypatch, caplog):
-    """An incoming gradient not proportional to the hint: the forward's gradients are dropped, the
-    backward recomputes, the result is exact, and the log says so once per process."""
-    from fastdadpo.kernels import autograd
-
-    monkeypatch.setattr(autograd, "_warned_rejected_hint", False)
-    t = _tensors(7, n=13, hs=8, ht=8, vs=41, vt=41)
-    teacher = (t["teacher_hidden"].float(), t["teacher_weight"].float())
-    wrong = torch.ones(13)
-
-    def squared(h, w):
-        out = fused_linear_divergence(h, w, *teacher, kind="reverse_kl", grad_weights=wrong, impl="chunked")
-        return out * out
-
-    def squared_naive(h, w):
-        out = naive_linear_divergence(h, w, t["teacher_hidden"], t["teacher_weight"], kind="reverse_kl")
-        return out * out
-
-    with caplog.at_level(logging.WARNING, logger="fastdadpo.kernels"):
-        for _ in range(2):
-            _compare(squared, squared_naive, [t["student_hidden"], t["student_weight"]], [t["upstream"]])
-    rejected = [r for r in caplog.records if "not proportional" in r.getMessage()]
-    assert len(rejected) == 1, [r.getMessage() for r in caplog.records]
 
 
 def test_fully_masked_batch_stays_in_graph():
     t = _tensors(8, n=11, hs=16, ht=16, vs=31, vt=31)
     h, w = (t[k].float().requires_grad_() for k in ("student_hidden", "student_weight"))
     out = fused_linear_divergence(h, w, t["teacher_hidden"].float(), t["teacher_weight"].float(),
-                                  mask=torch.zeros(11, dtype=torch.bool), impl="chunked")
+                                  mask=torch.zeros(11, dtype=torch.bool), impl="chunked_triton")
     assert torch.all(out == 0) and out.requires_grad
     out.sum().backward()
     assert torch.all(h.grad == 0) and torch.all(w.grad == 0)
@@ -266,11 +244,11 @@ def test_narrow_gradient_written_over_wide_logits():
 # --- the chunk-size rule -----------------------------------------------------------------------------------
 
 def _plan(kind, with_logps, vocab, hidden, tokens=8192, budget_mb=None):
-    from fastdadpo.kernels import chunked_backend
+    from fastdadpo.kernels import chunk_plan, chunked_backend
     from fastdadpo.kernels.sweep import SweepSpec
 
     spec = SweepSpec(kind=kind, vocab_size=0 if kind == "none" else vocab, with_logps=with_logps)
-    return chunked_backend.plan_chunks(spec, tokens, vocab, hidden, chunked_backend.budget_bytes(budget_mb))
+    return chunk_plan.plan_chunks(spec, tokens, vocab, hidden, chunk_plan.budget_bytes(budget_mb))
 
 
 @pytest.mark.parametrize("kind,with_logps", [("none", True), ("forward_kl", True), ("jsd", False),
@@ -285,10 +263,10 @@ def test_default_budget_bounds_a_call(kind, with_logps, vocab, hidden, accumulat
     the rule tight."""
     import torch
 
-    from fastdadpo.kernels import chunked_backend
+    from fastdadpo.kernels import chunk_plan, chunked_backend
 
-    monkeypatch.delenv(chunked_backend.CHUNK_BUDGET_ENV, raising=False)
-    monkeypatch.setattr(chunked_backend, "GRAD_ACCUMULATION", accumulation)
+    monkeypatch.delenv(chunk_plan.CHUNK_BUDGET_ENV, raising=False)
+    monkeypatch.setattr(chunk_plan, "GRAD_ACCUMULATION", accumulation)
     tokens = 8192
     plan = _plan(kind, with_logps, vocab, hidden, tokens=tokens)
     gradients = (tokens + vocab) * hidden
@@ -299,7 +277,7 @@ def test_default_budget_bounds_a_call(kind, with_logps, vocab, hidden, accumulat
     assert plan.cast_bytes == (gradients * 2 if in_fp32 else 0)
     assert plan.budget_bytes <= 1.5e9
     assert plan.peak_bytes <= plan.budget_bytes, plan
-    assert plan.rows_per_chunk >= chunked_backend.MIN_CHUNK_ROWS
+    assert plan.rows_per_chunk >= chunk_plan.MIN_CHUNK_ROWS
     # The rule is tight: one more row per chunk would break the budget.
     assert plan.fixed_bytes + (plan.rows_per_chunk + 1) * plan.row_bytes > plan.budget_bytes
     if accumulation == "float32" and not in_fp32:  # bf16 only because fp32 would not fit
@@ -308,60 +286,77 @@ def test_default_budget_bounds_a_call(kind, with_logps, vocab, hidden, accumulat
 
 
 def test_budget_from_argument_and_environment(monkeypatch):
-    from fastdadpo.kernels import chunked_backend
+    from fastdadpo.kernels import chunk_plan, chunked_backend
 
-    monkeypatch.setenv(chunked_backend.CHUNK_BUDGET_ENV, "6000")
-    assert chunked_backend.budget_bytes() == 6000 * 2**20
-    assert chunked_backend.budget_bytes(500) == 500 * 2**20
+    monkeypatch.setenv(chunk_plan.CHUNK_BUDGET_ENV, "6000")
+    assert chunk_plan.budget_bytes() == 6000 * 2**20
+    assert chunk_plan.budget_bytes(500) == 500 * 2**20
     assert _plan("forward_kl", True, 256000, 2304).rows_per_chunk > _plan("forward_kl", True, 256000, 2304,
                                                                          budget_mb=1400).rows_per_chunk
-    monkeypatch.setenv(chunked_backend.CHUNK_BUDGET_ENV, "lots")
+    monkeypatch.setenv(chunk_plan.CHUNK_BUDGET_ENV, "lots")
     with pytest.raises(ValueError, match="FASTDADPO_CHUNK_BUDGET_MB"):
-        chunked_backend.budget_bytes()
-    with pytest.raises(ValueError, match="> 0"):
-        chunked_backend.budget_bytes(0)
+        chunk_plan.budget_bytes()
+    with pytest.raises(ValueError, match="positive number of MiB"):
+        chunk_plan.budget_bytes(0)
+    monkeypatch.delenv(chunk_plan.CHUNK_BUDGET_ENV)
+    assert chunk_plan.budget_bytes(None, torch.device("cuda")) == 1400 * 2**20
+    assert chunk_plan.budget_bytes(None, torch.device("cpu")) == 160 * 2**20
 
 
 def test_workspace_is_what_the_rule_counts(monkeypatch):
     """The buffers a sweep really allocates are the per-row bytes the rule charges."""
-    from fastdadpo.kernels import chunked_backend, row_chunks
+    from fastdadpo.kernels import chunk_plan, chunked_backend, row_chunks
 
     allocated = []
     original_get = row_chunks.Workspace.get
 
-    def get(self, name, rows, cols):
-        out = original_get(self, name, rows, cols)
+    def get(self, name, rows, cols, dtype=None):
+        out = original_get(self, name, rows, cols, dtype)
         allocated.append((name, self.buffers[name].numel() * self.buffers[name].element_size()))
         return out
 
     monkeypatch.setattr(row_chunks.Workspace, "get", get)
-    monkeypatch.setattr(chunked_backend, "MIN_CHUNK_ROWS", 4)
+    monkeypatch.setattr(chunk_plan, "MIN_CHUNK_ROWS", 4)
     t = _tensors(10, n=20, hs=8, ht=8, vs=45, vt=45)
     frozen = [t[k].float() for k in ("teacher_hidden", "teacher_weight", "ref_hidden", "ref_weight")]
     budget_mb = 0.005
     fused_linear_advantage(t["student_hidden"].float(), t["student_weight"].float(), *frozen, vocab_size=41,
-                           impl="chunked", chunk_budget_mb=budget_mb)
+                           impl="chunked_triton", chunk_budget_mb=budget_mb)
     from fastdadpo.kernels.sweep import SweepSpec
 
     # No input wants a gradient, so the weight's counts as frozen (no [V, H] term in the plan).
-    plan = chunked_backend.plan_chunks(SweepSpec(kind="advantage", vocab_size=41, weight_grad=False), 20, 45, 8,
-                                       chunked_backend.budget_bytes(budget_mb), input_dtype=torch.float32)
+    plan = chunk_plan.plan_chunks(SweepSpec(kind="advantage", vocab_size=41, weight_grad=False), 20, 45, 8,
+                                       chunk_plan.budget_bytes(budget_mb), input_dtype=torch.float32)
     assert 1 < plan.rows_per_chunk < 20
     assert sum(dict(allocated).values()) == plan.rows_per_chunk * plan.row_bytes
 
 
 # --- dispatch ------------------------------------------------------------------------------------------------
 
-def test_chunked_is_the_cuda_default_and_tile_fused_stays_selectable(monkeypatch):
+def test_chunked_is_the_default_everywhere_and_the_others_stay_selectable(monkeypatch):
+    """One algorithm on every device: ``chunked`` by default, its row sweep Triton on CUDA and torch
+    elsewhere (so the CPU default needs no Triton); the forced variants, the tile-fused kernels and
+    the reference by name."""
+    from fastdadpo.kernels.backends import build_backend
+
     monkeypatch.delenv("FASTDADPO_KERNEL_BACKEND", raising=False)
     assert resolve_backend(torch.device("cuda")) == "chunked"
-    assert resolve_backend(torch.device("cpu")) == "torch"
+    assert resolve_backend(torch.device("cpu")) == "chunked"
+    assert build_backend("chunked", torch.device("cuda")).row_sweep == "triton"
+    assert build_backend("chunked", torch.device("cpu")).row_sweep == "torch"
+    assert build_backend("torch", torch.device("cuda")).row_sweep == "torch"
+    assert build_backend("chunked_triton", torch.device("cpu")).row_sweep == "triton"
     assert resolve_backend(torch.device("cuda"), "triton") == "triton"
     monkeypatch.setenv("FASTDADPO_KERNEL_BACKEND", "triton")
     assert resolve_backend(torch.device("cuda")) == "triton"
+    assert resolve_backend(torch.device("cuda"), "naive") == "naive"  # impl= wins over the environment
     monkeypatch.delenv("TRITON_INTERPRET")
-    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        resolve_backend(torch.device("cpu"), "chunked")
+    monkeypatch.delenv("FASTDADPO_KERNEL_BACKEND")
+    assert resolve_backend(torch.device("cpu")) == "chunked"  # no Triton needed
+    for name in ("chunked_triton", "triton"):
+        with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+            resolve_backend(torch.device("cpu"), name)
+
 
 
 def test_launch_specializations_cover_the_dispatch():

@@ -32,10 +32,10 @@ def interpreter(monkeypatch):
 @pytest.fixture(params=["torch", "chunked"])
 def impl(request, monkeypatch):
     if request.param == "chunked":  # several chunks of 7 rows, a ragged last one
-        from fastdadpo.kernels import chunked_backend
+        from fastdadpo.kernels import chunk_plan, chunked_backend
 
-        monkeypatch.setattr(chunked_backend, "MIN_CHUNK_ROWS", 7)
-        return dict(impl="chunked", chunk_budget_mb=1e-6)
+        monkeypatch.setattr(chunk_plan, "MIN_CHUNK_ROWS", 7)
+        return dict(impl="chunked_triton", chunk_budget_mb=1e-6)
     return dict(impl="torch")
 
 
@@ -72,7 +72,7 @@ def test_logprobs(impl, softcap, scale, temperature, hint):
     t = _tensors(0, n=23, hs=24, ht=8, vs=101, vt=101)
     targets = t["targets"].clone()
     targets[[3, 17]] = -100
-    hint_kw = dict(grad_weights=t["upstream"].float()) if hint else {}
+    hint_kw = dict(weights=t["upstream"].float()) if hint else {}
     _compare(lambda h, w, b: fused_linear_logprobs(h, w, targets, bias=b, temperature=temperature, softcap=softcap,
                                                    logit_scale=scale, **impl, **hint_kw),
              lambda h, w, b: naive_linear_logprobs(h, w, targets, bias=b, temperature=temperature,
@@ -111,7 +111,7 @@ def test_hinted_gradients(impl, kind):
         args = (t["teacher_hidden"], t["teacher_weight"], t["ref_hidden"], t["ref_weight"])
         ref_map = dict(ref_softcap=1.5, ref_logit_scale=1.2)
         _compare(lambda h, w: fused_linear_advantage(h, w, *(a.float() for a in args), temperature=0.7,
-                                                     mask=t["mask"], grad_weights=t["upstream"].float(), **maps,
+                                                     mask=t["mask"], weights=t["upstream"].float(), **maps,
                                                      **ref_map, **impl),
                  lambda h, w: naive_linear_advantage(h, w, *args, temperature=0.7, mask=t["mask"],
                                                      student_map=LogitMap(2.5, 1.3), teacher_map=LogitMap(3.5, 0.9),
@@ -121,8 +121,8 @@ def test_hinted_gradients(impl, kind):
     args = (t["teacher_hidden"], t["teacher_weight"])
     _compare(lambda h, w: fused_linear_divergence(h, w, *(a.float() for a in args), kind=kind, temperature=1.4,
                                                   mask=t["mask"], targets=t["targets"],
-                                                  grad_weights=t["upstream"].float(),
-                                                  logp_grad_weights=t["upstream2"].float(), **maps, **impl),
+                                                  weights=t["upstream"].float(),
+                                                  logp_weights=t["upstream2"].float(), **maps, **impl),
              lambda h, w: naive_linear_divergence(h, w, *args, kind=kind, temperature=1.4, mask=t["mask"],
                                                   targets=t["targets"], student_map=LogitMap(2.5, 1.3),
                                                   teacher_map=LogitMap(3.5, 0.9)),
@@ -177,6 +177,6 @@ def test_bad_options_are_clear_errors(bad):
 
 def test_tile_fused_backend_refuses_them_by_name():
     t = _tensors(6, n=4, hs=16, ht=16, vs=32, vt=32)
-    with pytest.raises(ValueError, match="teacher_softcap.*chunked, torch, naive"):
+    with pytest.raises(ValueError, match="teacher_softcap.*chunked, chunked_triton, torch, naive"):
         fused_linear_divergence(t["student_hidden"].float(), t["student_weight"].float(), t["teacher_hidden"].float(),
                                 t["teacher_weight"].float(), teacher_softcap=30.0, impl="triton")

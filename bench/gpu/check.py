@@ -69,18 +69,32 @@ def _inputs(config, device, dtype, seed=0):
 
 
 def _fused(case, t, impl, leaves):
+    """(div, logp, loss) with loss = Σ u·div + Σ u2·logp: the outputs a case reduces (``weights=``,
+    gradients formed in the forward sweep) in the call's own loss, the others per row."""
     from fastdadpo.kernels import fused_linear_divergence, fused_linear_logprobs
 
     h, w = leaves
-    hints = dict(grad_weights=t["upstream"] if case["div_hint"] else None,
-                 logp_grad_weights=t["upstream2"] if case["logp_hint"] else None)
+    div_weights = t["upstream"] if case["div_hint"] else None
+    logp_weights = t["upstream2"] if case["logp_hint"] else None
+
+    def per_row(values, upstream):
+        return (values.double() * upstream.double()).sum()
+
     vocab = t["student_weight"].shape[0]
     if case["kind"] is None:
-        return None, fused_linear_logprobs(h, w, t["targets"], grad_weights=hints["logp_grad_weights"], impl=impl)
+        out = fused_linear_logprobs(h, w, t["targets"], weights=logp_weights, impl=impl)
+        return (None, out.values, out.loss.double()) if logp_weights is not None else (
+            None, out, per_row(out, t["upstream2"]))
     out = fused_linear_divergence(h, w, t["teacher_hidden"], t["teacher_weight"], kind=case["kind"], mask=t["mask"],
                                   targets=t["targets"] if case["targets"] else None, vocab_size=vocab, impl=impl,
-                                  **hints)
-    return out if case["targets"] else (out, None)
+                                  weights=div_weights, logp_weights=logp_weights)
+    if div_weights is not None:
+        loss = out.loss.double()
+        if out.logps is not None and logp_weights is None:
+            loss = loss + per_row(out.logps, t["upstream2"])
+        return out.values, out.logps, loss
+    div, logp = out if case["targets"] else (out, None)
+    return div, logp, per_row(div, t["upstream"]) + (0 if logp is None else per_row(logp, t["upstream2"]))
 
 
 def _reference(case, t):
@@ -139,7 +153,7 @@ def run_correctness(out_dir: str, dry_run: bool) -> dict:
 
     if dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
-    from fastdadpo.kernels import chunked_backend
+    from fastdadpo.kernels import chunk_plan, chunked_backend
 
     device = torch.device("cpu" if dry_run else "cuda")
     # bf16 throughout on the GPU. The dry run: the chunked backend in bf16 on its CUDA path
@@ -147,7 +161,7 @@ def run_correctness(out_dir: str, dry_run: bool) -> dict:
     chunked_backend.CUDA_PRECISION_ON_CPU = dry_run
     dtypes = {"chunked": torch.bfloat16, "triton": torch.float32 if dry_run else torch.bfloat16}
     results = {"dtype": ", ".join(f"{str(d).replace('torch.', '')} ({impl})" for impl, d in dtypes.items()),
-               "device": device.type, "grad_accumulation": chunked_backend.GRAD_ACCUMULATION, "tolerances": dict(
+               "device": device.type, "grad_accumulation": chunk_plan.GRAD_ACCUMULATION, "tolerances": dict(
                    value_atol=VALUE_ATOL, value_rtol=VALUE_RTOL, grad_rel_frobenius=GRAD_REL_FROBENIUS), "rows": []}
     path = os.path.join(out_dir, "correctness.json")
     for config in DRY_CONFIGS if dry_run else GPU_CONFIGS:
@@ -164,9 +178,7 @@ def run_correctness(out_dir: str, dry_run: bool) -> dict:
                         torch.cuda.reset_peak_memory_stats()
                         base = torch.cuda.memory_allocated()
                     started = time.perf_counter()
-                    div, logp = _fused(case, t, impl, leaves)
-                    loss = sum((o.double() * u.double()).sum() for o, u in ((div, t["upstream"]), (logp, t["upstream2"]))
-                               if o is not None)
+                    div, logp, loss = _fused(case, t, impl, leaves)
                     loss.backward()
                     if device.type == "cuda":
                         torch.cuda.synchronize()

@@ -1,25 +1,29 @@
-"""Host side of the chunked backend, the CUDA default: every FLOP on cuBLAS, one Triton kernel per chunk.
+"""The budgeted row-chunk algorithm, the default on every device: every FLOP in GEMMs (cuBLAS, or
+torch's on CPU), one row sweep per chunk.
 
-Rows go in chunks of R. Per chunk: the student's (and teacher's, reference's) float32 logit chunk
-from a cuBLAS GEMM into a reused buffer; one launch of ``triton_rows.row_sweep_kernel`` for
-everything row-wise (soft caps and logit scales, normalizers, the divergence, the target log-probs
-and, when asked, d(loss)/d(logits) written over the student's logits); then, with gradients, two cuBLAS GEMMs:
-dh[rows] = G·W and dW += Gᵀ·X, into one dW buffer for the whole call.
+Rows go in chunks of R (``chunk_plan.plan_chunks``). Per chunk: the student's (and teacher's,
+reference's) float32 logit chunk from a GEMM into a reused buffer; one row sweep for everything
+row-wise, the Triton kernel ``triton_rows.row_sweep_kernel`` on CUDA and the torch function
+``torch_rows.row_sweep`` elsewhere, the same contract (soft caps and logit scales, normalizers, the
+divergence, the target log-probs and, when asked, d(loss)/d(logits) written over the student's
+logits); then, with gradients, two GEMMs: dh[rows] = G·W and dW += Gᵀ·X, into one dW buffer for
+the whole call. The CPU therefore runs the algorithm CUDA runs, with torch in place of one kernel.
 
-FLOPs, F = 2·N·V: with the caller's ``grad_weights`` hint the gradient is formed in the forward
-sweep, so the teacher's logits are computed once: F·(Hs + Ht) + F·2·Hs = F·(3·Hs + Ht). Log-probs
-without a hint (DPO's per-sequence weights): the forward keeps each row's log-normalizer and the
-backward recomputes the student chunk only: F·Hs + F·3·Hs = F·4·Hs. A divergence without a hint
+FLOPs, F = 2·N·V: for an output the caller reduces with its row weights (``weights=``) the gradient
+is formed in the forward sweep, so the teacher's logits are computed once: F·(Hs + Ht) + F·2·Hs =
+F·(3·Hs + Ht). Per-row
+log-probs (DPO's sequence sums): the forward keeps each row's log-normalizer and the
+backward recomputes the student chunk only: F·Hs + F·3·Hs = F·4·Hs. A per-row divergence
 recomputes both models in backward: F·(4·Hs + 2·Ht).
 
 Precision: bf16/fp16 hidden states and heads go to cuBLAS as they are, logits come out in fp32
 (``out_dtype``), the row kernel computes in fp32, and the gradient is written in the inputs' dtype
 (it feeds the two gradient GEMMs, fp32-accumulated inside each). dh and dW are summed across
 chunks in fp32 buffers where the memory budget holds them, which the GEMMs add into in their fp32
-epilogue (``addmm(out_dtype=)``); autograd casts them to the inputs' dtype once. On CPU (the interpreter's tests) half inputs are
-upcast to fp32 first, unless ``CUDA_PRECISION_ON_CPU``.
+epilogue (``addmm(out_dtype=)``); autograd casts them to the inputs' dtype once. On CPU half inputs
+are upcast to fp32 first, unless ``CUDA_PRECISION_ON_CPU``.
 
-Why fp32 accumulation (``GRAD_ACCUMULATION``): bench/results/cpu-bf16-accumulation.md, this
+Why fp32 accumulation (``chunk_plan.GRAD_ACCUMULATION``): bench/results/cpu-bf16-accumulation.md, this
 backend's bf16 path on CPU against float64 (V = 131,072 and 151,936, H = 256, N = 1,337 rows, a
 mean KL + cross-entropy loss). Summed in bf16, dW is rounded once per chunk, and its error grows
 with the chunk count, i.e. with N and a smaller budget: over the head rows no token targets (the
@@ -41,149 +45,35 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import triton
 
-from . import triton_rows
+from . import torch_rows
+from .autograd import Swept
+from .chunk_plan import plan_chunks
 from .row_chunks import Workspace, accumulate_chunk_grads, logits_into, new_grads
 from .sweep import SweepGrads, SweepInputs, SweepSpec
 
-# The memory one call may take above its inputs, its gradients included, in MiB: the public
-# functions' ``chunk_budget_mb=`` or this environment variable. 1400 MiB (1.47 GB) keeps a call
-# within 1.5 GB at V = 128k–256k (the gradients summed in fp32 where that fits): see ``plan_chunks``.
-CHUNK_BUDGET_ENV = "FASTDADPO_CHUNK_BUDGET_MB"
-DEFAULT_CHUNK_BUDGET_MB = 1400.0
-# How dh and dW of half-precision inputs are summed across row chunks: "float32" (the default: see
-# the module's docstring for the figures), in fp32 buffers the GEMMs add into, cast to the inputs'
-# dtype once at the end, wherever the memory budget holds them (else as "inputs"); or "inputs", in
-# the inputs' dtype, one rounding per chunk (less memory).
-GRAD_ACCUMULATION = "float32"
 # Half inputs on CPU are upcast to fp32. True: they take the CUDA path instead (half GEMMs giving
-# fp32 logits, computed in fp32 on CPU: ``row_chunks.logits_into``; the row kernel writing a half
-# gradient over them; half gradient GEMMs), so that tests and bench/bf16_accumulation.py check
-# the CUDA numerics without a GPU.
+# fp32 logits, computed in fp32 on CPU: ``row_chunks.logits_into``; the row sweep writing a half
+# gradient; half gradient GEMMs), so that tests and bench/bf16_accumulation.py check the CUDA
+# numerics without a GPU.
 CUDA_PRECISION_ON_CPU = False
-# Rows below which the chunk GEMMs waste their tiles (cuBLAS tiles are 64–256 rows, and the dW GEMM's
-# inner dimension is R): a budget too small for this many is exceeded rather than honoured.
-MIN_CHUNK_ROWS = 64
-
-
-def budget_bytes(chunk_budget_mb: Optional[float] = None) -> int:
-    if chunk_budget_mb is None:
-        text = os.environ.get(CHUNK_BUDGET_ENV, "")
-        try:
-            chunk_budget_mb = float(text) if text else DEFAULT_CHUNK_BUDGET_MB
-        except ValueError:
-            raise ValueError(f"{CHUNK_BUDGET_ENV}={text!r} is not a number of MiB") from None
-    if not chunk_budget_mb > 0:
-        raise ValueError(f"the chunked backend's memory budget must be > 0 MiB, got {chunk_budget_mb}")
-    return int(chunk_budget_mb * 2**20)
-
-
-@dataclass(frozen=True)
-class ChunkPlan:
-    rows_per_chunk: int
-    row_bytes: int  # workspace per row of a chunk
-    fixed_bytes: int  # whatever does not scale with the chunk: gradient accumulators, per-row vectors
-    budget_bytes: int
-    # The gradients cast from fp32 accumulators to the inputs' dtype at the end of the call, beside
-    # the accumulators, once the workspace is freed (0 when they are accumulated in that dtype).
-    cast_bytes: int = 0
-    # The dtype dh and dW are summed in across chunks (``grad_accumulation_dtype``, within the budget).
-    grad_dtype: torch.dtype = torch.float32
-
-    @property
-    def peak_bytes(self) -> int:
-        """The call's memory above its inputs under this plan."""
-        return self.fixed_bytes + max(self.rows_per_chunk * self.row_bytes, self.cast_bytes)
-
-
-def plan_chunks(spec: SweepSpec, rows: int, vocab_student: int, hidden_student: int, budget: int,
-                input_dtype: torch.dtype = torch.bfloat16, logits_dtype: torch.dtype = torch.float32,
-                with_bias: bool = False) -> ChunkPlan:
-    """Rows per chunk from the memory budget, for a student head computed in ``input_dtype``.
-
-    Fixed (does not scale with R; counted whether or not this sweep forms gradients, so forward and
-    backward chunk alike):
-      gradients  N·Hs + V·Hs in the accumulation dtype (``grad_accumulation_dtype``: fp32 for half
-                 inputs by default; no V·Hs for a frozen head; + V fp32 for a bias, + V fp32 for its
-                 per-chunk sum)
-      per row    8 fp32 vectors of N (div, logp, log-normalizer, two hints, two incoming gradients, spare)
-    Per row of a chunk (the R x V workspace; the gradient is written over the student's logits):
-      student logits   C·4 bytes, C = V when log-probs are asked for (whole head) else vocab_size
-      teacher logits   vocab_size·4 (divergences, advantage)
-      reference logits vocab_size·4 (advantage)
-    At the end, fp32 accumulators of half inputs are cast to the inputs' dtype (autograd's result),
-    (N + V)·Hs·2 beside them once the workspace is freed: a workspace up to that size costs no peak.
-    R = max((budget − fixed) / per-row, cast / per-row), at least MIN_CHUNK_ROWS, at most N; the
-    peak is fixed + max(R·per-row, cast).
-
-    The budget is the call's contract: fp32 accumulators (``GRAD_ACCUMULATION = "float32"``) are
-    used when they, their cast and MIN_CHUNK_ROWS rows of workspace fit in it; otherwise the
-    gradients are summed in the inputs' dtype, as if ``"inputs"`` (a larger ``chunk_budget_mb``
-    buys fp32 back). E.g. bf16, N = 8192, the 1400 MiB default (1.468 GB): V = 151,936, Hs = 1536
-    (Qwen2.5-1.5B), forward KL with targets: fp32 would take 0.98 GB + 0.49 GB cast + 404 rows of
-    1.22 MB = 1.48 GB, just over, so bf16: fixed 0.49 GB, R = 802. V = 128,256, Hs = 2048 (Liger's
-    config): fp32 would take 1.12 GB + 0.56 GB cast = 1.68 GB; bf16: fixed 0.56 GB, per row 1.03
-    MB, R = 885 (fp32 from a 1700 MiB budget). V = 256,000, Hs = 2304 (Gemma-2 2B), cross-entropy:
-    fp32 would need 3.65 GB; bf16: fixed 1.18 GB (dW) + 38 MB (dh) + 0.3 MB = 1.22 GB, per row
-    1.02 MB, R = 244, peak 1.468 GB. Smaller heads and batches (V·H + N·H under ~0.16 G elements at
-    this budget) are summed in fp32. Fewer, larger chunks only pay up to the GEMMs' efficiency (R of
-    a few hundred).
-    """
-    plan = _plan_for(spec, rows, vocab_student, hidden_student, budget, input_dtype, logits_dtype, with_bias,
-                     grad_accumulation_dtype(input_dtype))
-    if plan.grad_dtype != input_dtype and plan.peak_bytes > budget:
-        plan = _plan_for(spec, rows, vocab_student, hidden_student, budget, input_dtype, logits_dtype, with_bias,
-                         input_dtype)
-    return plan
-
-
-def _plan_for(spec: SweepSpec, rows: int, vocab_student: int, hidden_student: int, budget: int,
-              input_dtype: torch.dtype, logits_dtype: torch.dtype, with_bias: bool,
-              grad_dtype: torch.dtype) -> ChunkPlan:
-    """``plan_chunks``'s arithmetic for gradients accumulated in ``grad_dtype``."""
-    grad_elem = torch.finfo(grad_dtype).bits // 8
-    logit_elem = torch.finfo(logits_dtype).bits // 8
-    vocab_div = spec.vocab_size if spec.has_div else 0
-    student_cols = vocab_student if spec.with_logps else vocab_div
-    grad_rows = rows + (vocab_student if spec.weight_grad else 0)
-    fixed = grad_rows * hidden_student * grad_elem + 8 * rows * 4
-    if with_bias:
-        fixed += 2 * vocab_student * 4
-    cast = 0 if grad_dtype == input_dtype else grad_rows * hidden_student * (torch.finfo(input_dtype).bits // 8)
-    row_bytes = logit_elem * (student_cols + vocab_div * (1 if spec.needs_teacher else 0)
-                              + vocab_div * (1 if spec.needs_ref else 0))
-    fit = (budget - fixed) // row_bytes if budget > fixed else 0
-    chunk = max(1, min(rows, max(MIN_CHUNK_ROWS, fit, cast // row_bytes)))
-    return ChunkPlan(rows_per_chunk=chunk, row_bytes=row_bytes, fixed_bytes=fixed, budget_bytes=budget,
-                     cast_bytes=cast, grad_dtype=grad_dtype)
+ROW_SWEEPS = ("triton", "torch")
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-_HALF = (torch.float16, torch.bfloat16)
-
-
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    # cuBLAS takes half inputs as they are; on CPU (the interpreter's tests) they are upcast,
-    # unless CUDA_PRECISION_ON_CPU asks for the CUDA path.
+    # cuBLAS takes half inputs as they are; on CPU they are upcast, unless CUDA_PRECISION_ON_CPU
+    # asks for the CUDA path.
     if t.device.type != "cuda" and t.dtype in _HALF and not CUDA_PRECISION_ON_CPU:
         return torch.float32
     return t.dtype
-
-
-def grad_accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype dh and dW are summed in across row chunks, for inputs computed in ``dtype``
-    (``GRAD_ACCUMULATION``); fp32 and fp64 inputs keep their own."""
-    if GRAD_ACCUMULATION not in ("float32", "inputs"):
-        raise ValueError(f"GRAD_ACCUMULATION must be 'float32' or 'inputs', got {GRAD_ACCUMULATION!r}")
-    return torch.float32 if dtype in _HALF and GRAD_ACCUMULATION == "float32" else dtype
 
 
 def _as(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -198,28 +88,32 @@ def _grad_view(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return logits.view(dtype)[:, :logits.shape[1]]
 
 
-class ChunkedBackend:
-    """The backend object the autograd layer drives (``forward`` / ``backward``), carrying its memory budget."""
+class ChunkedBackend(Swept):
+    """The budgeted row-chunk algorithm (``sweep``) with its memory budget and its row sweep:
+    "triton" (the Triton row kernel: CUDA, or CPU under TRITON_INTERPRET=1) or "torch"
+    (``torch_rows``, any device)."""
 
-    supports_eager_grads = True
+    forms_grads_in_forward = True
 
-    def __init__(self, budget: int):
-        self.budget = budget
+    def __init__(self, budget: int, row_sweep: str):
+        if row_sweep not in ROW_SWEEPS:
+            raise ValueError(f"row_sweep must be one of {', '.join(ROW_SWEEPS)}, got {row_sweep!r}")
+        self.budget, self.row_sweep = budget, row_sweep
 
     def forward(self, spec: SweepSpec, inputs: SweepInputs, row_grads=None):
-        div, logp, lse_lp, grads = sweep(spec, inputs, self.budget, row_grads)
+        div, logp, lse_lp, grads = sweep(spec, inputs, self.budget, self.row_sweep, row_grads)
         saved = {} if lse_lp is None else {"lse_lp": lse_lp}
         return div, logp, saved, grads
 
-    def backward(self, spec: SweepSpec, inputs: SweepInputs, saved: dict, div, grad_div, grad_logp,
+    def backward(self, spec: SweepSpec, inputs: SweepInputs, saved: dict, div, row_grads,
                  into: Optional[SweepGrads] = None) -> SweepGrads:
         # Log-probs alone: the forward's normalizers make the backward one pass over the student.
         lse_lp = saved.get("lse_lp") if not spec.has_div else None
-        return sweep(spec, inputs, self.budget, (grad_div, grad_logp), into=into, lse_lp=lse_lp)[3]
+        return sweep(spec, inputs, self.budget, self.row_sweep, row_grads, into=into, lse_lp=lse_lp)[3]
 
 
-def sweep(spec: SweepSpec, inputs: SweepInputs, budget: int, row_grads=None, into: Optional[SweepGrads] = None,
-          lse_lp: Optional[torch.Tensor] = None):
+def sweep(spec: SweepSpec, inputs: SweepInputs, budget: int, row_sweep: str = "torch", row_grads=None,
+          into: Optional[SweepGrads] = None, lse_lp: Optional[torch.Tensor] = None):
     """One pass over the rows in chunks. Returns (div, logp, lse_lp, grads).
 
     ``row_grads = (g_div, g_logp)``: the outputs' gradients (or the caller's reduction weights); a
@@ -242,7 +136,7 @@ def sweep(spec: SweepSpec, inputs: SweepInputs, budget: int, row_grads=None, int
 
     want_grads = row_grads is not None
     plan = plan_chunks(spec, n, vocab_student, hidden_student, budget, input_dtype=dtype, logits_dtype=logits_dtype,
-                       with_bias=bias is not None and spec.bias_grad)
+                       with_bias=bias is not None and spec.bias_grad, row_sweep=row_sweep)
     grads = None
     if want_grads:
         grads = into if into is not None else new_grads(n, s_weight, inputs.student_bias, plan.grad_dtype,
@@ -255,21 +149,13 @@ def sweep(spec: SweepSpec, inputs: SweepInputs, budget: int, row_grads=None, int
     lse_given = lse_lp is not None and not spec.has_div and want_grads
     lse_out = lse_lp.float().contiguous() if lse_given else (torch.empty(n, **f32) if spec.with_logps else None)
     g_div, g_logp = row_grads if want_grads else (None, None)
-    zeros = None
-    if want_grads and ((spec.has_div and g_div is None) or (spec.with_logps and g_logp is None)):
-        zeros = torch.zeros(n, **f32)
-    g_div = (g_div.float().contiguous() if g_div is not None else zeros) if spec.has_div else None
-    g_logp = (g_logp.float().contiguous() if g_logp is not None else zeros) if spec.with_logps else None
-    # Without log-probs the kernel never reads targets; an int64 stand-in keeps the launch on the
-    # specialization the compile report lists.
+    g_div = g_div.float().contiguous() if g_div is not None and spec.has_div else None
+    g_logp = g_logp.float().contiguous() if g_logp is not None and spec.with_logps else None
+    # Without log-probs the row sweep never reads targets; an int64 stand-in keeps the Triton launch
+    # on the specialization the compile report lists.
     targets = inputs.targets.contiguous() if spec.with_logps else torch.zeros(n, dtype=torch.int64, device=device)
-
-    beta = spec.beta if spec.kind == "jsd" else 0.5
-    scalars = dict(inv_temp=1.0 / spec.temperature, inv_lp_temp=1.0 / spec.logp_temperature, beta=beta,
-                   log_beta=math.log(beta), log_one_minus_beta=math.log1p(-beta))
-    for prefix, m in (("s", spec.student_map), ("t", spec.teacher_map), ("r", spec.ref_map)):
-        scalars.update({f"{prefix}_scale": m.scale, f"{prefix}_cap": m.softcap or 0.0})
-    dummy = div_out if div_out is not None else logp_out
+    sweep_chunk = _triton_chunk_sweep(spec, n, want_grads, g_div, g_logp, div_out, logp_out, device) \
+        if row_sweep == "triton" else None
 
     for start in range(0, n, plan.rows_per_chunk):
         rows = slice(start, min(n, start + plan.rows_per_chunk))
@@ -278,19 +164,59 @@ def sweep(spec: SweepSpec, inputs: SweepInputs, budget: int, row_grads=None, int
         logits = logits_into(space.get("student", count, student_cols), x, s_weight[:student_cols])
         if bias is not None:
             logits += bias[:student_cols]
-        teacher = ref = logits  # placeholders for absent operands: their branches compile away
+        teacher = ref = None
         if spec.needs_teacher:
             teacher = logits_into(space.get("teacher", count, vocab_div), inputs.teacher_hidden[rows].to(t_dtype),
                                   t_weight)
         if spec.needs_ref:
             ref = logits_into(space.get("ref", count, vocab_div), inputs.ref_hidden[rows].to(t_dtype), r_weight)
-        grad_logits = _grad_view(logits, dtype) if want_grads else logits
-        pick = (lambda t: dummy if t is None else t[rows])
-        args, constexprs, options = triton_rows.launch(
-            logits, teacher, ref, grad_logits, targets[rows], pick(g_div), pick(g_logp), pick(div_out),
-            pick(logp_out), pick(lse_out), count, student_cols, vocab_div, scalars, kind=spec.kind,
-            with_logps=spec.with_logps, with_grad=want_grads, lse_given=lse_given, interpreted=interpreting())
-        triton_rows.row_sweep_kernel[(triton.cdiv(count, constexprs["BLOCK_R"]),)](*args, **constexprs, **options)
+
+        def pick(vector):
+            return None if vector is None else vector[rows]
+
+        if sweep_chunk is not None:
+            grad_logits = sweep_chunk(logits, teacher, ref, targets[rows], rows, lse_out, lse_given, dtype)
+        else:
+            torch_rows.row_sweep(spec, logits, teacher, ref, targets[rows], pick(g_div), pick(g_logp), pick(div_out),
+                                 pick(logp_out), pick(lse_out), with_grad=want_grads, lse_given=lse_given,
+                                 scratch=lambda name, cols: space.get(name, count, cols))
+            grad_logits = logits
+            if want_grads and dtype != logits_dtype:  # half GEMM operands: the gradient cast once
+                grad_logits = space.get("grad_cast", count, student_cols, dtype).copy_(logits)
         if want_grads:
             accumulate_chunk_grads(grads, rows, grad_logits, x, s_weight)
     return div_out, logp_out, (lse_out if spec.with_logps else None), grads
+
+
+def _triton_chunk_sweep(spec: SweepSpec, n: int, want_grads: bool, g_div, g_logp, div_out, logp_out, device):
+    """The per-chunk launch of the Triton row kernel (imported here: Triton is needed only for it)."""
+    import triton
+
+    from . import triton_rows
+
+    zeros = torch.zeros(n, dtype=torch.float32, device=device) if want_grads else None
+    g_div = (g_div if g_div is not None else zeros) if spec.has_div else None
+    g_logp = (g_logp if g_logp is not None else zeros) if spec.with_logps else None
+    beta = spec.beta if spec.kind == "jsd" else 0.5
+    scalars = dict(inv_temp=1.0 / spec.temperature, inv_lp_temp=1.0 / spec.logp_temperature, beta=beta,
+                   log_beta=math.log(beta), log_one_minus_beta=math.log1p(-beta))
+    for prefix, m in (("s", spec.student_map), ("t", spec.teacher_map), ("r", spec.ref_map)):
+        scalars.update({f"{prefix}_scale": m.scale, f"{prefix}_cap": m.softcap or 0.0})
+    dummy = div_out if div_out is not None else logp_out
+    vocab_div = spec.vocab_size if spec.has_div else 0
+
+    def run(logits, teacher, ref, targets, rows, lse_out, lse_given, dtype):
+        count = rows.stop - rows.start
+        # Absent operands stand in with the student's logits: their branches compile away.
+        teacher = logits if teacher is None else teacher
+        ref = logits if ref is None else ref
+        grad_logits = _grad_view(logits, dtype) if want_grads else logits
+        pick = (lambda t: dummy if t is None else t[rows])
+        args, constexprs, options = triton_rows.launch(
+            logits, teacher, ref, grad_logits, targets, pick(g_div), pick(g_logp), pick(div_out), pick(logp_out),
+            pick(lse_out), count, logits.shape[1], vocab_div, scalars, kind=spec.kind, with_logps=spec.with_logps,
+            with_grad=want_grads, lse_given=lse_given, interpreted=interpreting())
+        triton_rows.row_sweep_kernel[(triton.cdiv(count, constexprs["BLOCK_R"]),)](*args, **constexprs, **options)
+        return grad_logits
+
+    return run

@@ -1,5 +1,4 @@
-"""Host code shared by the two row-chunked backends (``torch_chunked`` on CPU, ``chunked_backend``
-on CUDA): reused R x V workspace buffers, logit GEMMs into them, and the two gradient GEMMs that
+"""Host code of the budgeted row-chunk algorithm (``chunked_backend``): reused R x V workspace buffers, logit GEMMs into them, and the two gradient GEMMs that
 push a chunk's d(loss)/d(logits) into the hidden-state and weight gradients."""
 from __future__ import annotations
 
@@ -19,10 +18,11 @@ class Workspace:
     def __init__(self, rows: int, dtype: torch.dtype, device: torch.device):
         self.rows, self.dtype, self.device, self.buffers = rows, dtype, device, {}
 
-    def get(self, name: str, rows: int, cols: int) -> torch.Tensor:
+    def get(self, name: str, rows: int, cols: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        dtype = dtype or self.dtype
         buffer = self.buffers.get(name)
-        if buffer is None or buffer.shape[1] != cols:
-            buffer = self.buffers[name] = torch.empty(self.rows, cols, dtype=self.dtype, device=self.device)
+        if buffer is None or buffer.shape[1] != cols or buffer.dtype != dtype:
+            buffer = self.buffers[name] = torch.empty(self.rows, cols, dtype=dtype, device=self.device)
         return buffer[:rows]
 
 

@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+# Targets equal to this are no target (a prompt or padding position): PyTorch's cross-entropy default.
+IGNORE_INDEX = -100
 DIVERGENCE_KINDS = ("forward_kl", "reverse_kl", "jsd")
 # "advantage" is ADPA's Σ_a p_s(a)·(log p_t(a) − log p_r(a)); "none" is a log-prob-only sweep.
 SWEEP_KINDS = ("none",) + DIVERGENCE_KINDS + ("advantage",)
