@@ -307,10 +307,12 @@ class TrainRun:
 
 
 def _train_once(models_dir: Dict[str, str], backend: str, micro_batch_size: int, work: str, dry_run: bool,
-                timeout_s: float) -> TrainRun:
+                timeout_s: float, syncs_json: Optional[str] = None) -> TrainRun:
+    """One ``fastdadpo train`` run of STEPS steps; with ``syncs_json``, under ``sync_probe.py``, which
+    records the host syncs of its second step there."""
     import yaml
 
-    run_dir = os.path.join(work, f"{backend}-mb{micro_batch_size}")
+    run_dir = os.path.join(work, f"{backend}-mb{micro_batch_size}" + ("-syncs" if syncs_json else ""))
     os.makedirs(run_dir, exist_ok=True)
     data = os.path.join(run_dir, "train.jsonl")
     _write_data(data, micro_batch_size * STEPS, dry_run, DRY_TOKENIZER_SIZE if dry_run else QWEN_TOKENIZER_SIZE)
@@ -332,8 +334,9 @@ def _train_once(models_dir: Dict[str, str], backend: str, micro_batch_size: int,
         env["DS_ACCELERATOR"] = "cpu"
     started = time.perf_counter()
     try:
-        result = subprocess.run([sys.executable, "-m", "fastdadpo", "train", config_path], capture_output=True,
-                                text=True, timeout=timeout_s, env=env, cwd=ROOT)
+        command = ([sys.executable, os.path.join(ROOT, "bench", "gpu", "sync_probe.py"), config_path, syncs_json]
+                   if syncs_json else [sys.executable, "-m", "fastdadpo", "train", config_path])
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=ROOT)
         returncode, log = result.returncode, result.stdout[-1500:] + result.stderr[-3000:]
     except subprocess.TimeoutExpired as expired:
         returncode, log = -1, f"timed out after {timeout_s:.0f} s: {str(expired.stderr or '')[-2000:]}"
@@ -389,7 +392,7 @@ def run_train(out_dir: str, dry_run: bool, deadline_s: float) -> dict:
                DRY_MAX_LENGTH if dry_run else MAX_LENGTH, "zero_stage": 3, "runs": [],
                "model_build_s": time.perf_counter() - started}
     _write_json(path, results)
-    backends = ("torch", "naive") if dry_run else ("chunked", "naive")
+    backends = ("chunked", "naive")
     capacity = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 8 * 2**30
     # Model states under ZeRO-3 on one rank: student bf16 weights + fp32 master + Adam moments (16 bytes
     # a parameter), the frozen teacher in bf16 (2).
@@ -427,6 +430,18 @@ def run_train(out_dir: str, dry_run: bool, deadline_s: float) -> dict:
         results["first_step_losses_agree"] = math.isclose(firsts[0].first_step_loss, firsts[1].first_step_loss,
                                                           rel_tol=1e-3)
     results["largest_micro_batch"] = largest
+    # The host syncs of one training step with the default kernels (sync_probe.py), at the first
+    # micro-batch that fit: the kernels' own calls should show one nonzero each, nothing else.
+    fitting = [r for r in tried["chunked"] if r.fits]
+    left = deadline_s - (time.perf_counter() - started)
+    if fitting and left > 1.2 * fitting[0].seconds:
+        syncs_json = os.path.join(out_dir, "host-syncs.json")
+        probe = _train_once(models_dir, "chunked", fitting[0].micro_batch_size, work, dry_run,
+                            timeout_s=max(30.0, left - 5), syncs_json=syncs_json)
+        results["host_syncs"] = _read_json(syncs_json) or {"error": probe.log_tail or "no result"}
+        print(f"host syncs in one step: {results['host_syncs'].get('total')}", flush=True)
+    else:
+        results.setdefault("skipped", []).append(f"host-sync probe: {left:.0f} s left")
     results["seconds"] = time.perf_counter() - started
     _write_json(path, results)
     return results
@@ -515,6 +530,12 @@ def run_summary(out_dir: str) -> dict:
             lines.append(f"| {run['backend']} | {run['micro_batch_size']} | {'yes' if run['fits'] else 'no'} | "
                          f"{run['tokens_per_s'] or 0:.0f} | {_gib(run['peak_memory_bytes'])} | "
                          f"{run['first_step_loss'] or ''} | {run['seconds']:.0f} |")
+        syncs = train.get("host_syncs")
+        if syncs:
+            lines += ["", f"Host syncs in step 2 (`sync_probe.py`, {syncs.get('device')}: "
+                          f"`set_sync_debug_mode(\"warn\")` on CUDA): {syncs.get('total')}", "",
+                      "| count | where (innermost: the call, then this repository's frame) |", "|---|---|"]
+            lines += [f"| {entry['count']} | `{entry['where']}` |" for entry in syncs.get("syncs", [])]
     with open(os.path.join(out_dir, "gpu-check.md"), "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")
     return summary

@@ -22,7 +22,7 @@ CHUNK_BUDGET_ENV = "FASTDADPO_CHUNK_BUDGET_MB"
 # the GEMMs nothing more, and every byte of a larger workspace is a page the first chunk faults in;
 # at the CPU anchor (V = 65,536, H = 256, fp32) 160 MiB holds the 68 MiB of gradients and a
 # workspace of 120–180 rows, a call within 200 MiB of its inputs.
-DEFAULT_CHUNK_BUDGET_MB = {"cuda": 1400.0, "cpu": 160.0}
+DEFAULT_CHUNK_BUDGET_MB = {"cuda": 1400.0, "cpu": 192.0}
 # How dh and dW of half-precision inputs are summed across row chunks: "float32" (the default:
 # bench/results/cpu-bf16-accumulation.md gives the figures; chunked_backend's docstring the reasons),
 # in fp32 buffers the GEMMs add into, cast to the inputs' dtype once at the end, wherever the memory
@@ -31,6 +31,9 @@ GRAD_ACCUMULATION = "float32"
 # Rows below which the chunk GEMMs waste their tiles (cuBLAS tiles are 64–256 rows, and the dW GEMM's
 # inner dimension is R): a budget too small for this many is exceeded rather than honoured.
 MIN_CHUNK_ROWS = 64
+# The torch row sweep's elementwise work goes through a chunk in blocks of this many rows
+# (``torch_rows``: the passes stay in cache, and its scratch is this many rows whatever the chunk).
+TORCH_ROW_BLOCK = 32
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -69,9 +72,9 @@ def shares_student_normalizer(spec: SweepSpec, vocab_student: int) -> bool:
 
 
 def torch_row_scratch(spec: SweepSpec, vocab_student: int) -> int:
-    """Scratch columns per row the torch row sweep (``torch_rows``) needs beside the logit buffers,
-    in logits' dtype: a work buffer for a divergence (two for JSD), the log-prob softmax when it
-    cannot share the divergence's, the soft cap's slope."""
+    """Scratch columns per row of a block the torch row sweep (``torch_rows``) needs beside the
+    logit buffers, in the logits' dtype: a work buffer for a divergence (two for JSD), the log-prob
+    softmax when it cannot share the divergence's, the soft cap's slope."""
     vocab_div = spec.vocab_size if spec.has_div else 0
     student_cols = vocab_student if spec.with_logps else vocab_div
     cols = vocab_div * (2 if spec.kind == "jsd" else 1 if spec.has_div else 0)
@@ -116,8 +119,9 @@ def plan_chunks(spec: SweepSpec, rows: int, vocab_student: int, hidden_student: 
       student logits   C·4 bytes, C = V when log-probs are asked for (whole head) else vocab_size
       teacher logits   vocab_size·4 (divergences, advantage)
       reference logits vocab_size·4 (advantage)
-      torch row sweep  its scratch (``torch_row_scratch``)·4, and C·2 for the gradient cast to half
-                       inputs (the Triton kernel writes it over the logits in place)
+      torch row sweep  C·2 for the gradient cast to half inputs (the Triton kernel writes it over
+                       the logits in place); its scratch, ``torch_row_scratch``·4 for TORCH_ROW_BLOCK
+                       rows, is fixed
     At the end, fp32 accumulators of half inputs are cast to the inputs' dtype (autograd's result),
     (N + V)·Hs·2 beside them once the workspace is freed: a workspace up to that size costs no peak.
     R = max((budget − fixed) / per-row, cast / per-row), at least MIN_CHUNK_ROWS, at most N; the
@@ -162,7 +166,7 @@ def _plan_for(spec: SweepSpec, rows: int, vocab_student: int, hidden_student: in
     columns = student_cols + vocab_div * (1 if spec.needs_teacher else 0) + vocab_div * (1 if spec.needs_ref else 0)
     row_bytes = logit_elem * columns
     if row_sweep == "torch":
-        row_bytes += logit_elem * torch_row_scratch(spec, vocab_student)
+        fixed += min(rows, TORCH_ROW_BLOCK) * logit_elem * torch_row_scratch(spec, vocab_student)
         if input_elem != logit_elem:
             row_bytes += input_elem * student_cols
     fit = (budget - fixed) // row_bytes if budget > fixed else 0

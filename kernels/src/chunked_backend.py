@@ -51,7 +51,7 @@ import torch
 
 from . import torch_rows
 from .autograd import Swept
-from .chunk_plan import plan_chunks
+from .chunk_plan import TORCH_ROW_BLOCK, plan_chunks
 from .row_chunks import Workspace, accumulate_chunk_grads, logits_into, new_grads
 from .sweep import SweepGrads, SweepInputs, SweepSpec
 
@@ -141,7 +141,8 @@ def sweep(spec: SweepSpec, inputs: SweepInputs, budget: int, row_sweep: str = "t
     if want_grads:
         grads = into if into is not None else new_grads(n, s_weight, inputs.student_bias, plan.grad_dtype,
                                                         spec.weight_grad, spec.bias_grad)
-    space = Workspace(plan.rows_per_chunk, logits_dtype, device)
+    space = Workspace(plan.rows_per_chunk, logits_dtype, device,
+                      scratch_rows=min(plan.rows_per_chunk, TORCH_ROW_BLOCK) if row_sweep == "torch" else 0)
 
     f32 = dict(dtype=torch.float32, device=device)
     div_out = torch.zeros(n, **f32) if spec.has_div else None
@@ -179,7 +180,7 @@ def sweep(spec: SweepSpec, inputs: SweepInputs, budget: int, row_sweep: str = "t
         else:
             torch_rows.row_sweep(spec, logits, teacher, ref, targets[rows], pick(g_div), pick(g_logp), pick(div_out),
                                  pick(logp_out), pick(lse_out), with_grad=want_grads, lse_given=lse_given,
-                                 scratch=lambda name, cols: space.get(name, count, cols))
+                                 scratch=lambda name, block_rows, cols: space.get_scratch(name, block_rows, cols))
             grad_logits = logits
             if want_grads and dtype != logits_dtype:  # half GEMM operands: the gradient cast once
                 grad_logits = space.get("grad_cast", count, student_cols, dtype).copy_(logits)
