@@ -14,7 +14,8 @@ from typing import Callable, Dict, FrozenSet, Optional, Tuple
 
 import torch
 
-IGNORE_INDEX = -100
+from fastdadpo.kernels import IGNORE_INDEX
+
 DPO_BETA = 0.1
 # Standard deviation of the random logits. Real LM heads give peaked distributions; 2 keeps the
 # softmax away from uniform without making every row one-hot.

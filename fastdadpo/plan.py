@@ -457,7 +457,7 @@ def kernel_workspace_bytes(sweep: KernelSweep, arch: Architecture, s: Setting, t
     ``kernel_gradient_bytes`` term, so they are taken out here."""
     plan = _chunk_plan(sweep, arch, s, min(arch.vocab, teacher_vocab) if sweep.teachers else 0)
     # At the end the chunk buffers are gone and the gradients' cast takes their place.
-    return max(plan.rows_per_chunk * plan.row_bytes, plan.cast_bytes) + 8 * sweep.rows * 4
+    return max(plan.rows_per_chunk * plan.row_bytes, plan.cast_bytes) + plan.scratch_bytes + 8 * sweep.rows * 4
 
 
 def _chunk_plan(sweep: KernelSweep, arch: Architecture, s: Setting, shared: int) -> ChunkPlan:

@@ -379,9 +379,11 @@ MEMORY_SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize("mode", ["reduced", pytest.param("recompute", marks=pytest.mark.slow)])
 def test_memory_stays_far_under_one_logits_tensor(mode):
     """N=4096, V=65,536: one fp32 [N, V] tensor is 1 GiB; forward+backward must stay far under it
-    (the gradients themselves, 68 MB, included): the default backend keeps its 160 MiB CPU budget."""
+    (the gradients themselves, 68 MB, included): the default backend keeps its 192 MiB CPU budget."""
     out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, mode], capture_output=True, text=True, timeout=600,
                          env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2")))
     assert out.returncode == 0, out.stderr
     above_inputs = int(out.stdout.strip().splitlines()[-1])
-    assert above_inputs < 200 * 2**20, f"{above_inputs / 2**20:.0f} MiB above the inputs"
+    # The default CPU budget (192 MiB, gradients included) plus this first call's one-time allocations
+    # (thread pools, BLAS buffers); the bench's measurement after a warm-up call: 191 MiB.
+    assert above_inputs < 240 * 2**20, f"{above_inputs / 2**20:.0f} MiB above the inputs"

@@ -300,7 +300,7 @@ def test_budget_from_argument_and_environment(monkeypatch):
         chunk_plan.budget_bytes(0)
     monkeypatch.delenv(chunk_plan.CHUNK_BUDGET_ENV)
     assert chunk_plan.budget_bytes(None, torch.device("cuda")) == 1400 * 2**20
-    assert chunk_plan.budget_bytes(None, torch.device("cpu")) == 160 * 2**20
+    assert chunk_plan.budget_bytes(None, torch.device("cpu")) == 192 * 2**20
 
 
 def test_workspace_is_what_the_rule_counts(monkeypatch):

@@ -80,10 +80,11 @@ def test_stages_and_offload_by_hand():
     cpu3 = Setting(**{**cpu0.__dict__, "zero_stage": 3})
     assert plan.student_reduce_bucket_bytes(ARCH, cpu3) == 1000 * 4  # min(bucket 1000, P 1352) pages written
     assert plan.student_optimizer_temp_bytes(ARCH, cpu3) == 4 * 1352 // 4  # the flat partition
-    # the CPU kernels (the chunked algorithm, torch row sweep, 160 MiB budget): all 12 rows in one
+    # the CPU kernels (the chunked algorithm, torch row sweep, 192 MiB budget): all 12 rows in one
     # chunk; log-probs alone work in the student's fp32 logits (no scratch), + 8 per-row fp32 vectors
     assert plan.kernel_workspace_bytes(KernelSweep(rows=12), ARCH, cpu0, 10) == 12 * 10 * 4 + 8 * 12 * 4
-    # a divergence with log-probs: student, teacher, one work buffer (one student softmax serves both)
+    # a divergence with log-probs: student, teacher, one work buffer of a row block (all 12 rows here;
+    # one student softmax serves both)
     assert plan.kernel_workspace_bytes(KernelSweep(rows=12, teachers=1), ARCH, cpu0, 10) == 12 * 10 * 4 * 3 + 8 * 12 * 4
 
 

@@ -18,10 +18,11 @@ from .sweep import SweepSpec
 
 CHUNK_BUDGET_ENV = "FASTDADPO_CHUNK_BUDGET_MB"
 # CUDA: 1400 MiB (1.47 GB) keeps a call within 1.5 GB at V = 128k–256k, the gradients summed in fp32
-# where that fits (``plan_chunks``). Elsewhere (CPU): 160 MiB. On CPU a chunk beyond ~128 rows buys
-# the GEMMs nothing more, and every byte of a larger workspace is a page the first chunk faults in;
-# at the CPU anchor (V = 65,536, H = 256, fp32) 160 MiB holds the 68 MiB of gradients and a
-# workspace of 120–180 rows, a call within 200 MiB of its inputs.
+# where that fits (``plan_chunks``). Elsewhere (CPU): 192 MiB. The CPU's GEMMs still gain from larger
+# chunks there (at the CPU anchor, V = 65,536, H = 256/512, fp32: forward KL 7.3 s at a 130 MiB
+# budget, 5.9 s at 200, 5.3 s at 400, before the head-tiled logit GEMMs), and 192 MiB holds the
+# 68 MiB of gradients, the row sweep's block scratch and ~230 rows of student and teacher logits:
+# a call within 200 MiB of its inputs (191 MiB measured, bench/results/cpu-anchor.md).
 DEFAULT_CHUNK_BUDGET_MB = {"cuda": 1400.0, "cpu": 192.0}
 # How dh and dW of half-precision inputs are summed across row chunks: "float32" (the default:
 # bench/results/cpu-bf16-accumulation.md gives the figures; chunked_backend's docstring the reasons),
@@ -96,6 +97,8 @@ class ChunkPlan:
     cast_bytes: int = 0
     # The dtype dh and dW are summed in across chunks (``grad_accumulation_dtype``, within the budget).
     grad_dtype: torch.dtype = torch.float32
+    # The torch row sweep's block scratch (part of ``fixed_bytes``; 0 for the Triton row kernel).
+    scratch_bytes: int = 0
 
     @property
     def peak_bytes(self) -> int:
@@ -165,11 +168,13 @@ def _plan_for(spec: SweepSpec, rows: int, vocab_student: int, hidden_student: in
     cast = 0 if grad_dtype == input_dtype else grad_rows * hidden_student * input_elem
     columns = student_cols + vocab_div * (1 if spec.needs_teacher else 0) + vocab_div * (1 if spec.needs_ref else 0)
     row_bytes = logit_elem * columns
+    scratch = 0
     if row_sweep == "torch":
-        fixed += min(rows, TORCH_ROW_BLOCK) * logit_elem * torch_row_scratch(spec, vocab_student)
+        scratch = min(rows, TORCH_ROW_BLOCK) * logit_elem * torch_row_scratch(spec, vocab_student)
+        fixed += scratch
         if input_elem != logit_elem:
             row_bytes += input_elem * student_cols
     fit = (budget - fixed) // row_bytes if budget > fixed else 0
     chunk = max(1, min(rows, max(MIN_CHUNK_ROWS, fit, cast // row_bytes)))
     return ChunkPlan(rows_per_chunk=chunk, row_bytes=row_bytes, fixed_bytes=fixed, budget_bytes=budget,
-                     cast_bytes=cast, grad_dtype=grad_dtype)
+                     cast_bytes=cast, grad_dtype=grad_dtype, scratch_bytes=scratch)
