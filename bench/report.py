@@ -4,7 +4,7 @@
 
 Writes ``<out>/<name>.md`` (``--name``, default: the first JSON's stem) with, per kernel case, each
 implementation's time and peak memory and the ratios ours/implementation (ours = fastdadpo with
-the gradient hint; < 1 means ours is faster or smaller), the train-step comparison, the machine and
+reduced in the call (`weights=`); < 1 means ours is faster or smaller), the train-step comparison, the machine and
 the exact command; and ``<out>/<name>_<case>.png``: time and peak memory against tokens, one
 column per vocabulary. Sizes that did not run (GPU sizes on a CPU machine) are listed with empty cells.
 """
@@ -159,35 +159,35 @@ def _tile_fused_bytes(shape: Shape, passes: int) -> float:
     return passes * operands + 4 * (shape.n + shape.v) * shape.hs
 
 
-# implementation family -> (FLOPs in units of F·H, HBM bytes, why), per (shape, kind, with_logps, hint).
-# kind "none" = log-probs only; hint = the caller's grad_weights (gradient formable in the forward).
-def _model_chunked(shape, kind, with_logps, hint):
+# implementation family -> (FLOPs in units of F·H, HBM bytes, why), per (shape, kind, with_logps, reduced).
+# kind "none" = log-probs only; reduced = the loss reduced in the call (weights=: gradient formed in the forward).
+def _model_chunked(shape, kind, with_logps, reduced):
     # Our chunked backend's own plan at its default budget (without one in this tree: 1,024-row chunks
     # whose accumulators are in the inputs' dtype).
     plan = _ours_plan(shape, kind, with_logps)
     chunks = _chunks(shape, 1024 if plan is None else plan.rows_per_chunk)
     accumulator_elem = shape.elem if plan is None else plan.grad_dtype.itemsize
-    if hint:
+    if reduced:
         flops = 3 * shape.hs + shape.hf
-        why = "hint: each head's logits once, gradient formed in the same sweep, two gradient GEMMs"
+        why = "reduced: each head's logits once, gradient formed in the same sweep, two gradient GEMMs"
     else:
         flops = 4 * shape.hs + 2 * shape.hf
-        why = "no hint: the backward recomputes every head's logits (log-probs: the student's only)"
-    return flops, _chunked_bytes(shape, chunks, 4, shape.elem, 1 if hint else 2, accumulator_elem), \
-        f"{_formula(shape, 3, 1) if hint else _formula(shape, 4, 2)}: {why}; {chunks} chunks (its budget rule), " \
+        why = "per token: the backward recomputes every head's logits (log-probs: the student's only)"
+    return flops, _chunked_bytes(shape, chunks, 4, shape.elem, 1 if reduced else 2, accumulator_elem), \
+        f"{_formula(shape, 3, 1) if reduced else _formula(shape, 4, 2)}: {why}; {chunks} chunks (its budget rule), " \
         "fp32 logits"
 
 
-def _model_tile_fused(shape, kind, with_logps, hint):
+def _model_tile_fused(shape, kind, with_logps, reduced):
     passes = 2 if kind == "jsd" else 1  # JSD needs both normalizers before log m: a second forward pass
     flops = (passes + 1) * (shape.hs + shape.hf) + 2 * shape.hs
     text = _formula(shape, passes + 3, passes + 1)
     return flops, _tile_fused_bytes(shape, passes + 1), \
         f"{text}: forward sweep{'s' if passes == 2 else ''} and a backward that recomputes every head " \
-        "(the hint is not used), gradients through atomics"
+        "(reduced outputs are not formed early), gradients through atomics"
 
 
-def _model_naive(shape, kind, with_logps, hint, compiled=False):
+def _model_naive(shape, kind, with_logps, reduced, compiled=False):
     heads = 1 + shape.frozen
     nv = shape.n * shape.v
     # fp32 logits (it upcasts); eager: per head the GEMM output, log_softmax (read, write), the
@@ -200,7 +200,7 @@ def _model_naive(shape, kind, with_logps, hint, compiled=False):
         "over N×V); its GEMMs run in fp32 (inputs upcast), so the bf16 FLOP floor is out of its reach"
 
 
-def _model_liger(shape, kind, with_logps, hint):
+def _model_liger(shape, kind, with_logps, reduced):
     chunks = _chunks(shape, 1024)  # its fused-linear chunked losses' default chunk of rows
     return 3 * shape.hs + shape.hf, _chunked_bytes(shape, chunks, shape.elem, shape.elem, 1) + \
         2 * shape.n * shape.v * 4 * (1 + shape.frozen), \
@@ -208,7 +208,7 @@ def _model_liger(shape, kind, with_logps, hint):
         "logits in the input dtype upcast to fp32 once per head"
 
 
-def _model_cce(shape, kind, with_logps, hint):
+def _model_cce(shape, kind, with_logps, reduced):
     operands = shape.n * shape.hs * shape.elem + shape.student_head
     return 4 * shape.hs, 2 * operands + 2 * shape.elem * (shape.n + shape.v) * shape.hs, \
         "F·4·Hs: tiled log-sum-exp forward, backward recomputes the logits (an upper bound: its gradient " \
@@ -239,24 +239,24 @@ def design_of(implementation: str) -> Optional[str]:
     return implementation if implementation in ROOFLINE_MODELS else None
 
 
-def design_roofline(design: str, case, size, tokens: int, hint: bool) -> Tuple[float, float, float, str]:
+def design_roofline(design: str, case, size, tokens: int, reduced: bool) -> Tuple[float, float, float, str]:
     """(FLOPs, HBM bytes, floor seconds, why) of one design on one case and size."""
     frozen = 2 if case.family == "advantage" else 1 if case.needs_teacher else 0
     elem = 2 if str(size.dtype) in ("torch.bfloat16", "torch.float16") else 4
     shape = Shape(tokens, size.vocab, size.student_hidden, size.teacher_hidden, frozen, elem)
     kind = case.kind or ("advantage" if case.family == "advantage" else "none")
     with_logps = case.family in ("kd", "nll", "dpo")
-    units, hbm, why = ROOFLINE_MODELS[design](shape, kind, with_logps, hint and case.family != "dpo")
+    units, hbm, why = ROOFLINE_MODELS[design](shape, kind, with_logps, reduced and case.family != "dpo")
     flops = units * shape.f
     return flops, hbm, max(flops / PEAK_FLOPS, hbm / PEAK_BYTES), why
 
 
 def roofline(case, size, tokens: int, implementation: str) -> Optional[Tuple[float, float, float, str]]:
-    """The model of one bench implementation (None: no model for it). DPO never has a hint."""
+    """The model of one bench implementation (None: no model for it). DPO is never reduced."""
     design = design_of(implementation)
     if design is None:
         return None
-    return design_roofline(design, case, size, tokens, hint="no-hint" not in implementation)
+    return design_roofline(design, case, size, tokens, reduced="no-hint" not in implementation)
 
 
 # --- kernels -----------------------------------------------------------------------------------------------
@@ -351,10 +351,10 @@ def roofline_section() -> List[str]:
             by_design[design].append(name)
     for design in ROOFLINE_MODELS:
         case = CASES["logprobs"] if design == "cce" else CASES["forward_kl"]
-        for hint in ((True, False) if design == "chunked" else (True,)):
-            flops, hbm, floor, why = design_roofline(design, case, liger, 8192, hint)
+        for reduced in ((True, False) if design == "chunked" else (True,)):
+            flops, hbm, floor, why = design_roofline(design, case, liger, 8192, reduced)
             names = ", ".join(by_design.get(design, [])) or "(none benchmarked)"
-            lines.append(f"| {design}{'' if hint or design != 'chunked' else ' (no hint)'} | {names} | "
+            lines.append(f"| {design}{'' if reduced or design != 'chunked' else ' (no reduced)'} | {names} | "
                          f"{flops / 1e12:.1f} T | {hbm / 1e9:.1f} GB | {seconds(floor)} | {why} |")
     return lines + [""]
 
@@ -388,7 +388,7 @@ def plot_kernels(index, out_dir: str, prefix: str) -> List[str]:
                 tokens = [p[0] for p in points]
                 style = dict(marker="o", label=IMPLEMENTATIONS[name].label,
                              linewidth=2.5 if IMPLEMENTATIONS[name].ours else 1.5,
-                             linestyle="--" if name == "fastdadpo-no-hint" else "-")  # it overlaps ours in memory
+                             linestyle="--" if name == "fastdadpo-no-reduced" else "-")  # it overlaps ours in memory
                 axes[0][column].plot(tokens, [p[1] for p in points], **style)
                 axes[1][column].plot(tokens, [(p[2] or 0) / 2**20 for p in points], **style)
             axes[0][column].set_title(f"{case.name}, V={vocab:,}")

@@ -1,5 +1,5 @@
-"""Kernel benchmarks, forward + backward: fastdadpo's fused kernels (with and without the gradient
-hint) against the materialized reference, its torch.compile, Liger-Kernel's chunked losses and Cut
+"""Kernel benchmarks, forward + backward: fastdadpo's fused kernels (the loss reduced in the call,
+and from per-token outputs) against the materialized reference, its torch.compile, Liger-Kernel's chunked losses and Cut
 Cross-Entropy, on the same inputs computing the same loss (checked), at the sizes of
 ``bench.registry.SIZES``. Each records its peak memory above the inputs (``bench.memory``)."""
 from __future__ import annotations

@@ -76,7 +76,7 @@ def _check(fused, naive, leaves, upstreams, value_atol=5e-5, grad_rel=1e-2):
 # --- V = 131,072 in 21 row chunks ------------------------------------------------------------------------
 
 def test_bf16_at_128k_vocab_in_21_chunks(monkeypatch):
-    """Forward KL with the target log-probs, a training loss (mean KL − mean log p, the hinted
+    """Forward KL with the target log-probs, a training loss (mean KL − mean log p, reduced in the
     path), 84 rows in chunks of 4. Values at fp32 precision; dh and dW near the bf16 floor; dW of
     the head rows no token targets (the softmax's dense part, summed over all 21 chunks) under
     3.9e-3 with fp32 accumulation (3.6e-3 measured; the float64 gradient rounded to bf16 is
@@ -113,7 +113,7 @@ def test_bf16_at_128k_vocab_in_21_chunks(monkeypatch):
         assert _rel(dh, ref_dh) < 3.5e-3  # 2.7e-3: each row's dh is one chunk's GEMM, rounded once
         assert _rel(dw, ref_dw) < 2.5e-3  # 1.8e-3 (fp32), 1.9e-3 (bf16): the targeted rows dominate
         dw_untargeted[accumulation] = _rel(dw, ref_dw, untargeted)
-    assert launches == [chunk] * 21 * 2  # 21 chunks, one sweep (the hinted path), each accumulation
+    assert launches == [chunk] * 21 * 2  # 21 chunks, one sweep (reduced outputs), each accumulation
     assert dw_untargeted["float32"] < 3.9e-3 < dw_untargeted["inputs"], dw_untargeted
 
 
@@ -126,16 +126,16 @@ def small_chunks(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
-@pytest.mark.parametrize("hint", [False, True])
-def test_divergence_bf16_padded_heads(kind, hint, small_chunks):
+@pytest.mark.parametrize("reduced", [False, True])
+def test_divergence_bf16_padded_heads(kind, reduced, small_chunks):
     # Student head 131 rows, teacher's 139 (padded), the shared vocabulary 127; 45 rows (6 chunks
     # of 7 and a ragged 3), a mask, both temperatures off 1, targets over the whole student head.
     t = _bf16_inputs(1, n=45, hs=24, ht=40, vs=131, vt=139)
     kwargs = dict(kind=kind, beta=0.3, temperature=1.7, mask=t["mask"], vocab_size=127, targets=t["targets"],
                   logp_temperature=0.8)
-    hints = dict(weights=t["upstream"].float(), logp_weights=t["upstream2"].float()) if hint else {}
+    weights = dict(weights=t["upstream"].float(), logp_weights=t["upstream2"].float()) if reduced else {}
     teacher = (t["teacher_hidden"], t["teacher_weight"])
-    outs = _check(lambda h, w: fused_linear_divergence(h, w, *teacher, impl="chunked_triton", **kwargs, **hints),
+    outs = _check(lambda h, w: fused_linear_divergence(h, w, *teacher, impl="chunked_triton", **kwargs, **weights),
                   lambda h, w: naive_linear_divergence(h, w, *(x.double() for x in teacher), **kwargs),
                   [t["student_hidden"], t["student_weight"]], [t["upstream"], t["upstream2"]])
     assert torch.all(outs[0][~t["mask"]] == 0) and torch.all(outs[1][t["targets"] == -100] == 0)

@@ -69,13 +69,13 @@ def _compare(fused, naive, leaves, upstreams, names=("hidden", "weight", "bias")
 
 @pytest.mark.parametrize("temperature", [1.0, 1.7])
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("hint", [False, True])
-def test_logprobs_match_reference(temperature, with_bias, hint, small_chunks):
+@pytest.mark.parametrize("reduced", [False, True])
+def test_logprobs_match_reference(temperature, with_bias, reduced, small_chunks):
     t = _tensors(0, n=23, hs=24, ht=8, vs=101, vt=101)
     targets = t["targets"].clone()
     targets[::4] = -100
     leaves = [t["student_hidden"], t["student_weight"]] + ([t["bias"]] if with_bias else [])
-    weights = t["upstream"].float() if hint else None
+    weights = t["upstream"].float() if reduced else None
 
     def fused(h, w, *b):
         return fused_linear_logprobs(h, w, targets, bias=b[0] if b else None, temperature=temperature,
@@ -90,8 +90,8 @@ def test_logprobs_match_reference(temperature, with_bias, hint, small_chunks):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("with_targets", [False, True])
-@pytest.mark.parametrize("hint", [False, True])
-def test_divergence_matches_reference(kind, with_targets, hint):
+@pytest.mark.parametrize("reduced", [False, True])
+def test_divergence_matches_reference(kind, with_targets, reduced):
     # Teacher head padded (109 rows) and wider hidden size; the shared vocabulary is 97 < 101.
     t = _tensors(1, n=19, hs=24, ht=40, vs=101, vt=109)
     targets = t["targets"].clone()
@@ -99,16 +99,16 @@ def test_divergence_matches_reference(kind, with_targets, hint):
     kwargs = dict(kind=kind, beta=0.3, temperature=2.3, mask=t["mask"], vocab_size=97)
     if with_targets:
         kwargs.update(targets=targets, logp_temperature=1.3)
-    hints = {}
-    if hint:
-        hints = dict(weights=t["upstream"].float())
+    weights = {}
+    if reduced:
+        weights = dict(weights=t["upstream"].float())
         if with_targets:
-            hints.update(logp_weights=t["upstream2"].float())
+            weights.update(logp_weights=t["upstream2"].float())
     teacher = (t["teacher_hidden"], t["teacher_weight"])
 
     def fused(h, w):
         return fused_linear_divergence(h, w, teacher[0].float(), teacher[1].float(), impl="chunked_triton", **kwargs,
-                                       **hints)
+                                       **weights)
 
     def naive(h, w):
         return naive_linear_divergence(h, w, *teacher, **kwargs)
@@ -128,12 +128,12 @@ def test_divergence_at_temperature_one_in_several_chunks(small_chunks):
              [t["student_hidden"], t["student_weight"]], [t["upstream"], t["upstream2"]])
 
 
-@pytest.mark.parametrize("hint", [False, True])
-def test_advantage_matches_reference(hint, small_chunks):
+@pytest.mark.parametrize("reduced", [False, True])
+def test_advantage_matches_reference(reduced, small_chunks):
     t = _tensors(3, n=17, hs=16, ht=24, vs=53, vt=59)
     kwargs = dict(temperature=0.7, mask=t["mask"], vocab_size=53)
     frozen = [t[k] for k in ("teacher_hidden", "teacher_weight", "ref_hidden", "ref_weight")]
-    weights = t["upstream"].float() if hint else None
+    weights = t["upstream"].float() if reduced else None
     _compare(lambda h, w: fused_linear_advantage(h, w, *(x.float() for x in frozen), impl="chunked_triton",
                                                  weights=weights, chunk_budget_mb=small_chunks, **kwargs),
              lambda h, w: naive_linear_advantage(h, w, *frozen, **kwargs),

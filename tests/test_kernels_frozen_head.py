@@ -2,7 +2,7 @@
 and bias gradients still match the float64 reference, the weight gets no gradient, and no
 [V, H]-shaped float tensor is ever allocated (no weight-gradient buffer, no dW GEMM), observed
 through every aten op the call runs. Torch backend and the chunked backend (its Triton row kernel
-under TRITON_INTERPRET=1, fp32), with and without the grad_weights hint.
+under TRITON_INTERPRET=1, fp32), per token and reduced (weights=).
 """
 import pytest
 import torch
@@ -54,24 +54,24 @@ def _leaves(t, dtype):
     return leaves
 
 
-def _call(fn, t, leaves, hint, impl):
+def _call(fn, t, leaves, reduced, impl):
     """(outputs, hidden grad, bias grad or None, weight) with a frozen weight, the loss Σ up·out."""
     hs, ws, bias, others = leaves["hs"], leaves["ws"], leaves["bias"], leaves
     kw = {} if impl is None else dict(impl=impl)
     if fn == "logprobs":
         f = fused_linear_logprobs if impl else naive_linear_logprobs
-        extra = dict(weights=t["up"].float()) if hint and impl else {}
+        extra = dict(weights=t["up"].float()) if reduced and impl else {}
         outs = f(hs, ws, t["targets"], bias=bias, temperature=1.3, **kw, **extra)
         ups = (t["up"],)
     elif fn == "divergence":
         f = fused_linear_divergence if impl else naive_linear_divergence
-        extra = dict(weights=t["up"].float(), logp_weights=t["up2"].float()) if hint and impl else {}
+        extra = dict(weights=t["up"].float(), logp_weights=t["up2"].float()) if reduced and impl else {}
         outs = f(hs, ws, others["ht"], others["wt"], kind="jsd", beta=0.3, temperature=1.7, mask=t["mask"],
                  targets=t["targets"], **kw, **extra)
         ups, bias = (t["up"], t["up2"]), None
     else:
         f = fused_linear_advantage if impl else naive_linear_advantage
-        extra = dict(weights=t["up"].float()) if hint and impl else {}
+        extra = dict(weights=t["up"].float()) if reduced and impl else {}
         outs = f(hs, ws, others["ht"], others["wt"], others["hr"], others["wr"], temperature=0.8, mask=t["mask"],
                  **kw, **extra)
         ups, bias = (t["up"],), None
@@ -86,14 +86,14 @@ def _call(fn, t, leaves, hint, impl):
 
 @pytest.mark.parametrize("impl", ["torch", "chunked_triton"])
 @pytest.mark.parametrize("fn", ["logprobs", "divergence", "advantage"])
-@pytest.mark.parametrize("hint", [False, True])
-def test_frozen_head_forms_no_weight_gradient(monkeypatch, impl, fn, hint):
+@pytest.mark.parametrize("reduced", [False, True])
+def test_frozen_head_forms_no_weight_gradient(monkeypatch, impl, fn, reduced):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     t = _tensors(3)
-    expected, hidden64, bias64, _ = _call(fn, t, _leaves(t, torch.float64), hint, None)
+    expected, hidden64, bias64, _ = _call(fn, t, _leaves(t, torch.float64), reduced, None)
     leaves = _leaves(t, torch.float32)
     with _HeadShapedAllocations((V, HS)) as seen:
-        outs, hidden, bias, weight = _call(fn, t, leaves, hint, impl)
+        outs, hidden, bias, weight = _call(fn, t, leaves, reduced, impl)
     assert seen.seen == [], f"{impl}: [V, H] float tensors allocated with a frozen head: {seen.seen}"
     assert weight.grad is None
     for a, b in zip(outs, expected):

@@ -2,7 +2,7 @@
 function and backend against the naive float64 reference: values and gradients (hidden, weight,
 bias), the student's and the teacher's (and the reference's) maps set separately, at irregular
 shapes (prime vocabularies, rows no chunk or block divides, padded teacher heads, teacher hidden
-sizes that differ), masks, ignore_index, temperatures, with and without the grad_weights hint. The
+sizes that differ), masks, ignore_index, temperatures, per token and reduced (weights=). The
 torch backend, and the chunked backend with its Triton row kernel under TRITON_INTERPRET=1 (fp32).
 Logits are large enough that the cap bends them (|x| up to several caps). And the reference itself
 against torch's autograd of the formula, and the options' errors.
@@ -67,14 +67,14 @@ def _compare(fused, naive, leaves, upstreams, names=("hidden", "weight", "bias")
 
 @pytest.mark.parametrize("softcap,scale", [(3.0, 1.0), (None, 0.35), (2.0, 1.8)])
 @pytest.mark.parametrize("temperature", [1.0, 1.7])
-@pytest.mark.parametrize("hint", [False, True])
-def test_logprobs(impl, softcap, scale, temperature, hint):
+@pytest.mark.parametrize("reduced", [False, True])
+def test_logprobs(impl, softcap, scale, temperature, reduced):
     t = _tensors(0, n=23, hs=24, ht=8, vs=101, vt=101)
     targets = t["targets"].clone()
     targets[[3, 17]] = -100
-    hint_kw = dict(weights=t["upstream"].float()) if hint else {}
+    reduced_kw = dict(weights=t["upstream"].float()) if reduced else {}
     _compare(lambda h, w, b: fused_linear_logprobs(h, w, targets, bias=b, temperature=temperature, softcap=softcap,
-                                                   logit_scale=scale, **impl, **hint_kw),
+                                                   logit_scale=scale, **impl, **reduced_kw),
              lambda h, w, b: naive_linear_logprobs(h, w, targets, bias=b, temperature=temperature,
                                                    logit_map=LogitMap(softcap, scale)),
              [t["student_hidden"], t["student_weight"], t["bias"]], [t["upstream"]])
@@ -102,8 +102,8 @@ def test_divergence(impl, kind, maps, with_targets):
 
 
 @pytest.mark.parametrize("kind", KINDS + ("advantage",))
-def test_hinted_gradients(impl, kind):
-    """Gradients formed in the forward sweep (the hint) carry the chain rule too."""
+def test_reduced_gradients(impl, kind):
+    """Gradients formed in the forward sweep (reduced outputs) carry the chain rule too."""
     t = _tensors(2, n=21, hs=20, ht=12, vs=83, vt=83)
     maps = dict(softcap=2.5, logit_scale=1.3, teacher_softcap=3.5, teacher_logit_scale=0.9)
     names = ("hidden", "weight")

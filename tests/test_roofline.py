@@ -10,7 +10,7 @@ F = 2 * 8192 * 128256
 
 
 def test_chunked_design_at_ligers_config_is_the_flop_floor():
-    flops, hbm, floor, why = report.design_roofline("chunked", registry.CASES["jsd"], LIGER, 8192, hint=True)
+    flops, hbm, floor, why = report.design_roofline("chunked", registry.CASES["jsd"], LIGER, 8192, reduced=True)
     assert flops == F * (3 * 2048 + 4096)
     assert flops == pytest.approx(21.5e12, rel=0.01)
     assert floor == pytest.approx(27.2e-3, rel=0.01)  # compute-bound: 21.5 TFLOP at 790 TFLOP/s
@@ -18,22 +18,22 @@ def test_chunked_design_at_ligers_config_is_the_flop_floor():
     assert why.startswith("F·(3·Hs + Ht)")
 
 
-def test_log_probs_without_hint_recompute_the_student_only():
-    flops, *_ = report.design_roofline("chunked", registry.CASES["dpo"], LIGER, 8192, hint=True)
-    assert flops == F * 4 * 2048  # DPO never has a hint: the backward recomputes the student chunk
-    flops, *_ = report.design_roofline("chunked", registry.CASES["logprobs"], LIGER, 8192, hint=True)
+def test_per_token_log_probs_recompute_the_student_only():
+    flops, *_ = report.design_roofline("chunked", registry.CASES["dpo"], LIGER, 8192, reduced=True)
+    assert flops == F * 4 * 2048  # DPO is never reduced: the backward recomputes the student chunk
+    flops, *_ = report.design_roofline("chunked", registry.CASES["logprobs"], LIGER, 8192, reduced=True)
     assert flops == F * 3 * 2048
 
 
 def test_tile_fused_and_peers():
     jsd, kl = registry.CASES["jsd"], registry.CASES["forward_kl"]
-    assert report.design_roofline("tile-fused", kl, LIGER, 8192, hint=True)[0] == F * (4 * 2048 + 2 * 4096)
-    assert report.design_roofline("tile-fused", jsd, LIGER, 8192, hint=True)[0] == F * (5 * 2048 + 3 * 4096)
-    assert report.design_roofline("liger", kl, LIGER, 8192, hint=True)[0] == F * (3 * 2048 + 4096)
-    assert report.design_roofline("cce", registry.CASES["logprobs"], LIGER, 8192, hint=True)[0] == F * 4 * 2048
-    naive = report.design_roofline("naive", kl, LIGER, 8192, hint=True)
-    assert naive[1] > 20 * report.design_roofline("tile-fused", kl, LIGER, 8192, hint=True)[1]  # N×V fp32 traffic
-    advantage = report.design_roofline("chunked", registry.CASES["advantage"], LIGER, 8192, hint=True)
+    assert report.design_roofline("tile-fused", kl, LIGER, 8192, reduced=True)[0] == F * (4 * 2048 + 2 * 4096)
+    assert report.design_roofline("tile-fused", jsd, LIGER, 8192, reduced=True)[0] == F * (5 * 2048 + 3 * 4096)
+    assert report.design_roofline("liger", kl, LIGER, 8192, reduced=True)[0] == F * (3 * 2048 + 4096)
+    assert report.design_roofline("cce", registry.CASES["logprobs"], LIGER, 8192, reduced=True)[0] == F * 4 * 2048
+    naive = report.design_roofline("naive", kl, LIGER, 8192, reduced=True)
+    assert naive[1] > 20 * report.design_roofline("tile-fused", kl, LIGER, 8192, reduced=True)[1]  # N×V fp32 traffic
+    advantage = report.design_roofline("chunked", registry.CASES["advantage"], LIGER, 8192, reduced=True)
     assert advantage[0] == F * (3 * 2048 + 2 * 4096)  # teacher and reference heads
 
 

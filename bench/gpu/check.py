@@ -33,14 +33,14 @@ sys.path.insert(0, ROOT)
 # The configurations: N=8192 tokens, student H=2048, teacher H=4096, Llama-3's and Qwen2.5's vocabularies.
 GPU_CONFIGS = [dict(tokens=8192, student_hidden=2048, teacher_hidden=4096, vocab=v) for v in (128256, 151936)]
 DRY_CONFIGS = [dict(tokens=40, student_hidden=24, teacher_hidden=40, vocab=v) for v in (97, 131)]
-# Each case exercises one path of the backends: both hints (gradient formed in the forward sweep),
-# no hint on a divergence (recompute both models), no hint on log-probs (DPO: recompute the student
-# only), the divergence hinted and the log-probs not (dadpo_token).
+# Each case exercises one path of the backends: both outputs reduced (weights=: the gradient formed
+# in the forward sweep), a per-token divergence (recompute both models), per-token log-probs (DPO:
+# recompute the student only), the divergence reduced and the log-probs per token (dadpo_token).
 CASES = {
-    "kd_hinted": dict(kind="forward_kl", targets=True, div_hint=True, logp_hint=True),
-    "jsd_no_hint": dict(kind="jsd", targets=False, div_hint=False, logp_hint=False),
-    "logprobs_no_hint": dict(kind=None, targets=True, div_hint=False, logp_hint=False),
-    "dadpo_token_shape": dict(kind="reverse_kl", targets=True, div_hint=True, logp_hint=False),
+    "kd_reduced": dict(kind="forward_kl", targets=True, div_reduced=True, logp_reduced=True),
+    "jsd_per_token": dict(kind="jsd", targets=False, div_reduced=False, logp_reduced=False),
+    "logprobs_per_token": dict(kind=None, targets=True, div_reduced=False, logp_reduced=False),
+    "dadpo_token_shape": dict(kind="reverse_kl", targets=True, div_reduced=True, logp_reduced=False),
 }
 # bf16 inputs are exact in float64, so the reference sees the same numbers: what differs is fp32
 # arithmetic, the bf16 d(loss)/d(logits) the gradient GEMMs take and the bf16 rounding of the
@@ -74,8 +74,8 @@ def _fused(case, t, impl, leaves):
     from fastdadpo.kernels import fused_linear_divergence, fused_linear_logprobs
 
     h, w = leaves
-    div_weights = t["upstream"] if case["div_hint"] else None
-    logp_weights = t["upstream2"] if case["logp_hint"] else None
+    div_weights = t["upstream"] if case["div_reduced"] else None
+    logp_weights = t["upstream2"] if case["logp_reduced"] else None
 
     def per_row(values, upstream):
         return (values.double() * upstream.double()).sum()

@@ -29,7 +29,6 @@ from .triton_backward import sweep_backward_kernel
 from .triton_forward import (NUM_STATS, STAT_ACC, STAT_KL_STUDENT, STAT_KL_TEACHER, STAT_M_LP, STAT_M_R, STAT_M_S,
                              STAT_M_T, STAT_TARGET, STAT_Z_LP, STAT_Z_R, STAT_Z_S, STAT_Z_T, sweep_forward_kernel)
 
-supports_eager_grads = False
 
 
 def interpreting() -> bool:
