@@ -47,9 +47,12 @@ def _col(v: torch.Tensor) -> torch.Tensor:
     return v.unsqueeze(1)
 
 
-def _to_base2(x: torch.Tensor, scale: float) -> None:
-    """x ← (x − max_row(x))·scale in place: shifted logits in base-2 units (scale = log2(e)/T)."""
-    x.sub_(_col(x.amax(dim=1))).mul_(scale)
+def _to_base2(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x ← (x − max_row(x))·scale in place: shifted logits in base-2 units (scale = log2(e)/T);
+    returns the row maxima."""
+    top = x.amax(dim=1)
+    x.sub_(_col(top)).mul_(scale)
+    return top
 
 
 def _exp2_sum(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -165,8 +168,7 @@ def _student_lse(s_top: torch.Tensor, log2_z_s: torch.Tensor, scale: float) -> t
 
 def _forward_kl(spec, s, t, r, g, g_logp, scale, scratch):
     # KL(q‖p) = E_q[t − s] − log Z_t + log Z_s over shifted logits; ∂/∂s = p − q.
-    s_top = s.amax(dim=1)
-    s.sub_(_col(s_top)).mul_(scale)
+    s_top = _to_base2(s, scale)
     _to_base2(t, scale)
     work = torch.sub(t, s, out=scratch("work", s.shape[1]))
     t.exp2_()
@@ -182,8 +184,7 @@ def _forward_kl(spec, s, t, r, g, g_logp, scale, scratch):
 
 def _reverse_kl(spec, s, t, r, g, g_logp, scale, scratch):
     # KL(p‖q) = E_p[s − t] − log Z_s + log Z_t; ∂/∂s = p·(log p − log q − KL).
-    s_top = s.amax(dim=1)
-    s.sub_(_col(s_top)).mul_(scale)
+    s_top = _to_base2(s, scale)
     _to_base2(t, scale)
     work = torch.sub(s, t, out=scratch("work", s.shape[1]))
     s.exp2_()
@@ -202,8 +203,7 @@ def _jsd(spec, s, t, r, g, g_logp, scale, scratch):
     beta = spec.beta
     vocab = s.shape[1]
     work, work2 = scratch("work", vocab), scratch("work2", vocab)
-    s_top = s.amax(dim=1)
-    s.sub_(_col(s_top)).mul_(scale)
+    s_top = _to_base2(s, scale)
     log2_z_s = _exp2_sum(s, work).log2_()
     _to_base2(t, scale)
     log2_z_t = _exp2_sum(t, work).log2_()
@@ -234,8 +234,8 @@ def _advantage(spec, s, t, r, g, g_logp, scale, scratch):
     _to_base2(r, scale)
     log2_z_r = _exp2_sum(r, work).log2_()
     t.sub_(r)
-    s_top = s.amax(dim=1)
-    s.sub_(_col(s_top)).mul_(scale).exp2_()
+    s_top = _to_base2(s, scale)
+    s.exp2_()
     z_s = s.sum(dim=1)
     s.mul_(_col(1.0 / z_s))  # p
     offset = log2_z_r - log2_z_t
