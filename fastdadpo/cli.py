@@ -15,7 +15,7 @@ import textwrap
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "train": ("fastdadpo.trainer", "train a student (sft, kd, dpo, dadpo, dadpo_token, dckd, adpa) from a YAML config"),
+    "train": ("fastdadpo.trainer", "train a student with one of the objectives (README's table) from a YAML config"),
     "generate": ("fastdadpo.generate", "sample teacher (chosen) and student (rejected) responses into preference pairs"),
     "prune": ("fastdadpo.prune", "structurally prune a causal LM (MLP channels, attention heads, layers)"),
     "eval": ("fastdadpo.evaluate", "compare a student with its teacher: divergence, win/preference rate, accuracy"),

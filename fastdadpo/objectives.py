@@ -5,8 +5,11 @@ Two layers:
 * ``dpo_loss`` and ``dadpo_loss``: per-pair losses from sequence log-probs, unreduced (the contract).
 * ``Objective`` subclasses, one per ``objective.name``, each a frozen dataclass whose fields are its
   parameters (default, meaning and source in the field's metadata, validation in ``__post_init__``)
-  and whose class attributes say what it needs (teachers online, cached sequence log-probs, the
-  rejected responses). The config's ``objective:`` section parses into exactly one of them, so a
+  and whose ``needs()`` says, in one value, what it needs (``Needs``: the models online every step,
+  the sequence log-prob tables cached before training, the data fields it reads, and the kernel calls
+  of one micro-batch, for the planner). The trainer, the precompute, the planner, the recipe runner
+  and the config read that and nothing else, so a new objective is its class and one
+  ``register_objective`` call. The config's ``objective:`` section parses into exactly one of them, so a
   parameter another objective uses is an error, not a silently ignored key. Called with a
   micro-batch's ``StepInputs`` (the student's final hidden states and gathered LM head, the
   teachers' where needed, the cached sequence log-probs) they return the loss and the metrics. One
@@ -195,6 +198,63 @@ class ObjectiveOutput:
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)  # contributions, detached
 
 
+# --- what an objective needs ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KernelCall:
+    """One fused-kernel call an objective makes per micro-batch, as the planner sizes it."""
+
+    rows: str = "chosen"  # whose tokens: "chosen" or "rejected" (one sequence a pair), "both"
+    with_logps: bool = True  # the student's target log-probs (over its whole head)
+    teachers: int = 0  # 0; 1: a divergence against the teacher; 2: ADPA's advantage (teacher and its reference)
+    reduced: bool = False  # ``weights=``: gradients formed in the forward sweep and held until backward
+    jsd: bool = False  # a JSD (its row sweep needs a second work buffer)
+
+    def __post_init__(self):
+        if self.rows not in ("chosen", "rejected", "both"):
+            raise ValueError(f"KernelCall.rows must be chosen, rejected or both, got {self.rows!r}")
+        if self.teachers not in (0, 1, 2):
+            raise ValueError(f"KernelCall.teachers must be 0, 1 or 2, got {self.teachers!r}")
+
+
+ONLINE_MODELS = ("teacher", "teacher_reference")  # run every step, sharded and frozen
+CACHED_TABLES = ("reference", "teacher")  # Σ log π per sequence, computed once before training
+
+
+@dataclass(frozen=True)
+class Needs:
+    """Everything an objective needs, in one value."""
+
+    online: Tuple[str, ...] = ()  # ``model.*`` keys whose hidden states it reads every step (ONLINE_MODELS)
+    cached: Tuple[str, ...] = ()  # sequence log-prob tables it reads (CACHED_TABLES): π_ref's, π_te's
+    fields: Tuple[str, ...] = ("chosen", "rejected")  # the data fields its batches carry
+    kernel_calls: Tuple[KernelCall, ...] = ()  # per micro-batch, for ``fastdadpo plan``
+
+    def __post_init__(self):
+        for what, values, allowed in (("online", self.online, ONLINE_MODELS), ("cached", self.cached, CACHED_TABLES),
+                                      ("fields", self.fields, ("chosen", "rejected"))):
+            unknown = [v for v in values if v not in allowed]
+            if unknown:
+                raise ValueError(f"Needs.{what}: {unknown} not among {allowed}")
+        if "chosen" not in self.fields:
+            raise ValueError("Needs.fields must include chosen")
+
+    @property
+    def uses_rejected(self) -> bool:
+        return "rejected" in self.fields
+
+    @property
+    def models(self) -> Tuple[str, ...]:
+        """The ``model.*`` keys it cannot run without (π_ref defaults to the starting student)."""
+        keys = list(self.online) + [key for key in self.cached if key != "reference"]
+        return tuple(dict.fromkeys(keys))
+
+    @property
+    def vocabulary_models(self) -> Tuple[str, ...]:
+        """The ``model.*`` keys whose tokenizer must map tokens as the student's does."""
+        return tuple(dict.fromkeys(list(self.online) + list(self.cached)))
+
+
 # --- objectives --------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -206,12 +266,6 @@ class Objective:
     formula: ClassVar[str] = ""  # the loss, for the README's table
     default_lr: ClassVar[float] = 2e-5  # train.lr when unset
     lr_source: ClassVar[str] = ZEPHYR_DSFT
-    needs_teacher: ClassVar[bool] = False  # teacher hidden states online, every step
-    needs_teacher_reference: ClassVar[bool] = False  # ADPA's second teacher online
-    needs_reference_logps: ClassVar[bool] = False  # cached Σ log π_ref per sequence
-    needs_teacher_logps: ClassVar[bool] = False  # cached Σ log π_te per sequence
-    uses_rejected: ClassVar[bool] = True  # batches carry the rejected responses
-
     def __post_init__(self):
         self.validate()
 
@@ -221,15 +275,17 @@ class Objective:
     def __call__(self, inputs: StepInputs) -> ObjectiveOutput:
         raise NotImplementedError
 
+    def needs(self) -> Needs:
+        """What this objective needs (the one place it says so)."""
+        raise NotImplementedError
+
     @classmethod
     def parameters(cls) -> Tuple[dataclasses.Field, ...]:
         return dataclasses.fields(cls)
 
-    @classmethod
-    def required_models(cls) -> Tuple[str, ...]:
+    def required_models(self) -> Tuple[str, ...]:
         """The ``model.*`` keys this objective cannot run without."""
-        needed = ("teacher",) if cls.needs_teacher or cls.needs_teacher_logps else ()
-        return needed + (("teacher_reference",) if cls.needs_teacher_reference else ())
+        return self.needs().models
 
     def to_dict(self) -> dict:
         return {"name": self.name, **dataclasses.asdict(self)}
@@ -279,6 +335,9 @@ class _DivergenceTerm(Objective):
         _check(self.kind == "jsd" or self.jsd_beta == 0.5, "jsd_beta", f"applies to kind jsd only, not {self.kind!r}")
         _positive(self, "temperature")
 
+    def _divergence_call(self, rows: str) -> KernelCall:
+        return KernelCall(rows, teachers=1, reduced=True, jsd=self.kind == "jsd")
+
     def _divergence(self, inputs: StepInputs, mask, targets, weights, logp_weights=None):
         """One sweep: ``Reduced(loss = Σ weights·D + Σ logp_weights·log π_θ(target), values = the
         per-token divergence, logps = the student's token log-probs of ``targets``)``; the log-probs
@@ -296,7 +355,9 @@ class SFT(Objective):
 
     name = "sft"
     formula = "−mean_t log π_θ(y^t_t) over chosen tokens (dSFT)"
-    uses_rejected = False
+
+    def needs(self) -> Needs:
+        return Needs(fields=("chosen",), kernel_calls=(KernelCall("chosen", reduced=True),))
 
     def __call__(self, inputs: StepInputs) -> ObjectiveOutput:
         batch = inputs.batch
@@ -314,13 +375,14 @@ class KD(_DivergenceTerm):
 
     name = "kd"
     formula = "mean_t D(π_te‖π_θ) over chosen tokens + `ce_weight`·sft, one sweep over the vocabulary"
-    needs_teacher = True
-    uses_rejected = False
     ce_weight: float = parameter(0.0, "weight of the cross-entropy on the teacher's responses", UNPUBLISHED)
 
     def validate(self) -> None:
         super().validate()
         _non_negative(self, "ce_weight")
+
+    def needs(self) -> Needs:
+        return Needs(online=("teacher",), fields=("chosen",), kernel_calls=(self._divergence_call("chosen"),))
 
     def __call__(self, inputs: StepInputs) -> ObjectiveOutput:
         batch, norm = inputs.batch, inputs.normalizers
@@ -342,9 +404,12 @@ class _Preference(Objective):
 
     default_lr = 5e-7
     lr_source = ZEPHYR_DDPO
-    needs_reference_logps = True
     average_logps: bool = parameter(False, "length-normalized sequence log-probs (divided by response length)",
                                     "off, as in DPO, Rafailov et al. 2023")
+
+    def needs(self) -> Needs:
+        # Per-token log-probs of both responses (DPO's per-token gradient depends on each pair's margin).
+        return Needs(cached=("reference",), kernel_calls=(KernelCall("both"),))
 
     def _per_sequence(self, inputs: StepInputs, sums: torch.Tensor) -> torch.Tensor:
         if self.average_logps:
@@ -411,7 +476,6 @@ class DaDPO(_Preference):
     name = "dadpo"
     formula = ("−log σ((β1+β2)·[log π_θ(y^t) − log π_θ(y^s)] − β1·[log π_ref(y^t) − log π_ref(y^s)] "
                "− β2·[log π_te(y^t) − log π_te(y^s)]); β2 = 0 is exactly dDPO")
-    needs_teacher_logps = True
     beta1: float = parameter(0.1, "weight of KL(π‖π_ref); dDPO's β when beta2 = 0", ZEPHYR_DDPO + "'s β")
     beta2: float = parameter(0.1, "weight of KL(π‖π_te), the teacher's distribution", UNPUBLISHED)
 
@@ -419,6 +483,9 @@ class DaDPO(_Preference):
         super().validate()
         _positive(self, "beta1")
         _non_negative(self, "beta2")
+
+    def needs(self) -> Needs:
+        return Needs(cached=("reference", "teacher"), kernel_calls=(KernelCall("both"),))
 
     def _pair_loss(self, inputs: StepInputs, policy: torch.Tensor):
         split = inputs.batch.split_pairs
@@ -438,12 +505,15 @@ class DaDPOToken(DPO, _DivergenceTerm):
     name = "dadpo_token"
     formula = ("ours, a token-level variant: dDPO + α·mean_t D(π_te‖π_θ) over chosen and rejected response "
                "tokens, one sweep")
-    needs_teacher = True
     alpha: float = parameter(0.1, "weight of the token-level divergence", UNPUBLISHED)
 
     def validate(self) -> None:
         super().validate()
         _non_negative(self, "alpha")
+
+    def needs(self) -> Needs:
+        # The divergence reduced in the sweep, DPO's log-probs per token, from one call.
+        return Needs(online=("teacher",), cached=("reference",), kernel_calls=(self._divergence_call("both"),))
 
     def _token_terms(self, inputs: StepInputs):
         responses = inputs.batch.response_rows()
@@ -460,7 +530,6 @@ class DCKD(_DivergenceTerm):
     formula = "sft + λ_c·mean_t KL(π_te‖π_θ) on chosen + λ_r·mean_t KL on rejected, one sweep"
     default_lr = 5e-7
     lr_source = ADPA_RELEASE
-    needs_teacher = True
     kind: str = parameter("forward_kl", "forward_kl = KL(π_te‖π_θ), reverse_kl = KL(π_θ‖π_te), or jsd",
                           ADPA_PAPER + ": KL(π_te‖π_θ)")
     lambda_chosen: float = parameter(0.1, "weight λ_c of the divergence on the chosen responses", ADPA_RELEASE)
@@ -469,6 +538,9 @@ class DCKD(_DivergenceTerm):
     def validate(self) -> None:
         super().validate()
         _non_negative(self, "lambda_chosen", "lambda_rejected")
+
+    def needs(self) -> Needs:
+        return Needs(online=("teacher",), kernel_calls=(self._divergence_call("both"),))
 
     def __call__(self, inputs: StepInputs) -> ObjectiveOutput:
         batch, norm = inputs.batch, inputs.normalizers
@@ -502,8 +574,6 @@ class ADPA(Objective):
                "released code: the teacher's top-50 tokens, clamped)")
     default_lr = 5e-7
     lr_source = ADPA_RELEASE
-    needs_teacher = True
-    needs_teacher_reference = True
     gamma: float = parameter(1.6, "weight γ of the advantage term", ADPA_RELEASE)
     temperature: float = parameter(1.0, "divides the three models' logits", "1: logits as they are")
 
@@ -511,6 +581,11 @@ class ADPA(Objective):
         super().validate()
         _non_negative(self, "gamma")
         _positive(self, "temperature")
+
+    def needs(self) -> Needs:
+        # sft on the chosen responses; the advantage over the student's own (the rejected field).
+        return Needs(online=("teacher", "teacher_reference"), kernel_calls=(
+            KernelCall("chosen", reduced=True), KernelCall("rejected", with_logps=False, teachers=2, reduced=True)))
 
     def __call__(self, inputs: StepInputs) -> ObjectiveOutput:
         batch, norm = inputs.batch, inputs.normalizers
@@ -533,8 +608,25 @@ class ADPA(Objective):
                                       "logps/chosen": _chosen_logps_metric(inputs, logps)})
 
 
-OBJECTIVES = {cls.name: cls for cls in (SFT, KD, DPO, DaDPO, DaDPOToken, DCKD, ADPA)}
+OBJECTIVES: Dict[str, type] = {}
 DEFAULT_OBJECTIVE = "dadpo"
+
+
+def register_objective(cls: type) -> type:
+    """Make ``cls`` selectable as ``objective.name: <cls.name>`` (a decorator too). Its parameters
+    are its dataclass fields (``parameter(...)``), its needs its ``needs()``."""
+    if not (isinstance(cls, type) and issubclass(cls, Objective) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"{cls!r} is not a dataclass subclass of Objective")
+    if not cls.name or cls.name in OBJECTIVES:
+        raise ValueError(f"objective name {cls.name!r} is empty or taken ({', '.join(OBJECTIVES)})")
+    if cls.needs is Objective.needs:
+        raise TypeError(f"objective {cls.name!r} does not say what it needs (define needs())")
+    OBJECTIVES[cls.name] = cls
+    return cls
+
+
+for _objective in (SFT, KD, DPO, DaDPO, DaDPOToken, DCKD, ADPA):
+    register_objective(_objective)
 
 
 def objective_table() -> str:

@@ -425,27 +425,14 @@ class KernelSweep:
 
 
 def kernel_sweeps(objective, s: Setting) -> List[KernelSweep]:
-    """The fused-kernel calls an objective makes per micro-batch (``fastdadpo.objectives``), each
-    over its rows in the worst case (all positions are response tokens). ``rows`` = tokens of the
-    sequences it reads."""
+    """The fused-kernel calls an objective makes per micro-batch, as it declares them
+    (``objective.needs().kernel_calls``), each over its rows in the worst case (all positions are
+    response tokens): a call over one sequence a pair (the chosen or the rejected responses) reads
+    micro_batch x max_length rows; over both, twice that."""
     per_sequence = s.micro_batch * s.max_length
-    both = per_sequence * s.sequences
-    name = objective.name
-    jsd = getattr(objective, "kind", "") == "jsd"
-    if name == "sft":
-        return [KernelSweep(per_sequence, holds_grads=True)]
-    if name == "kd":
-        return [KernelSweep(per_sequence, teachers=1, holds_grads=True, jsd=jsd)]
-    if name in ("dpo", "dadpo"):
-        return [KernelSweep(both)]  # DPO's per-sequence weights: recomputed in backward
-    if name == "dadpo_token":
-        return [KernelSweep(both, teachers=1, holds_grads=True, jsd=jsd)]
-    if name == "dckd":
-        return [KernelSweep(both, teachers=1, holds_grads=True, jsd=jsd)]
-    if name == "adpa":
-        return [KernelSweep(per_sequence, holds_grads=True),
-                KernelSweep(per_sequence, with_logps=False, teachers=2, holds_grads=True)]
-    return [KernelSweep(both, teachers=1 if objective.needs_teacher else 0)]
+    return [KernelSweep(per_sequence * (2 if call.rows == "both" else 1), with_logps=call.with_logps,
+                        teachers=call.teachers, holds_grads=call.reduced, jsd=call.jsd)
+            for call in objective.needs().kernel_calls]
 
 
 def kernel_workspace_bytes(sweep: KernelSweep, arch: Architecture, s: Setting, teacher_vocab: int) -> int:
@@ -674,7 +661,7 @@ def setting_from_config(config, *, ranks: int, device: str, micro_batch: Optiona
         offload_optimizer=offloaded("offload_optimizer"), offload_param=offloaded("offload_param"),
         teacher_offload=config.deepspeed.teacher_offload,
         micro_batch=micro_batch or config.train.micro_batch_size, grad_accum=config.train.grad_accum,
-        sequences=2 if config.objective.uses_rejected else 1, max_length=config.data.max_length,
+        sequences=2 if config.objective.needs().uses_rejected else 1, max_length=config.data.max_length,
         checkpointing=bool(getattr(config.train, "gradient_checkpointing", False)) if checkpointing is None
         else checkpointing, liger=liger,
         reduce_bucket=int(zero.get("reduce_bucket_size", DS_REDUCE_BUCKET)),
@@ -701,16 +688,10 @@ def models_from_config(config, tables: Optional[Dict[str, str]] = None) -> Model
         return load_architecture(getattr(model, key), f"model.{key}", tables.get(f"model.{key}"))
 
     student = arch("student")
-    online = []
-    if objective.needs_teacher:
-        online.append(("teacher", arch("teacher")))
-    if objective.needs_teacher_reference:
-        online.append(("teacher_reference", arch("teacher_reference")))
-    precomputed = []
-    if objective.needs_teacher_logps:
-        precomputed.append(("teacher", arch("teacher")))
-    if objective.needs_reference_logps and model.reference:
-        precomputed.append(("reference", arch("reference")))
+    needs = objective.needs()
+    online = [(key, arch(key)) for key in needs.online]
+    # π_ref unset is the starting student: nothing more to load for it.
+    precomputed = [(key, arch(key)) for key in needs.cached if key != "reference" or model.reference]
     return Models(student=student, teachers=tuple(online), precomputed=tuple(precomputed))
 
 

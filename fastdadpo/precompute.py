@@ -151,12 +151,9 @@ def training_tables(config, engine, splits: dict, collate: Callable, dist, dtype
     """{(name, split): [rows, 2] table} of the cached sequence log-probs ``config.objective`` needs:
     π_ref's ("reference": ``model.reference``, or the starting student before any update) and the
     teacher's ("teacher"). Collective; loaded from the cache when there, else computed once."""
-    objective = config.objective
-    wanted = []
-    if objective.needs_reference_logps:
-        wanted.append(("reference", config.model.reference or config.model.student))
-    if objective.needs_teacher_logps:
-        wanted.append(("teacher", config.model.teacher))
+    needs = config.objective.needs()
+    paths = {"reference": config.model.reference or config.model.student, "teacher": config.model.teacher}
+    wanted = [(name, paths[name]) for name in needs.cached]
     tables = {}
     for name, path in wanted:
         frozen = None
@@ -164,7 +161,7 @@ def training_tables(config, engine, splits: dict, collate: Callable, dist, dtype
             if not examples:
                 continue
             key = {"kind": "sequence_logps", "model": model_fingerprint(path), "data": data_fingerprint(examples),
-                   "dtype": str(dtype), "uses_rejected": objective.uses_rejected, "version": 1}
+                   "dtype": str(dtype), "uses_rejected": needs.uses_rejected, "version": 1}
 
             def compute():
                 nonlocal frozen

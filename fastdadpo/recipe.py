@@ -412,7 +412,7 @@ class Runner:
         """The objective trains on cached sequence log-probs (dDPO, daDPO); DCKD, ADPA, KD cache none."""
         objective = config_from_mapping(self.recipe.training_config(name, overrides, student),
                                         f"{self.recipe.source} (training {name})").objective
-        return objective.needs_reference_logps or objective.needs_teacher_logps
+        return bool(objective.needs().cached)
 
     def stage_train(self) -> None:
         for name, overrides, student in self._students():

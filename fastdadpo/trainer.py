@@ -85,11 +85,9 @@ class Trainer:
                                          yaml.safe_dump(config.to_dict(), sort_keys=False))
         # --- data ---
         self.tokenizer = models.load_tokenizer(config.model.student, "model.student")
-        uses = {"teacher": self.objective.needs_teacher or self.objective.needs_teacher_logps,
-                "teacher_reference": self.objective.needs_teacher_reference,
-                "reference": self.objective.needs_reference_logps}
+        self.needs = self.objective.needs()
         self.vocab_size = models.shared_vocabulary(self.tokenizer, config.model.student, {
-            f"model.{key}": getattr(config.model, key) for key, used in uses.items() if used})
+            f"model.{key}": getattr(config.model, key) for key in self.needs.vocabulary_models})
         self.train_set = self._tokenized(config.data.train, "data.train")
         self.eval_set = self._tokenized(config.data.eval, "data.eval") if config.data.eval else []
         self.plan = StepPlan.make(len(self.train_set), micro_batch_size=config.train.micro_batch_size,
@@ -126,10 +124,9 @@ class Trainer:
                                                  self.collate, dist, self.dtype, self.log)
         self.log.info(f"cached: {', '.join(f'{name} log-probs of {split}' for name, split in self.cached) or 'nothing'}")
         # --- frozen teachers, sharded over the same ranks ---
-        online = with_teachers and self.objective.needs_teacher
-        self.teacher = self._frozen("teacher") if online else None
-        self.teacher_reference = self._frozen("teacher_reference") if online and self.objective.needs_teacher_reference \
-            else None
+        online = self.needs.online if with_teachers else ()
+        self.teacher = self._frozen("teacher") if "teacher" in online else None
+        self.teacher_reference = self._frozen("teacher_reference") if "teacher_reference" in online else None
 
     # --- the loop ---
     def train(self) -> Dict[str, float]:
@@ -254,7 +251,7 @@ class Trainer:
     # --- setup helpers ---
     def collate(self, examples) -> data.Batch:
         return data.collate(examples, pad_token_id=self.tokenizer.pad_token_id,
-                            include_rejected=self.objective.uses_rejected, packing=self.config.data.packing)
+                            include_rejected=self.needs.uses_rejected, packing=self.config.data.packing)
 
     def _normalizers(self, batches: List[data.Batch]) -> Normalizers:
         counts = torch.zeros(3, dtype=torch.float64, device=self.dist.device)
@@ -264,7 +261,7 @@ class Trainer:
         return Normalizers(pairs=pairs, chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens)
 
     def _tokenized(self, path: str, key: str):
-        fields = ("chosen", "rejected") if self.objective.uses_rejected else ("chosen",)
+        fields = self.needs.fields
         examples = data.load_examples(path, require=("prompt",) + fields)
         d = self.config.data
         tokenized, report = data.tokenize_examples(

@@ -205,7 +205,7 @@ CASES = [
 @pytest.mark.parametrize("name,params", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
 def test_objective_matches_reference(name, params):
     objective = OBJECTIVES[name](**params)
-    p = _problem(pairs=3, seed=zlib.crc32(name.encode()) % 1000, with_rejected=objective.uses_rejected)
+    p = _problem(pairs=3, seed=zlib.crc32(name.encode()) % 1000, with_rejected=objective.needs().uses_rejected)
     out, grad_hidden, grad_weight = _fused(objective, p)
 
     hidden = p["student_hidden"].clone().requires_grad_()
@@ -246,12 +246,12 @@ def test_micro_batch_contributions_add_up(name, params):
     """Split a batch's pairs across two micro-batches with the step's global normalizers: the
     contributions sum to the whole batch's loss and gradient (what lets ranks and accumulation agree)."""
     objective = OBJECTIVES[name](**params)
-    p = _problem(pairs=4, seed=7, with_rejected=objective.uses_rejected)
+    p = _problem(pairs=4, seed=7, with_rejected=objective.needs().uses_rejected)
     whole, grad_hidden, grad_weight = _fused(objective, p)
     total_loss, total_weight_grad = 0.0, torch.zeros_like(grad_weight)
     total_metrics = {}
     for pair_ids in ([0, 1], [2, 3]):
-        part_problem, rows = _micro_batch(p, pair_ids, objective.uses_rejected)
+        part_problem, rows = _micro_batch(p, pair_ids, objective.needs().uses_rejected)
         part, part_hidden, part_weight = _fused(objective, part_problem, normalizers=_normalizers(p))
         total_loss += float(part.loss.detach())
         total_weight_grad += part_weight
@@ -343,10 +343,13 @@ def test_kd_step_lowers_divergence(kind):
 
 def test_every_contract_objective_is_registered():
     assert set(OBJECTIVES) == {"sft", "kd", "dpo", "dadpo", "dadpo_token", "dckd", "adpa"}
-    assert OBJECTIVES["dadpo"].needs_teacher_logps and not OBJECTIVES["dadpo"].needs_teacher
-    assert OBJECTIVES["adpa"].needs_teacher_reference and OBJECTIVES["dadpo_token"].needs_teacher
-    assert not SFT.uses_rejected and not KD.uses_rejected and DCKD.uses_rejected and ADPA.uses_rejected
-    assert DaDPOToken.needs_reference_logps
+    needs = {name: cls().needs() for name, cls in OBJECTIVES.items()}
+    assert needs["dadpo"].cached == ("reference", "teacher") and not needs["dadpo"].online
+    assert needs["adpa"].online == ("teacher", "teacher_reference") and needs["dadpo_token"].online == ("teacher",)
+    assert [name for name, n in needs.items() if not n.uses_rejected] == ["sft", "kd"]
+    assert needs["dadpo_token"].cached == ("reference",)
+    assert needs["dadpo"].models == ("teacher",) and needs["dpo"].models == ()  # π_ref defaults to the student
+    assert all(n.kernel_calls for n in needs.values())
 
 
 @pytest.mark.parametrize("name,params,key", [
