@@ -30,8 +30,10 @@ _OURS = (os.path.join(ROOT, "fastdadpo"), os.path.join(ROOT, "kernels"))
 
 
 def _where(stack) -> str:
-    """The innermost frame of this repository, and the innermost of all, as 'file:line'."""
-    frames = [f for f in stack if "sync_probe" not in f.filename and "warnings" not in os.path.basename(f.filename)]
+    """The innermost frame of this repository, and the innermost frame of the library that issued
+    the sync (torch's own wrappers skipped: they only pass the call on), as 'file:line'."""
+    frames = [f for f in stack if "sync_probe" not in f.filename and "warnings" not in os.path.basename(f.filename)
+              and f"{os.sep}torch{os.sep}" not in f.filename]
     ours = [f for f in frames if f.filename.startswith(_OURS)]
     pick = []
     if ours:
