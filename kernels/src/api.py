@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 
 from .backends import BACKENDS, build_backend, resolve_backend
-from .sweep import DIVERGENCE_KINDS, IGNORE_INDEX, SweepInputs, SweepSpec, logit_map
+from .sweep import DIVERGENCE_KINDS, IGNORE_INDEX, LogitMap, SweepInputs, SweepSpec, logit_map
 
 _HALF_OR_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -97,9 +97,47 @@ def _flat_targets(targets, lead, n, ignore_index, vocab):
     return flat, valid
 
 
-def _backend(device: torch.device, impl: Optional[str], chunk_budget_mb: Optional[float], maps: dict):
+class _Model(NamedTuple):
+    """One model's inputs to a call, checked: its hidden rows as [n, H], its LM head, its logit map."""
+
+    role: str  # "student", "teacher" or "ref": the SweepSpec map it fills and its keywords' prefix
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    logit_map: LogitMap
+
+    @property
+    def keywords(self) -> str:
+        prefix = "" if self.role == "student" else f"{self.role}_"
+        return f"{prefix}softcap/{prefix}logit_scale"
+
+
+_NAMES = {"student": "student", "teacher": "teacher", "ref": "reference teacher"}
+
+
+def _model(role: str, hidden: torch.Tensor, weight: torch.Tensor, softcap: Optional[float], logit_scale: float,
+           lead: Optional[torch.Size] = None) -> _Model:
+    _check_head(_NAMES[role], hidden, weight, lead)
+    prefix = "" if role == "student" else f"{role}_"
+    frozen = role != "student"  # teachers get no gradient
+    return _Model(role, (hidden.detach() if frozen else hidden).reshape(-1, hidden.shape[-1]),
+                  weight.detach() if frozen else weight, logit_map(softcap, logit_scale, prefix))
+
+
+def _maps(models) -> dict:
+    return {f"{m.role}_map": m.logit_map for m in models}
+
+
+def _inputs(models, bias=None, targets=None) -> SweepInputs:
+    heads = {m.role: m for m in models}
+    teacher, ref = heads.get("teacher"), heads.get("ref")
+    return SweepInputs(heads["student"].hidden, heads["student"].weight, bias,
+                       None if teacher is None else teacher.hidden, None if teacher is None else teacher.weight,
+                       None if ref is None else ref.hidden, None if ref is None else ref.weight, targets)
+
+
+def _backend(device: torch.device, impl: Optional[str], chunk_budget_mb: Optional[float], models):
     name = resolve_backend(device, impl)
-    used = [what for what, m in maps.items() if not m.identity]
+    used = [m.keywords for m in models if not m.logit_map.identity]
     if used and not BACKENDS[name].logit_maps:
         able = ", ".join(n for n, entry in BACKENDS.items() if entry.logit_maps)
         raise ValueError(f"the {name} kernel backend does not apply {', '.join(used)}; the {able} backends do "
@@ -133,23 +171,21 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     ``final_logit_softcapping``, Cohere's ``logit_scale``. None / 1.0: off.
 
     ``chunk_budget_mb``: the memory (MiB) the chunked algorithm may take above its inputs, gradients
-    included (default ``FASTDADPO_CHUNK_BUDGET_MB``, else 1400 on CUDA and 160 elsewhere); it sizes
+    included (default ``FASTDADPO_CHUNK_BUDGET_MB``, else 1400 on CUDA and 192 elsewhere); it sizes
     the row chunks. Half-precision heads get fp32 gradient accumulators where they and their final
     cast fit the budget, else accumulators in their own dtype (``chunk_plan.plan_chunks``).
     """
-    _check_head("fused_linear_logprobs", hidden, weight)
+    student = _model("student", hidden, weight, softcap, logit_scale)
     _check_temperature(temperature)
     lead = hidden.shape[:-1]
     n = lead.numel()
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
-    student_map = logit_map(softcap, logit_scale, "")
-    backend = _backend(hidden.device, impl, chunk_budget_mb, {"softcap/logit_scale": student_map})
+    backend = _backend(hidden.device, impl, chunk_budget_mb, [student])
     flat_targets, valid = _flat_targets(targets, lead, n, ignore_index, weight.shape[0])
-    flat_weights = _flat_rows(weights, lead, n, "weights", torch.float32)
-    spec = SweepSpec(kind="none", logp_temperature=temperature, with_logps=True, student_map=student_map)
-    loss, _, logp = backend.run(spec, SweepInputs(hidden.reshape(n, -1), weight, bias, targets=flat_targets),
-                                logp_rows=valid, logp_weights=flat_weights)
+    spec = SweepSpec(kind="none", logp_temperature=temperature, with_logps=True, **_maps([student]))
+    loss, _, logp = backend.run(spec, _inputs([student], bias, flat_targets), logp_rows=valid,
+                                logp_weights=_flat_rows(weights, lead, n, "weights", torch.float32))
     return _result(loss, logp, lead, reduced=weights is not None)
 
 
@@ -192,25 +228,19 @@ def fused_linear_divergence(student_hidden: torch.Tensor, student_weight: torch.
                          "own weights, zeros to leave it out of the loss)")
     _check_temperature(temperature)
     _check_temperature(logp_temperature, "logp_temperature")
-    _check_head("student", student_hidden, student_weight)
     lead = student_hidden.shape[:-1]
-    _check_head("teacher", teacher_hidden, teacher_weight, lead)
+    models = [_model("student", student_hidden, student_weight, softcap, logit_scale),
+              _model("teacher", teacher_hidden, teacher_weight, teacher_softcap, teacher_logit_scale, lead)]
     vocab = _resolve_vocab(vocab_size, student_weight, teacher_weight)
     n = lead.numel()
     flat_mask = _flat_rows(mask, lead, n, "mask", torch.bool)
-    maps = dict(student_map=logit_map(softcap, logit_scale, ""),
-                teacher_map=logit_map(teacher_softcap, teacher_logit_scale, "teacher_"))
-    backend = _backend(student_hidden.device, impl, chunk_budget_mb,
-                       {"softcap/logit_scale": maps["student_map"],
-                        "teacher_softcap/teacher_logit_scale": maps["teacher_map"]})
+    backend = _backend(student_hidden.device, impl, chunk_budget_mb, models)
     flat_targets = valid = None
     if targets is not None:
         flat_targets, valid = _flat_targets(targets, lead, n, ignore_index, student_weight.shape[0])
     spec = SweepSpec(kind=kind, beta=beta, temperature=temperature, logp_temperature=logp_temperature,
-                     vocab_size=vocab, with_logps=targets is not None, **maps)
-    inputs = SweepInputs(student_hidden.reshape(n, -1), student_weight, None, teacher_hidden.reshape(n, -1).detach(),
-                         teacher_weight.detach(), targets=flat_targets)
-    loss, div, logp = backend.run(spec, inputs, div_rows=flat_mask, logp_rows=valid,
+                     vocab_size=vocab, with_logps=targets is not None, **_maps(models))
+    loss, div, logp = backend.run(spec, _inputs(models, targets=flat_targets), div_rows=flat_mask, logp_rows=valid,
                                   div_weights=_flat_rows(weights, lead, n, "weights", torch.float32),
                                   logp_weights=_flat_rows(logp_weights, lead, n, "logp_weights", torch.float32))
     return _result(loss, div, lead, logp, reduced=weights is not None)
@@ -231,23 +261,15 @@ def fused_linear_advantage(student_hidden: torch.Tensor, student_weight: torch.T
     ``softcap`` / ``logit_scale``: see ``fused_linear_logprobs``; ``teacher_...`` / ``ref_...``: the
     teacher's and the reference's own."""
     _check_temperature(temperature)
-    _check_head("student", student_hidden, student_weight)
     lead = student_hidden.shape[:-1]
-    _check_head("teacher", teacher_hidden, teacher_weight, lead)
-    _check_head("reference teacher", ref_hidden, ref_weight, lead)
+    models = [_model("student", student_hidden, student_weight, softcap, logit_scale),
+              _model("teacher", teacher_hidden, teacher_weight, teacher_softcap, teacher_logit_scale, lead),
+              _model("ref", ref_hidden, ref_weight, ref_softcap, ref_logit_scale, lead)]
     vocab = _resolve_vocab(vocab_size, student_weight, teacher_weight, ref_weight)
     n = lead.numel()
     flat_mask = _flat_rows(mask, lead, n, "mask", torch.bool)
-    maps = dict(student_map=logit_map(softcap, logit_scale, ""),
-                teacher_map=logit_map(teacher_softcap, teacher_logit_scale, "teacher_"),
-                ref_map=logit_map(ref_softcap, ref_logit_scale, "ref_"))
-    backend = _backend(student_hidden.device, impl, chunk_budget_mb,
-                       {"softcap/logit_scale": maps["student_map"],
-                        "teacher_softcap/teacher_logit_scale": maps["teacher_map"],
-                        "ref_softcap/ref_logit_scale": maps["ref_map"]})
-    spec = SweepSpec(kind="advantage", temperature=temperature, vocab_size=vocab, **maps)
-    inputs = SweepInputs(student_hidden.reshape(n, -1), student_weight, None, teacher_hidden.reshape(n, -1).detach(),
-                         teacher_weight.detach(), ref_hidden.reshape(n, -1).detach(), ref_weight.detach())
-    loss, adv, _ = backend.run(spec, inputs, div_rows=flat_mask,
+    backend = _backend(student_hidden.device, impl, chunk_budget_mb, models)
+    spec = SweepSpec(kind="advantage", temperature=temperature, vocab_size=vocab, **_maps(models))
+    loss, adv, _ = backend.run(spec, _inputs(models), div_rows=flat_mask,
                                div_weights=_flat_rows(weights, lead, n, "weights", torch.float32))
     return _result(loss, adv, lead, reduced=weights is not None)
