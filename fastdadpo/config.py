@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -83,6 +84,19 @@ class ModelConfig:
             self.lora.validate(fail)
 
 
+def _check_directory(fail, key: str, path: str) -> None:
+    """A directory the run will write: refused when it, or a folder on its way, is a file. (Whether
+    it can be written is the trainer's to find out where it runs: `fastdadpo plan` may read a
+    config meant for another machine.)"""
+    if not path:
+        fail(key, "must name a directory")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        fail(key, f"is {path!r}, but {existing!r} is a file, not a directory")
+
+
 @dataclass
 class DataConfig:
     train: str = ""
@@ -107,6 +121,8 @@ class DataConfig:
         if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
             fail("data.max_prompt_length", f"({self.max_prompt_length}) must be positive and below data.max_length "
                                            f"({self.max_length})")
+        if self.cache_dir is not None:
+            _check_directory(fail, "data.cache_dir", self.cache_dir)
 
     def resolved_cache_dir(self) -> str:
         return self.cache_dir or os.environ.get("FASTDADPO_CACHE") or os.path.join(
@@ -143,6 +159,9 @@ class TrainConfig:
         for key in ("save_every", "eval_every", "keep_checkpoints", "seed"):
             if getattr(self, key) < 0:
                 fail(f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
+        if self.seed >= 2**32:  # numpy's generators and torch.manual_seed take 32-bit seeds portably
+            fail("train.seed", f"must be below 2^32, got {self.seed}")
+        _check_directory(fail, "train.output_dir", self.output_dir)
         if self.max_steps is not None and self.max_steps < 1:
             fail("train.max_steps", f"must be >= 1, got {self.max_steps}")
         for key in ("epochs", "timeout_minutes") + (("lr",) if self.lr is not None else ()):
@@ -236,6 +255,7 @@ def config_from_mapping(raw: Dict[str, Any], source: str, overridden: Optional[D
     """A validated Config from the raw mapping of a YAML file; ``source`` names it in errors, and
     ``overridden`` ({dot path: the --set that gave it}) names the --set for keys given there."""
     where = _Where(source, overridden or {})
+    _check_shape(raw, source)
     config = _build(raw, where)
     validate(config, where)
     return config
@@ -260,16 +280,54 @@ def read_yaml_mapping(path: str, what: str) -> Dict[str, Any]:
     """A YAML file whose top level is a mapping (a config, a recipe); errors name the file and line."""
     if not os.path.isfile(path):
         raise ConfigError(f"{what} file {path} does not exist")
-    with open(path, encoding="utf-8") as handle:
-        try:
-            raw = yaml.load(handle, Loader=_UniqueKeyLoader) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    with open(path, "rb") as handle:
+        data = handle.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path} line {line}: not UTF-8 (byte 0x{data[exc.start]:02x}); save the {what} as "
+                          f"UTF-8") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the {what} must be a mapping of sections, got {type(raw).__name__}")
+    _check_shape(raw, path)
     return raw
+
+
+# A config or recipe is a few hundred values; YAML aliases can make a short file expand to billions
+# ("billion laughs"), which every later walk (merging, error messages) would pay for.
+MAX_YAML_VALUES = 100_000
+
+
+def _check_shape(raw, path: str) -> None:
+    """Every mapping key a string, and the whole value (aliases expanded) under MAX_YAML_VALUES."""
+    sizes = {}
+
+    def size(node, where: str) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        total = 1
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if not isinstance(key, str):
+                    raise ConfigError(f"{path}: key {key!r} under {where or 'the top level'} is not a string "
+                                      f"(write it as text: keys are config names)")
+                total += size(value, f"{where}.{key}" if where else key)
+        elif isinstance(node, list):
+            total += sum(size(item, where) for item in node)
+        sizes[id(node)] = total
+        if total > MAX_YAML_VALUES:
+            raise ConfigError(f"{path}: {where or 'the file'} expands to more than {MAX_YAML_VALUES:,} values "
+                              f"(YAML aliases?); a config is a few hundred")
+        return total
+
+    size(raw, "")
 
 
 def merge_mappings(base: dict, extra: dict) -> dict:
@@ -350,7 +408,7 @@ def _section_values(section_type, values: dict, section: str, where: _Where) -> 
 def _build_objective(values: dict, where: _Where) -> Objective:
     values = dict(values)
     name = values.pop("name", DEFAULT_OBJECTIVE)
-    if name not in OBJECTIVES:
+    if not isinstance(name, str) or name not in OBJECTIVES:
         where.fail("objective.name", f"is {name!r}; choose one of {', '.join(OBJECTIVES)}")
     objective_type = OBJECTIVES[name]
     for key in values:
@@ -367,6 +425,8 @@ def _build_objective(values: dict, where: _Where) -> Objective:
 
 
 def _suggest(key: str, options, section: str = "") -> str:
+    if not isinstance(key, str):
+        return ""
     match = difflib.get_close_matches(key, list(options), n=1)
     return f" (did you mean {(section + '.' if section else '') + match[0]!r}?)" if match else ""
 
@@ -387,17 +447,22 @@ def _coerce(value, annotation, path: str, where: _Where):
         if isinstance(value, bool):
             return value
     elif annotation is int:
+        number = None
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            return int(value)
+            number = value
+        elif isinstance(value, float) and value.is_integer():
+            number = int(value)
+        elif isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,30}", value.strip()):
+            number = int(value)
+        if number is not None:
+            if abs(number) > MAX_INT:
+                where.fail(path, f"is {_short(value)}, beyond any sensible value (|n| ≤ 2^63 − 1)")
+            return number
     elif annotation is float:
         number = _number(value)
         if number is not None:
             if not math.isfinite(number):
-                where.fail(path, f"must be a finite number, got {value!r}")
+                where.fail(path, f"must be a finite number, got {_short(value)}")
             return number
     elif annotation is str:
         if isinstance(value, str):
@@ -422,13 +487,24 @@ def _coerce(value, annotation, path: str, where: _Where):
 
 def _number(value) -> Optional[float]:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            return math.inf
     if isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
         try:
             return float(value)
         except ValueError:
             return None
     return None
+
+
+MAX_INT = 2**63 - 1
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}…({len(text)} characters)"
 
 
 def _article(type_name: str) -> str:

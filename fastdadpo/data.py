@@ -123,6 +123,43 @@ def _dataset_dir_rows(directory: str, split: Optional[str]) -> Iterator[tuple[An
         yield row, f"{name} row {number}"
 
 
+class _StrictJSON(ValueError):
+    """What JSON allows but a data row must not hold: a key twice (the first would be dropped
+    silently), NaN or Infinity (not JSON; Python's parser takes them)."""
+
+
+def _unique_keys(pairs):
+    keys = [key for key, _ in pairs]
+    duplicated = sorted({key for key in keys if keys.count(key) > 1})
+    if duplicated:
+        raise _StrictJSON(f"key {duplicated[0]!r} is written twice in one object (one would be dropped silently)")
+    return dict(pairs)
+
+
+def _no_constant(name: str):
+    raise _StrictJSON(f"{name} is not JSON (write a number or a string)")
+
+
+def _strict_json(text: str, where: str):
+    """``json.loads`` that refuses duplicate keys, NaN/Infinity, integers past Python's digit limit,
+    nesting past the recursion limit, and lone surrogates (text no tokenizer can encode)."""
+    try:
+        value = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except json.JSONDecodeError:
+        raise
+    except _StrictJSON as exc:
+        raise DataError(f"{where}: {exc}") from None
+    except UnicodeEncodeError:
+        raise DataError(f"{where}: holds a lone surrogate (\\ud800–\\udfff escapes without their pair): not "
+                        f"text any tokenizer can encode") from None
+    except RecursionError:
+        raise DataError(f"{where}: nested too deeply to be a data row") from None
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+        raise DataError(f"{where}: {exc}") from None
+    return value
+
+
 def _jsonl_rows(path: str) -> Iterator[tuple[Any, str]]:
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
@@ -130,7 +167,7 @@ def _jsonl_rows(path: str) -> Iterator[tuple[Any, str]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = _strict_json(line, f"{path} line {number}")
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path} line {number}: malformed JSON ({exc.msg} at column {exc.colno}); every "
                                 f"line of a .jsonl file must be one JSON object") from None
@@ -141,7 +178,7 @@ def _json_array_rows(path: str) -> Iterator[tuple[Any, str]]:
     with open(path, "rb") as handle:
         text = _utf8(handle.read(), path)
     try:
-        document = json.loads(text)
+        document = _strict_json(text, path)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path} line {exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(document, list):

@@ -80,9 +80,13 @@ class Trainer:
         torch.manual_seed(config.train.seed)
         self.dtype = models.resolve_dtype(config.model.dtype, dist.device)
         if dist.is_main:
-            os.makedirs(config.train.output_dir, exist_ok=True)
-            checkpoint.write_text_atomic(os.path.join(config.train.output_dir, "config.yaml"),
-                                         yaml.safe_dump(config.to_dict(), sort_keys=False))
+            try:
+                os.makedirs(config.train.output_dir, exist_ok=True)
+                checkpoint.write_text_atomic(os.path.join(config.train.output_dir, "config.yaml"),
+                                             yaml.safe_dump(config.to_dict(), sort_keys=False))
+            except OSError as exc:
+                raise ConfigError(f"{config.source}: train.output_dir {config.train.output_dir!r} cannot be written "
+                                  f"({exc.strerror or exc}); choose a directory this user can write") from None
         # --- data ---
         self.tokenizer = models.load_tokenizer(config.model.student, "model.student")
         self.needs = self.objective.needs()

@@ -195,3 +195,44 @@ def test_only_a_lost_peer_is_reported_as_one():
     with pytest.raises(UserError, match="lost contact with rank\\(s\\) 1 at step 3"):
         with distributed.peers_lost_reported(info, lambda: "at step 3", lambda: "ckpt"):
             raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+
+
+# --- bad input a careless or unlucky user writes: one paragraph naming the file or key, never a traceback ---
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.grad_accum=²"], "train.grad_accum must be an integer"),
+    (["train.epochs=" + "9" * 400], "train.epochs must be a finite number, got 9999"),
+    (["train.micro_batch_size=" + "9" * 25], "train.micro_batch_size is 9999"),
+    (["train.seed=1180591620717411303424"], "train.seed is 1180591620717411303424, beyond any sensible value"),
+    (["train.seed=4294967296"], "train.seed must be below 2^32"),
+    (["objective.name=[dpo, kd]"], "objective.name is ['dpo', 'kd']; choose one of"),
+    (["train={1: 2}"], "key 1 under train is not a string"),
+    (["kernels.backend=cuda"], "kernels.backend is 'cuda'; choose one of chunked"),
+    (["kernels.chunk_budget_mb=0"], "kernels.chunk_budget_mb must be > 0 MiB"),
+])
+def test_careless_values_are_one_paragraph(base, overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(base, overrides)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_careless_files_are_one_paragraph(base, tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"model:\n  student: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin1.yaml line 2: not UTF-8 \(byte 0xe9\)"):
+        load_config(str(latin1))
+    laughs = tmp_path / "laughs.yaml"
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    laughs.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match="expands to more than 100,000 values"):
+        load_config(str(laughs))
+    null_key = tmp_path / "null-key.yaml"
+    null_key.write_text("null: 1\n")
+    with pytest.raises(ConfigError, match="key None under the top level is not a string"):
+        load_config(str(null_key))
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for key in ("train.output_dir", "data.cache_dir"):
+        with pytest.raises(ConfigError, match=f"{key} is .*a-file.* is a file, not a directory"):
+            load_config(base, [f"{key}={a_file}/out"])

@@ -116,6 +116,15 @@ def test_load_prompts_needs_only_a_prompt(tmp_path):
     ([{**PAIR, "answer": ["a", True]}], r"line 1: field 'answer' must be a string, a number or a list of them"),
     ([{**PAIR, "answer": ["a", None]}], r"line 1: field 'answer' holds a null among its answers"),
     ([PAIR, "[1, 2]"], r"line 2: expected an object with fields prompt, chosen, rejected; got list"),
+    # What Python's JSON parser takes silently and a data row must not hold.
+    ([PAIR, '{"prompt": "a", "chosen": "b", "rejected": "c", "chosen": "d"}'],
+     r"line 2: key 'chosen' is written twice in one object"),
+    (['{"prompt": "a", "chosen": "b", "rejected": "c", "answer": NaN}'], r"line 1: NaN is not JSON"),
+    (['{"prompt": "a", "chosen": "b", "rejected": "c", "answer": -Infinity}'], r"line 1: -Infinity is not JSON"),
+    (['{"prompt": "a\\ud800", "chosen": "b", "rejected": "c"}'], r"line 1: holds a lone surrogate"),
+    (['{"prompt": "a", "chosen": "b", "rejected": "c", "answer": ' + "9" * 5000 + "}"], r"line 1: .*digits"),
+    (['{"prompt": "a", "chosen": "b", "rejected": "c", "x": ' + "[" * 100000 + "]" * 100000 + "}"],
+     r"line 1: nested too deeply"),
 ])
 def test_bad_rows_name_file_line_and_field(tmp_path, rows, message):
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
