@@ -122,13 +122,24 @@ class Architecture:
 
 def architecture_from_config(values: dict, name: str = "", source: str = "") -> Architecture:
     """An Architecture from a Hugging Face config's fields (a dict)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source or name}: the model config must be a JSON object, got {type(values).__name__}")
     missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                            "vocab_size") if values.get(k) is None]
     if missing:
         raise ConfigError(f"{source or name}: the model config has no {', '.join(missing)}; fastdadpo plan "
                           f"covers dense decoder configs (Llama, Qwen2, Mistral and their kind)")
-    heads = int(values["num_attention_heads"])
-    hidden = int(values["hidden_size"])
+    shape = {}
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+                "num_key_value_heads", "head_dim"):
+        value = values.get(key)
+        if value is None and key in ("num_key_value_heads", "head_dim"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{source or name}: {key} is {value!r}; a model's shape is positive integers")
+        shape[key] = value
+    heads = shape["num_attention_heads"]
+    hidden = shape["hidden_size"]
     model_type = str(values.get("model_type", "llama"))
     return Architecture(
         hidden=hidden, layers=int(values["num_hidden_layers"]), heads=heads,
@@ -176,6 +187,8 @@ def load_architecture(path: str, key: str, table: Optional[str] = None) -> Archi
                 values = json.load(handle)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{key}: cannot read {config_path}: {exc}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{key}: {config_path} must hold a JSON object, found a {type(values).__name__}")
         values = values.get("text_config", values) if "hidden_size" not in values else values
         return architecture_from_config(values, name=path, source=f"{config_path}")
     if table is not None:

@@ -249,3 +249,20 @@ def test_training_headline_is_one_line(student_dir, tmp_path):
     broken = config_from_mapping({"model": {"student": "org/unknown"}, "data": {"train": "x.jsonl"},
                                   "objective": {"name": "sft"}}, "test")
     assert plan.training_headline(broken, 1, torch.device("cpu")).startswith("plan: unavailable")
+
+
+@pytest.mark.parametrize("config_json, message", [
+    ({"hidden_size": -32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+      "vocab_size": 100}, "hidden_size is -32; a model's shape is positive integers"),
+    ({"hidden_size": 32, "num_hidden_layers": 2.5, "num_attention_heads": 4, "intermediate_size": 64,
+      "vocab_size": 100}, "num_hidden_layers is 2.5"),
+    ([1, 2, 3], "must hold a JSON object, found a list"),
+])
+def test_impossible_model_shapes_are_refused(tmp_path, config_json, message):
+    """A config.json whose shape no model has is an error naming the field, never a plan with
+    negative parameters that 'fits'."""
+    from fastdadpo.errors import ConfigError
+
+    (tmp_path / "config.json").write_text(json.dumps(config_json))
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        plan.load_architecture(str(tmp_path), "model.student")
