@@ -79,14 +79,7 @@ class Trainer:
             lambda: checkpoint.resolve_resume(config.train.resume, config.train.output_dir))
         torch.manual_seed(config.train.seed)
         self.dtype = models.resolve_dtype(config.model.dtype, dist.device)
-        if dist.is_main:
-            try:
-                os.makedirs(config.train.output_dir, exist_ok=True)
-                checkpoint.write_text_atomic(os.path.join(config.train.output_dir, "config.yaml"),
-                                             yaml.safe_dump(config.to_dict(), sort_keys=False))
-            except OSError as exc:
-                raise ConfigError(f"{config.source}: train.output_dir {config.train.output_dir!r} cannot be written "
-                                  f"({exc.strerror or exc}); choose a directory this user can write") from None
+        self._write_output_file("config.yaml", None)  # the directory, before any work: can it be written?
         # --- data ---
         self.tokenizer = models.load_tokenizer(config.model.student, "model.student")
         self.needs = self.objective.needs()
@@ -131,6 +124,25 @@ class Trainer:
         online = self.needs.online if with_teachers else ()
         self.teacher = self._frozen("teacher") if "teacher" in online else None
         self.teacher_reference = self._frozen("teacher_reference") if "teacher_reference" in online else None
+        # Only now that every input has loaded: a run that fails on bad data or a bad model leaves a
+        # finished run's config.yaml in the same output_dir as it was.
+        self._write_output_file("config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+    def _write_output_file(self, name: str, text: Optional[str]) -> None:
+        """Rank 0: ``train.output_dir`` created, and ``name`` written into it unless ``text`` is None;
+        a directory this user cannot write is a one-paragraph error."""
+        output_dir = self.config.train.output_dir
+        if not self.dist.is_main:
+            return
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            if text is not None:
+                checkpoint.write_text_atomic(os.path.join(output_dir, name), text)
+            elif not os.access(output_dir, os.W_OK | os.X_OK):
+                raise PermissionError(13, "Permission denied")
+        except OSError as exc:
+            raise ConfigError(f"{self.config.source}: train.output_dir {output_dir!r} cannot be written "
+                              f"({exc.strerror or exc}); choose a directory this user can write") from None
 
     # --- the loop ---
     def train(self) -> Dict[str, float]:
