@@ -79,7 +79,7 @@ class Trainer:
             lambda: checkpoint.resolve_resume(config.train.resume, config.train.output_dir))
         torch.manual_seed(config.train.seed)
         self.dtype = models.resolve_dtype(config.model.dtype, dist.device)
-        self._write_output_file("config.yaml", None)  # the directory, before any work: can it be written?
+        self._write_output_file()  # the directory alone, before any work: can it be written?
         # --- data ---
         self.tokenizer = models.load_tokenizer(config.model.student, "model.student")
         self.needs = self.objective.needs()
@@ -128,15 +128,15 @@ class Trainer:
         # finished run's config.yaml in the same output_dir as it was.
         self._write_output_file("config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
 
-    def _write_output_file(self, name: str, text: Optional[str]) -> None:
-        """Rank 0: ``train.output_dir`` created, and ``name`` written into it unless ``text`` is None;
-        a directory this user cannot write is a one-paragraph error."""
+    def _write_output_file(self, name: Optional[str] = None, text: str = "") -> None:
+        """Rank 0: ``train.output_dir`` created, and ``text`` written to ``name`` in it (no name: the
+        directory only); a directory this user cannot write is a one-paragraph error."""
         output_dir = self.config.train.output_dir
         if not self.dist.is_main:
             return
         try:
             os.makedirs(output_dir, exist_ok=True)
-            if text is not None:
+            if name is not None:
                 checkpoint.write_text_atomic(os.path.join(output_dir, name), text)
             elif not os.access(output_dir, os.W_OK | os.X_OK):
                 raise PermissionError(13, "Permission denied")

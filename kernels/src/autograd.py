@@ -38,10 +38,12 @@ def _partial_pays(spec: SweepSpec, student_hidden, teacher_hidden, ref_hidden) -
     return teacher_width > 2 * student_hidden.shape[1]
 
 
-def _weighted_sum(values: Optional[torch.Tensor], weights: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    if values is None or weights is None:
-        return None
-    return (values.float() * weights.float()).sum()
+def reduced_loss(div, logp, div_weights, logp_weights, like: torch.Tensor) -> torch.Tensor:
+    """The float32 scalar Σ div_weights·div + Σ logp_weights·logp over the outputs given weights
+    (0, on ``like``'s device, when none are)."""
+    terms = [(values.float() * weights.float()).sum() for values, weights in ((div, div_weights), (logp, logp_weights))
+             if values is not None and weights is not None]
+    return torch.stack(terms).sum() if terms else like.new_zeros((), dtype=torch.float32)
 
 
 class _SweepFunction(torch.autograd.Function):
@@ -61,8 +63,7 @@ class _SweepFunction(torch.autograd.Function):
         if eager and not all(reduced):
             eager = _partial_pays(spec, student_hidden, teacher_hidden, ref_hidden)
         div, logp, saved, grads = backend.forward(spec, inputs, weights if eager else None)
-        terms = [t for t in (_weighted_sum(div, weights[0]), _weighted_sum(logp, weights[1])) if t is not None]
-        loss = torch.stack(terms).sum() if terms else student_hidden.new_zeros((), dtype=torch.float32)
+        loss = reduced_loss(div, logp, *weights, like=student_hidden)
         ctx.backend, ctx.spec, ctx.saved, ctx.grads, ctx.weights = backend, spec, saved, grads, weights
         ctx.input_dtypes = (student_hidden.dtype, student_weight.dtype,
                             None if student_bias is None else student_bias.dtype)

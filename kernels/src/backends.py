@@ -18,7 +18,7 @@ import torch
 
 from . import naive
 from .chunked_backend import ChunkedBackend
-from .autograd import Swept
+from .autograd import Swept, reduced_loss
 from .chunk_plan import CHUNK_BUDGET_ENV, budget_bytes
 from .sweep import SweepGrads, SweepInputs, SweepSpec
 
@@ -93,9 +93,7 @@ class Naive:
             div, logp = out if spec.with_logps else (out, None)
         div = None if div is None else div.float()
         logp = None if logp is None else logp.float()
-        terms = [(out * w.float()).sum() for out, w in ((div, div_weights), (logp, logp_weights))
-                 if out is not None and w is not None]
-        loss = torch.stack(terms).sum() if terms else inputs.student_hidden.new_zeros((), dtype=torch.float32)
+        loss = reduced_loss(div, logp, div_weights, logp_weights, like=inputs.student_hidden)
         div = div.detach() if div is not None and div_weights is not None else div
         logp = logp.detach() if logp is not None and logp_weights is not None else logp
         return loss, div, logp
