@@ -6,7 +6,7 @@ name, and a regular package `kernels` on `sys.path` (the repository root is ther
 `python -m ...` and pytest) would shadow it. A folder without `__init__.py` is at most a namespace
 package, which the import system passes over for any regular package of the same name.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="fastdadpo",
@@ -15,9 +15,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastdadpo", "fastdadpo.kernels"],
+    # The layers (fastdadpo.base, .core, .models, .engine, .commands, .demo) and the kernels.
+    packages=find_packages(include=["fastdadpo", "fastdadpo.*"]) + ["fastdadpo.kernels"],
     package_dir={"fastdadpo": "fastdadpo", "fastdadpo.kernels": "kernels/src"},
-    package_data={"fastdadpo": ["demo_data/teacher/*", "plan_data/*.json"]},
+    package_data={"fastdadpo.demo": ["demo_data/teacher/*"], "fastdadpo.commands": ["plan_data/*.json"]},
     # Every range is tested (scripts/matrix.sh): its floor by the `oldest` cell, which pins each one
     # exactly (requirements/matrix-oldest.txt; tests/test_packaging.py keeps the two equal), its top by
     # the `latest` cell, the exact set in between by the lock (requirements/lock-*.txt, CI's run).

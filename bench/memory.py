@@ -162,7 +162,7 @@ def _fresh_process_context():
             # Imported once by the server; every probe forks from it with them already loaded (the
             # server skips those that fail to import). The peers take seconds to import.
             _CONTEXT.set_forkserver_preload(["torch", "torch._dynamo", "bench.registry", "fastdadpo.kernels",
-                                             "fastdadpo.objectives", "liger_kernel.chunked_loss", "cut_cross_entropy"])
+                                             "fastdadpo.core.objectives", "liger_kernel.chunked_loss", "cut_cross_entropy"])
     return _CONTEXT
 
 

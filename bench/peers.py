@@ -42,7 +42,7 @@ def filled_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from fastdadpo.synthetic import build_tokenizer, task_corpus
+    from fastdadpo.demo.synthetic import build_tokenizer, task_corpus
 
     learned = build_tokenizer(task_corpus(600, seed=0), vocab_size=min(vocab_size, 2048), chat_template=None)
     state = json.loads(learned.backend_tokenizer.to_str())
@@ -77,7 +77,7 @@ class World:
 def build_world(root: str, vocab_size: int, rows: int) -> World:
     from transformers import AutoTokenizer
 
-    from fastdadpo.synthetic import WORDS, make_examples, save_model_dir, tiny_causal_lm
+    from fastdadpo.demo.synthetic import WORDS, make_examples, save_model_dir, tiny_causal_lm
 
     os.makedirs(root, exist_ok=True)
     tokenizer = filled_tokenizer(vocab_size)
@@ -250,7 +250,7 @@ def _ours(world: World, spec: RunSpec, work: str, budget: Optional[int], timeout
 
 def _batch_tokens(world: World, spec: RunSpec) -> int:
     """Non-pad tokens fastdadpo forwards per step: prompt + chosen, and prompt + rejected where the
-    objective uses the rejected responses (everything but kd), as tokenized by fastdadpo.data."""
+    objective uses the rejected responses (everything but kd), as tokenized by fastdadpo.core.tokenized."""
     tokenized = tokenize_ours(world, spec)
     with_rejected = spec.objective != "kd"
     return sum(len(t.prompt_ids) + len(t.chosen_ids) + (len(t.prompt_ids) + len(t.rejected_ids) if with_rejected
@@ -260,7 +260,8 @@ def _batch_tokens(world: World, spec: RunSpec) -> int:
 def tokenize_ours(world: World, spec: RunSpec):
     from transformers import AutoTokenizer
 
-    from fastdadpo.data import load_examples, tokenize_examples
+    from fastdadpo.core.rows import load_examples
+    from fastdadpo.core.tokenized import tokenize_examples
 
     tokenizer = AutoTokenizer.from_pretrained(world.student)
     tokenized, _ = tokenize_examples(load_examples(world.pairs_file(spec.micro_batch_size)), tokenizer,

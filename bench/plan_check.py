@@ -28,7 +28,6 @@ import os
 import platform
 import random
 import resource
-import shlex
 import socket
 import subprocess
 import sys
@@ -71,8 +70,10 @@ def worker(config_path: str, out_prefix: str) -> int:
     import deepspeed  # noqa: F401  (imported before measuring the import baseline)
     import transformers  # noqa: F401
 
-    from fastdadpo import checkpoint, distributed, trainer
-    from fastdadpo.config import load_config
+    from fastdadpo.base.collectives import barrier, teardown
+    from fastdadpo.commands import train as trainer
+    from fastdadpo.commands.config import load_config
+    from fastdadpo.engine.deepspeed.engine import DeepSpeedStudent
 
     record = {"rank": int(os.environ.get("RANK", 0)), "import_rss_bytes": _vm_rss_bytes()}
     original_step = trainer.Trainer._optimizer_step
@@ -88,17 +89,17 @@ def worker(config_path: str, out_prefix: str) -> int:
                 record["reset"] = f"could not reset VmHWM ({exc}): the peak includes setup"
         return original_step(self, step, stop)
 
-    def no_export(engine, model, tokenizer, output_dir, *args, **kwargs):
+    def no_export(student, tokenizer, output_dir, *args, **kwargs):
         record["steps_peak_bytes"] = _vm_hwm_bytes()
         return os.path.join(output_dir, "final (not exported by bench/plan_check.py)")
 
     trainer.Trainer._optimizer_step = measured_step
-    checkpoint.export_final = no_export
+    DeepSpeedStudent.export = no_export
     try:
         trainer.train(load_config(config_path))
-        distributed.barrier()
+        barrier()
     finally:
-        distributed.teardown()
+        teardown()
     record["process_peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with open(f"{out_prefix}.rank{record['rank']}.json", "w", encoding="utf-8") as handle:
         json.dump(record, handle)
@@ -112,7 +113,7 @@ def build_world(root: str) -> dict:
     enough that every sequence is cut to MAX_LENGTH (short prompts, long responses), so that the
     planner's worst case (every sequence max_length tokens, nearly all of them response tokens) is
     what the runs really hold."""
-    from fastdadpo.synthetic import WORDS, build_tokenizer, save_model_dir, task_corpus, tiny_causal_lm
+    from fastdadpo.demo.synthetic import WORDS, build_tokenizer, save_model_dir, task_corpus, tiny_causal_lm
 
     tokenizer = build_tokenizer(task_corpus(400, seed=0), vocab_size=320)
     paths = {}
@@ -187,8 +188,8 @@ def measure(config: str, ranks: int, out_prefix: str) -> dict:
 
 
 def planned(config_path: str, ranks: int) -> dict:
-    from fastdadpo.config import load_config
-    from fastdadpo.plan import make_report
+    from fastdadpo.commands.config import load_config
+    from fastdadpo.commands.plan import make_report
 
     report = make_report(load_config(config_path), config_path=config_path, gpus=ranks, nodes=1, memory_gb=1e6,
                          device="cpu")
@@ -201,7 +202,6 @@ def _mib(n: float) -> str:
 
 
 def render(rows: list, world: dict, command: str, load: str, seconds: float) -> str:
-    from fastdadpo.plan import Architecture  # noqa: F401  (the planner's version is this checkout's)
 
     lines = [
         "# `fastdadpo plan --device cpu` against measured peak memory (CPU, host memory)",

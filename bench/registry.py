@@ -163,7 +163,7 @@ def case_loss(case: Case, div: Optional[torch.Tensor], logp: Optional[torch.Tens
     if case.family == "nll":
         return -logp.mean()
     if case.family == "dpo":
-        from fastdadpo.objectives import dpo_loss
+        from fastdadpo.core.losses import dpo_loss
 
         sequence_logps = logp.sum(-1)
         pairs = sequence_logps.shape[0] // 2

@@ -29,7 +29,7 @@ MODEL = dict(hidden_size=256, layers=8, heads=8, kv_heads=4, intermediate_size=1
 @pytest.fixture(scope="module")
 def long_world(tmp_path_factory, request):
     """A student that takes 2,048 positions and chosen responses that fill them (quick: 128)."""
-    from fastdadpo.synthetic import WORDS, build_tokenizer, save_model_dir, task_corpus, tiny_causal_lm
+    from fastdadpo.demo.synthetic import WORDS, build_tokenizer, save_model_dir, task_corpus, tiny_causal_lm
 
     quick = BenchSettings.of(request.config).quick
     length, shape = (96, dict(MODEL, hidden_size=64, layers=2, intermediate_size=128)) if quick else (2048, MODEL)

@@ -41,7 +41,7 @@ BACKENDS = {"fused": "chunked" if torch.cuda.is_available() else "torch", "naive
 def train_world(tmp_path_factory):
     """A tokenizer with a 32,768-token vocabulary (the task's texts plus random filler words, so BPE
     has that many merges to learn), a student and a wider teacher sharing it, preference pairs."""
-    from fastdadpo.synthetic import WORDS, build_tokenizer, make_examples, save_model_dir, task_corpus, tiny_causal_lm
+    from fastdadpo.demo.synthetic import WORDS, build_tokenizer, make_examples, save_model_dir, task_corpus, tiny_causal_lm
 
     root = tmp_path_factory.mktemp("train_world")
     rng = random.Random(0)

@@ -13,15 +13,17 @@ import os
 import sys
 import textwrap
 
+from fastdadpo.base.errors import UserError
+
 # name -> (module, one-line help)
 COMMANDS = {
-    "train": ("fastdadpo.trainer", "train a student with one of the objectives (README's table) from a YAML config"),
-    "generate": ("fastdadpo.generate", "sample teacher (chosen) and student (rejected) responses into preference pairs"),
-    "prune": ("fastdadpo.prune", "structurally prune a causal LM (MLP channels, attention heads, layers)"),
-    "eval": ("fastdadpo.evaluate", "compare a student with its teacher: divergence, win/preference rate, accuracy"),
-    "run": ("fastdadpo.recipe", "run a whole recipe: prune, generate, dsft, precompute, train, eval"),
-    "plan": ("fastdadpo.plan", "the memory a training config needs per GPU (no weights loaded), and the largest micro-batch"),
-    "demo": ("fastdadpo.demo", "the embedded end-to-end demo: a tiny distillation on CPU, nothing downloaded"),
+    "train": ("fastdadpo.commands.train", "train a student with one of the objectives (README's table) from a YAML config"),
+    "generate": ("fastdadpo.commands.generate", "sample teacher (chosen) and student (rejected) responses into preference pairs"),
+    "prune": ("fastdadpo.commands.prune", "structurally prune a causal LM (MLP channels, attention heads, layers)"),
+    "eval": ("fastdadpo.commands.evaluate", "compare a student with its teacher: divergence, win/preference rate, accuracy"),
+    "run": ("fastdadpo.commands.recipe", "run a whole recipe: prune, generate, dsft, precompute, train, eval"),
+    "plan": ("fastdadpo.commands.plan", "the memory a training config needs per GPU (no weights loaded), and the largest micro-batch"),
+    "demo": ("fastdadpo.demo.command", "the embedded end-to-end demo: a tiny distillation on CPU, nothing downloaded"),
 }
 
 
@@ -72,8 +74,6 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0 if argv else 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from .errors import UserError
-
     try:
         module, parser = _command_parser(argv[0])
         args = parser.parse_args(argv[1:])

@@ -66,7 +66,7 @@ case "$tier" in
     gpu-stack)
         {
             export TRITON_INTERPRET=1
-            "$PYTHON" -c "import fastdadpo, fastdadpo.kernels, fastdadpo.trainer, transformers.activations; print('import ok')" &&
+            "$PYTHON" -c "import fastdadpo, fastdadpo.kernels, fastdadpo.commands.train, transformers.activations; print('import ok')" &&
             "$PYTHON" -m fastdadpo --help >/dev/null && echo "cli ok" &&
             "$PYTHON" bench/compile_report.py --out "$root/runs/matrix/gpu-stack-compile" &&
             "$PYTHON" -m pytest -p no:cacheprovider tests/test_kernels.py tests/test_kernels_chunked.py \

@@ -21,7 +21,7 @@ except ImportError:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
-    from fastdadpo.synthetic import build_tokenizer, task_corpus
+    from fastdadpo.demo.synthetic import build_tokenizer, task_corpus
 
     path = str(tmp_path_factory.mktemp("tokenizer"))
     build_tokenizer(task_corpus(400, seed=0), vocab_size=320).save_pretrained(path)
@@ -36,7 +36,7 @@ def tokenizer(tokenizer_dir):
 
 
 def _save(tmp_path_factory, name, tokenizer, **kwargs):
-    from fastdadpo.synthetic import save_model_dir, tiny_causal_lm
+    from fastdadpo.demo.synthetic import save_model_dir, tiny_causal_lm
 
     model = tiny_causal_lm(kwargs.pop("vocab_size", len(tokenizer)), pad_token_id=tokenizer.pad_token_id,
                            eos_token_id=tokenizer.eos_token_id, **kwargs)

@@ -10,8 +10,8 @@ import sys
 import pytest
 import yaml
 
-from fastdadpo.errors import ConfigError
-from fastdadpo.recipe import load_recipe
+from fastdadpo.base.errors import ConfigError
+from fastdadpo.commands.recipe import load_recipe
 from test_generate import MAX_NEW_TOKENS, expect_user_error, read_rows, reference_greedy, run_cli, unwrapped
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -219,7 +219,7 @@ def _run(recipe_path):
 
 @pytest.fixture(scope="module")
 def teacher_reference_dir(tmp_path_factory, tokenizer):
-    from fastdadpo.synthetic import save_model_dir, tiny_causal_lm
+    from fastdadpo.demo.synthetic import save_model_dir, tiny_causal_lm
 
     model = tiny_causal_lm(len(tokenizer) + 64, hidden_size=48, layers=2, heads=4, kv_heads=2, seed=5,
                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)

@@ -6,10 +6,10 @@ import pytest
 import torch
 import yaml
 
-from fastdadpo.config import load_config
-from fastdadpo.objectives import DaDPO, SFT
-from fastdadpo.ds_config import student_config, validate_extra
-from fastdadpo.errors import ConfigError
+from fastdadpo.base.errors import ConfigError
+from fastdadpo.commands.config import load_config
+from fastdadpo.core.objectives import DaDPO, SFT
+from fastdadpo.engine.deepspeed.config import student_config, validate_extra
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -146,13 +146,13 @@ def test_objective_section_round_trips(base):
 
 
 def test_liger_kernels_auto_is_off_on_cpu(student_dir):
-    from fastdadpo import models
+    from fastdadpo.models.loading import apply_liger_kernels, load_causal_lm
 
-    model = models.load_causal_lm(student_dir, dtype=torch.float32, device=torch.device("cpu"), liger_kernels="auto")
-    assert not models.apply_liger_kernels(model, "auto", "model.student")
-    assert not models.apply_liger_kernels(model, False, "model.student")
+    model = load_causal_lm(student_dir, dtype=torch.float32, device=torch.device("cpu"), liger_kernels="auto")
+    assert not apply_liger_kernels(model, "auto", "model.student")
+    assert not apply_liger_kernels(model, False, "model.student")
     with pytest.raises(ConfigError, match="model.liger_kernels is true, but for model.student"):
-        models.apply_liger_kernels(model, True, "model.student")
+        apply_liger_kernels(model, True, "model.student")
 
 
 def test_attention_implementation_is_flash_attn_only_where_it_runs(monkeypatch):
@@ -160,15 +160,15 @@ def test_attention_implementation_is_flash_attn_only_where_it_runs(monkeypatch):
     precision when installed; PyTorch SDPA everywhere else (packing then uses its block mask)."""
     import importlib.util
 
-    from fastdadpo import models
+    from fastdadpo.models.loading import attention_implementation
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
-    assert models.attention_implementation(cuda, torch.bfloat16) == "flash_attention_2"
-    assert models.attention_implementation(cuda, torch.float32) == "sdpa"
-    assert models.attention_implementation(cpu, torch.bfloat16) == "sdpa"
+    assert attention_implementation(cuda, torch.bfloat16) == "flash_attention_2"
+    assert attention_implementation(cuda, torch.float32) == "sdpa"
+    assert attention_implementation(cpu, torch.bfloat16) == "sdpa"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    assert models.attention_implementation(cuda, torch.bfloat16) == "sdpa"
+    assert attention_implementation(cuda, torch.bfloat16) == "sdpa"
 
 
 def test_the_deepspeed_launchers_local_rank_argument_moves_to_the_environment(monkeypatch):
@@ -184,16 +184,16 @@ def test_the_deepspeed_launchers_local_rank_argument_moves_to_the_environment(mo
 def test_only_a_lost_peer_is_reported_as_one():
     """An out-of-memory error or a bug of this rank keeps its own error; a failed collective becomes
     the one paragraph about a lost rank."""
-    from fastdadpo import distributed
-    from fastdadpo.errors import UserError
+    from fastdadpo.base.collectives import DistInfo, peers_lost_reported
+    from fastdadpo.base.errors import UserError
 
-    info = distributed.DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    info = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
     for error in (torch.OutOfMemoryError("CUDA out of memory"), RuntimeError("mat1 and mat2 shapes cannot be multiplied")):
         with pytest.raises(type(error)):
-            with distributed.peers_lost_reported(info, lambda: "at step 3", lambda: None):
+            with peers_lost_reported(info, lambda: "at step 3", lambda: None):
                 raise error
     with pytest.raises(UserError, match="lost contact with rank\\(s\\) 1 at step 3"):
-        with distributed.peers_lost_reported(info, lambda: "at step 3", lambda: "ckpt"):
+        with peers_lost_reported(info, lambda: "at step 3", lambda: "ckpt"):
             raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
 
 

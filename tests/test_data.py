@@ -1,4 +1,4 @@
-"""fastdadpo.data: loaders and their errors, the truncation policy, the tokenization cache, the
+"""fastdadpo.core (rows, tokenized, batch): loaders and their errors, the truncation policy, the tokenization cache, the
 tokenizer check, micro-batch splitting, and collated batches (masks, packing equivalence on real
 tiny Qwen2 and Llama models)."""
 import json
@@ -9,8 +9,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastdadpo import chat, data
-from fastdadpo.errors import ConfigError, DataError
+from fastdadpo.base.errors import ConfigError, DataError
+from fastdadpo.core import chat
+from fastdadpo.core.batch import collate
+from fastdadpo.core.rows import Example, RESPONSE_FIELDS, load_examples, load_prompts
+from fastdadpo.core.tokenized import TokenizedExample, tokenize_examples, tokenizer_fingerprint
+from fastdadpo.models.vocabulary import check_tokenizers_compatible
 
 PAIR = {"prompt": "Please repeat after me: red cat", "chosen": "red cat", "rejected": "cat red"}
 PAIR_MESSAGES = {
@@ -30,7 +34,7 @@ def write_jsonl(path, rows):
 
 def test_jsonl_strings_and_messages(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{**PAIR, "answer": "red cat", "task": "repeat"}, PAIR_MESSAGES])
-    first, second = data.load_examples(path)
+    first, second = load_examples(path)
     assert first.prompt == [{"role": "user", "content": PAIR["prompt"]}]
     assert first.chosen == [{"role": "assistant", "content": "red cat"}]
     assert first.rejected == [{"role": "assistant", "content": "cat red"}]
@@ -42,7 +46,7 @@ def test_jsonl_strings_and_messages(tmp_path):
 def test_json_array_sources_name_the_line_each_row_starts_on(tmp_path):
     path = tmp_path / "d.json"
     path.write_text(json.dumps([PAIR, PAIR_MESSAGES, {**PAIR, "answer": 3}], indent=2))
-    examples = data.load_examples(str(path))
+    examples = load_examples(str(path))
     lines = path.read_text().splitlines()
     for example in examples:
         line = int(example.source.rsplit(" ", 1)[1])
@@ -60,18 +64,18 @@ def test_parquet_and_saved_datasets(tmp_path):
     dataset.save_to_disk(str(tmp_path / "single"))
     datasets.DatasetDict({"train": dataset, "test": dataset.select([0])}).save_to_disk(str(tmp_path / "splits"))
 
-    parquet = data.load_examples(str(tmp_path / "d.parquet"))
+    parquet = load_examples(str(tmp_path / "d.parquet"))
     assert [e.rejected[0]["content"] for e in parquet] == ["Three.", "Two."]
     assert parquet[1].source == f"{tmp_path / 'd.parquet'} row 1"
     assert [e.prompt for e in parquet] == [PAIR_MESSAGES["prompt"]] * 2
-    single = data.load_examples(str(tmp_path / "single"))
+    single = load_examples(str(tmp_path / "single"))
     assert [e.chosen for e in single] == [e.chosen for e in parquet]
-    test_split = data.load_examples(f"{tmp_path / 'splits'}:test")
+    test_split = load_examples(f"{tmp_path / 'splits'}:test")
     assert len(test_split) == 1 and test_split[0].source == f"{tmp_path / 'splits'}:test row 0"
     with pytest.raises(DataError, match=r"splits train, test .*DIR:SPLIT"):
-        data.load_examples(str(tmp_path / "splits"))
+        load_examples(str(tmp_path / "splits"))
     with pytest.raises(DataError, match="no split 'valid'"):
-        data.load_examples(f"{tmp_path / 'splits'}:valid")
+        load_examples(f"{tmp_path / 'splits'}:valid")
 
 
 def test_null_in_a_tabular_file_is_a_missing_field(tmp_path):
@@ -80,25 +84,25 @@ def test_null_in_a_tabular_file_is_a_missing_field(tmp_path):
     datasets.Dataset.from_list([PAIR, {"prompt": "Count the words: a b", "chosen": "two", "rejected": None}]
                                ).to_parquet(str(tmp_path / "d.parquet"))
     with pytest.raises(DataError, match=r"d\.parquet row 1: missing field 'rejected'"):
-        data.load_examples(str(tmp_path / "d.parquet"))
+        load_examples(str(tmp_path / "d.parquet"))
 
 
 def test_implicit_prompt(tmp_path):
     shared = [{"role": "system", "content": "Be brief."}, USER]
     row = {"chosen": shared + [{"role": "assistant", "content": "Two."}],
            "rejected": shared + [{"role": "assistant", "content": "Three."}]}
-    (example,) = data.load_examples(write_jsonl(tmp_path / "d.jsonl", [row]))
+    (example,) = load_examples(write_jsonl(tmp_path / "d.jsonl", [row]))
     assert example.prompt == shared
     assert (example.chosen[0]["content"], example.rejected[0]["content"]) == ("Two.", "Three.")
     with pytest.raises(DataError, match="line 1: no field 'prompt'.*share 2 opening messages"):
-        data.load_examples(write_jsonl(tmp_path / "same.jsonl", [{"chosen": shared, "rejected": shared}]))
+        load_examples(write_jsonl(tmp_path / "same.jsonl", [{"chosen": shared, "rejected": shared}]))
 
 
 def test_load_prompts_needs_only_a_prompt(tmp_path):
-    (example,) = data.load_prompts(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi", "answer": "x", "id": 7}]))
+    (example,) = load_prompts(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi", "answer": "x", "id": 7}]))
     assert (example.chosen, example.rejected, example.answer, example.extra) == (None, None, "x", {"id": 7})
     with pytest.raises(DataError, match="line 1: missing field 'prompt'"):
-        data.load_prompts(write_jsonl(tmp_path / "q.jsonl", [{"question": "hi"}]))
+        load_prompts(write_jsonl(tmp_path / "q.jsonl", [{"question": "hi"}]))
 
 
 @pytest.mark.parametrize("rows, message", [
@@ -129,44 +133,44 @@ def test_load_prompts_needs_only_a_prompt(tmp_path):
 def test_bad_rows_name_file_line_and_field(tmp_path, rows, message):
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(DataError, match=message) as caught:
-        data.load_examples(path)
+        load_examples(path)
     assert str(caught.value).startswith(path)
 
 
 def test_bad_files(tmp_path):
     with pytest.raises(DataError, match="no such file"):
-        data.load_examples(str(tmp_path / "missing.jsonl"))
+        load_examples(str(tmp_path / "missing.jsonl"))
     (tmp_path / "d.csv").write_text("prompt,chosen\n")
     with pytest.raises(DataError, match=r"d\.csv: unknown data format; use \.jsonl"):
-        data.load_examples(str(tmp_path / "d.csv"))
+        load_examples(str(tmp_path / "d.csv"))
     (tmp_path / "broken.json").write_text('[\n  {"prompt": "a",\n   "chosen": }\n]')
     with pytest.raises(DataError, match=r"broken\.json line 3: malformed JSON"):
-        data.load_examples(str(tmp_path / "broken.json"))
+        load_examples(str(tmp_path / "broken.json"))
     (tmp_path / "object.json").write_text(json.dumps({"data": [PAIR]}))
     with pytest.raises(DataError, match="one array of row objects, found a dict"):
-        data.load_examples(str(tmp_path / "object.json"))
+        load_examples(str(tmp_path / "object.json"))
     (tmp_path / "latin1.jsonl").write_bytes(json.dumps(PAIR).encode() + b'\n{"prompt": "caf\xe9"}\n')
     with pytest.raises(DataError, match=r"latin1\.jsonl line 2: not UTF-8 text"):
-        data.load_examples(str(tmp_path / "latin1.jsonl"))
+        load_examples(str(tmp_path / "latin1.jsonl"))
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DataError, match="no rows"):
-        data.load_examples(str(tmp_path / "empty.jsonl"))
+        load_examples(str(tmp_path / "empty.jsonl"))
     (tmp_path / "not_a_dataset").mkdir()
     with pytest.raises(DataError, match="not a dataset saved by datasets' save_to_disk"):
-        data.load_examples(str(tmp_path / "not_a_dataset"))
+        load_examples(str(tmp_path / "not_a_dataset"))
 
 
 # --- tokenizing ----------------------------------------------------------------------------------------------
 
-def make_example(prompt: str, chosen: str, rejected: str, source: str = "mem line 1") -> data.Example:
-    return data.Example(prompt=[{"role": "user", "content": prompt}], chosen=[{"role": "assistant", "content": chosen}],
+def make_example(prompt: str, chosen: str, rejected: str, source: str = "mem line 1") -> Example:
+    return Example(prompt=[{"role": "user", "content": prompt}], chosen=[{"role": "assistant", "content": chosen}],
                         rejected=[{"role": "assistant", "content": rejected}], answer=None, source=source)
 
 
 def reference_ids(tokenizer, example):
     prompt = chat.prompt_ids(tokenizer, example.prompt)
     return prompt, {name: chat.response_ids(tokenizer, example.prompt, example.response(name)) for name in
-                    data.RESPONSE_FIELDS}
+                    RESPONSE_FIELDS}
 
 
 def test_truncation_policy_and_report(tokenizer):
@@ -179,7 +183,7 @@ def test_truncation_policy_and_report(tokenizer):
     max_prompt_length, max_length = len(prompt_short) + 4, len(prompt_short) + 12
     assert len(prompt_long) > max_prompt_length and len(responses_long["chosen"]) > 12
 
-    tokenized, report = data.tokenize_examples([short, long_prompt, long_response], tokenizer, max_length=max_length,
+    tokenized, report = tokenize_examples([short, long_prompt, long_response], tokenizer, max_length=max_length,
                                                max_prompt_length=max_prompt_length)
     assert [t.index for t in tokenized] == [0, 1, 2]
     assert tokenized[0].prompt_ids == prompt_short and tokenized[0].chosen_ids == responses_short["chosen"]
@@ -187,7 +191,7 @@ def test_truncation_policy_and_report(tokenizer):
     assert tokenized[1].prompt_ids == prompt_long[-max_prompt_length:]  # cut from the left
     assert tokenized[2].chosen_ids == responses_long["chosen"][:max_length - len(prompt_short)]  # from the right
     assert all(len(t.prompt_ids) + len(t.response_ids(name)) <= max_length
-               for t in tokenized for name in data.RESPONSE_FIELDS)
+               for t in tokenized for name in RESPONSE_FIELDS)
     assert (report.rows, report.kept, report.prompt_truncated, report.response_truncated) == (
         3, 3, 1, {"chosen": 1, "rejected": 0})
     assert "kept 3, dropped 0" in report.summary() and "chosen 1" in report.summary()
@@ -198,8 +202,8 @@ def test_empty_teacher_response_is_dropped_and_empty_student_response_kept(tmp_p
     the student to stop, so the row is dropped and counted; as the student's (rejected) it is a real
     bad sample, kept as just the end-of-sequence token."""
     path = write_jsonl(tmp_path / "pairs.jsonl", [{**PAIR, "chosen": ""}, {**PAIR, "rejected": ""}])
-    examples = data.load_examples(str(path))
-    tokenized, report = data.tokenize_examples(examples, tokenizer, max_length=64, max_prompt_length=32)
+    examples = load_examples(str(path))
+    tokenized, report = tokenize_examples(examples, tokenizer, max_length=64, max_prompt_length=32)
     assert [t.index for t in tokenized] == [1]
     assert tokenized[0].rejected_ids == [tokenizer.eos_token_id]
     assert report.dropped == {"empty chosen response": 1}
@@ -211,24 +215,24 @@ def test_rows_with_an_empty_response_are_dropped_and_counted(tokenizer, monkeypa
     monkeypatch.setattr(chat, "response_ids", lambda tok, prompt, response, prompt_token_ids=None: (
         [] if response[0]["content"] == "EMPTY" else real(tok, prompt, response, prompt_token_ids)))
     examples = [make_example("Echo: red", "red", "EMPTY", "f line 1"), make_example("Echo: blue", "blue", "red")]
-    tokenized, report = data.tokenize_examples(examples, tokenizer, max_length=64, max_prompt_length=32)
+    tokenized, report = tokenize_examples(examples, tokenizer, max_length=64, max_prompt_length=32)
     assert [t.index for t in tokenized] == [1]
     assert report.dropped == {"empty rejected response": 1} and report.dropped_sources == [
         "f line 1: empty rejected response"]
     assert "dropped 1 (empty rejected response: 1)" in report.summary()
     with pytest.raises(DataError, match="every one of the 1 rows was dropped.*f line 1"):
-        data.tokenize_examples(examples[:1], tokenizer, max_length=64, max_prompt_length=32)
+        tokenize_examples(examples[:1], tokenizer, max_length=64, max_prompt_length=32)
 
 
 def test_length_settings_and_missing_fields_are_errors(tokenizer):
     example = make_example("Echo: red", "red", "blue")
     with pytest.raises(ConfigError, match=r"data\.max_prompt_length \(64\) must be smaller than data\.max_length"):
-        data.tokenize_examples([example], tokenizer, max_length=64, max_prompt_length=64)
-    prompt_only = data.Example(prompt=example.prompt, chosen=example.chosen, rejected=None, answer=None,
+        tokenize_examples([example], tokenizer, max_length=64, max_prompt_length=64)
+    prompt_only = Example(prompt=example.prompt, chosen=example.chosen, rejected=None, answer=None,
                                source="p.jsonl line 4")
     with pytest.raises(DataError, match=r"p\.jsonl line 4: field 'rejected' is missing"):
-        data.tokenize_examples([prompt_only], tokenizer, max_length=64, max_prompt_length=32)
-    (only_chosen,), _ = data.tokenize_examples([prompt_only], tokenizer, max_length=64, max_prompt_length=32,
+        tokenize_examples([prompt_only], tokenizer, max_length=64, max_prompt_length=32)
+    (only_chosen,), _ = tokenize_examples([prompt_only], tokenizer, max_length=64, max_prompt_length=32,
                                                fields=("chosen",))
     assert only_chosen.rejected_ids is None and only_chosen.chosen_ids
 
@@ -236,19 +240,19 @@ def test_length_settings_and_missing_fields_are_errors(tokenizer):
 def test_cache_is_reused_and_invalidated(tokenizer, tmp_path, monkeypatch):
     examples = [make_example(f"Echo these words: {w}", w, "no") for w in ("red", "blue", "green")]
     settings = dict(max_length=48, max_prompt_length=24, cache_dir=str(tmp_path / "cache"))
-    first, first_report = data.tokenize_examples(examples, tokenizer, **settings)
+    first, first_report = tokenize_examples(examples, tokenizer, **settings)
     assert len(os.listdir(tmp_path / "cache")) == 1
 
     calls = []
     real = chat.prompt_ids
     monkeypatch.setattr(chat, "prompt_ids", lambda *args: calls.append(1) or real(*args))
-    again, again_report = data.tokenize_examples(examples, tokenizer, **settings)
+    again, again_report = tokenize_examples(examples, tokenizer, **settings)
     assert calls == [] and again == first and again_report == first_report
 
-    shorter, _ = data.tokenize_examples(examples, tokenizer, **{**settings, "max_length": 40})
+    shorter, _ = tokenize_examples(examples, tokenizer, **{**settings, "max_length": 40})
     assert len(calls) == 3 and len(os.listdir(tmp_path / "cache")) == 2 and shorter == first
     edited = examples[:2] + [make_example("Echo these words: green", "green", "yes")]
-    data.tokenize_examples(edited, tokenizer, **settings)
+    tokenize_examples(edited, tokenizer, **settings)
     assert len(calls) == 6
 
 
@@ -257,31 +261,31 @@ def test_tokenizer_fingerprint_covers_the_chat_template(tokenizer):
 
     other = copy.deepcopy(tokenizer)
     other.chat_template = tokenizer.chat_template.replace("<|end|>", "<|end|> ")
-    assert data.tokenizer_fingerprint(other) != data.tokenizer_fingerprint(tokenizer)
-    assert data.tokenizer_fingerprint(copy.deepcopy(tokenizer)) == data.tokenizer_fingerprint(tokenizer)
+    assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tokenizer)
+    assert tokenizer_fingerprint(copy.deepcopy(tokenizer)) == tokenizer_fingerprint(tokenizer)
 
 
 # --- tokenizer compatibility ---------------------------------------------------------------------------------
 
 def test_same_tokenizer_with_padded_teacher_head(tokenizer):
     vocab_size = len(tokenizer)
-    assert data.check_tokenizers_compatible(tokenizer, tokenizer, student_head_rows=vocab_size,
+    assert check_tokenizers_compatible(tokenizer, tokenizer, student_head_rows=vocab_size,
                                             teacher_head_rows=vocab_size + 64) == vocab_size
 
 
 def test_head_smaller_than_vocabulary(tokenizer):
     with pytest.raises(ConfigError, match=rf"model\.teacher: the LM head has 100 rows, fewer than the tokenizer's "
                                           rf"{len(tokenizer)} tokens"):
-        data.check_tokenizers_compatible(tokenizer, tokenizer, student_head_rows=len(tokenizer), teacher_head_rows=100)
+        check_tokenizers_compatible(tokenizer, tokenizer, student_head_rows=len(tokenizer), teacher_head_rows=100)
 
 
 def test_different_tokenizers(tokenizer):
-    from fastdadpo.synthetic import build_tokenizer, task_corpus
+    from fastdadpo.demo.synthetic import build_tokenizer, task_corpus
 
     other = build_tokenizer(task_corpus(200, seed=7), vocab_size=300)
     with pytest.raises(ConfigError, match=r"tokenizers differ \(token '.+' is id \d+ in the student's tokenizer and "
                                           r"(id \d+ in|absent from) the teacher's"):
-        data.check_tokenizers_compatible(tokenizer, other, student_head_rows=1000, teacher_head_rows=1000)
+        check_tokenizers_compatible(tokenizer, other, student_head_rows=1000, teacher_head_rows=1000)
 
 
 # --- micro-batches -------------------------------------------------------------------------------------------
@@ -314,11 +318,11 @@ def check_targets(batch, sequences, packed):
 
 
 def test_collate_padded_and_packed_layouts():
-    examples = [data.TokenizedExample([5, 6, 7], [8, 9, 1], [10, 1], index=4),
-                data.TokenizedExample([11], [12, 1], [13, 14, 15, 1], index=9)]
+    examples = [TokenizedExample([5, 6, 7], [8, 9, 1], [10, 1], index=4),
+                TokenizedExample([11], [12, 1], [13, 14, 15, 1], index=9)]
     sequences = [([5, 6, 7], [8, 9, 1]), ([11], [12, 1]), ([5, 6, 7], [10, 1]), ([11], [13, 14, 15, 1])]
 
-    padded = data.collate(examples, pad_token_id=PAD)
+    padded = collate(examples, pad_token_id=PAD)
     assert padded.input_ids.shape == (4, 6) and padded.input_ids.dtype == torch.long
     assert (padded.num_sequences, padded.num_pairs, padded.has_rejected) == (4, 2, True)
     assert padded.example_index.tolist() == [4, 9]
@@ -326,13 +330,13 @@ def test_collate_padded_and_packed_layouts():
     assert padded.input_ids[1, 3:].tolist() == [PAD] * 3
     check_targets(padded, sequences, packed=False)
 
-    packed = data.collate(examples, pad_token_id=PAD, packing=True)
+    packed = collate(examples, pad_token_id=PAD, packing=True)
     assert packed.attention_mask is None and packed.input_ids.shape == (1, 6 + 3 + 5 + 5)
     check_targets(packed, sequences, packed=True)
     boundaries = [5, 8, 13]  # last token of each sequence but the last: never a target
     assert packed.targets[0, boundaries].tolist() == [-100] * 3
 
-    chosen_only = data.collate(examples, pad_token_id=PAD, include_rejected=False, packing=True)
+    chosen_only = collate(examples, pad_token_id=PAD, include_rejected=False, packing=True)
     assert (chosen_only.num_sequences, chosen_only.num_pairs, chosen_only.has_rejected) == (2, 2, False)
     check_targets(chosen_only, sequences[:2], packed=True)
 
@@ -344,21 +348,21 @@ token_lists = st.lists(st.integers(min_value=2, max_value=50), min_size=1, max_s
 @given(st.lists(st.tuples(token_lists, token_lists, token_lists), min_size=1, max_size=4), st.booleans(),
        st.booleans())
 def test_collate_targets_for_any_lengths(triples, include_rejected, packing):
-    examples = [data.TokenizedExample(prompt, chosen, rejected, index=i)
+    examples = [TokenizedExample(prompt, chosen, rejected, index=i)
                 for i, (prompt, chosen, rejected) in enumerate(triples)]
-    names = data.RESPONSE_FIELDS if include_rejected else data.RESPONSE_FIELDS[:1]
+    names = RESPONSE_FIELDS if include_rejected else RESPONSE_FIELDS[:1]
     sequences = [(e.prompt_ids, e.response_ids(name)) for name in names for e in examples]
-    batch = data.collate(examples, pad_token_id=PAD, include_rejected=include_rejected, packing=packing)
+    batch = collate(examples, pad_token_id=PAD, include_rejected=include_rejected, packing=packing)
     check_targets(batch, sequences, packed=packing)
 
 
 def sequence_logps(model, batch):
     """Summed log-probs of each sequence's response tokens, from final hidden states and the LM head."""
-    from fastdadpo import models
+    from fastdadpo.models.loading import final_hidden_states, head_weight
 
     with torch.no_grad():
-        hidden = models.final_hidden_states(model, batch.input_ids, batch.attention_mask, batch.position_ids)
-        logps = torch.log_softmax(hidden @ models.head_weight(model).T, dim=-1)
+        hidden = final_hidden_states(model, batch.input_ids, batch.attention_mask, batch.position_ids)
+        logps = torch.log_softmax(hidden @ head_weight(model).T, dim=-1)
     mask = batch.targets != -100
     token_logps = logps[mask].gather(-1, batch.targets[mask].unsqueeze(-1)).squeeze(-1)
     return torch.zeros(batch.num_sequences, dtype=torch.float32).index_add_(
@@ -367,19 +371,19 @@ def sequence_logps(model, batch):
 
 @pytest.mark.parametrize("model_fixture", ["student_dir", "llama_dir"])
 def test_packing_gives_the_same_log_probs_as_padding(model_fixture, request, tokenizer):
-    from fastdadpo import models
-    from fastdadpo.synthetic import make_examples
+    from fastdadpo.models.loading import load_causal_lm
+    from fastdadpo.demo.synthetic import make_examples
 
-    model = models.load_causal_lm(request.getfixturevalue(model_fixture), dtype=torch.float32,
+    model = load_causal_lm(request.getfixturevalue(model_fixture), dtype=torch.float32,
                                   device=torch.device("cpu"))
     rows = make_examples(5, seed=11, min_words=1, max_words=5)
     examples = [make_example(r["prompt"], r["answer"], " ".join(reversed(r["answer"].split()))) for r in rows]
-    tokenized, _ = data.tokenize_examples(examples, tokenizer, max_length=64, max_prompt_length=48)
+    tokenized, _ = tokenize_examples(examples, tokenizer, max_length=64, max_prompt_length=48)
     assert len({len(t.prompt_ids) for t in tokenized}) > 1  # the layouts really differ
 
-    padded = sequence_logps(model, data.collate(tokenized, pad_token_id=tokenizer.pad_token_id))
-    packed = sequence_logps(model, data.collate(tokenized, pad_token_id=tokenizer.pad_token_id, packing=True))
-    alone = torch.cat([sequence_logps(model, data.collate([t], pad_token_id=tokenizer.pad_token_id))
+    padded = sequence_logps(model, collate(tokenized, pad_token_id=tokenizer.pad_token_id))
+    packed = sequence_logps(model, collate(tokenized, pad_token_id=tokenizer.pad_token_id, packing=True))
+    alone = torch.cat([sequence_logps(model, collate([t], pad_token_id=tokenizer.pad_token_id))
                        for t in tokenized])  # unbatched: chosen and rejected of one example
     alone = alone.view(len(tokenized), 2).T.reshape(-1)
     # Sequence sums of ~100 in fp32 differ in the last bits between layouts (other matmul shapes).

@@ -1,14 +1,13 @@
 """The demo's statistics over seeds: the exact McNemar test against its definition and a brute-force
 enumeration, mean ± std, per-kind and per-family figures recomputed by hand from per-prompt results,
 and the β2 sweep's rows."""
-import itertools
 import json
 import math
 
 import pytest
 
-from fastdadpo.demo_report import SeedRun, format_report, load_seed_run, mcnemar_exact, spread, summarize
-from fastdadpo.errors import UserError
+from fastdadpo.base.errors import UserError
+from fastdadpo.demo.report import SeedRun, format_report, load_seed_run, mcnemar_exact, spread, summarize
 
 
 def test_mcnemar_exact_matches_enumeration():

@@ -4,8 +4,9 @@ from collections import Counter
 
 import pytest
 
-from fastdadpo.judges import ExactJudge, Pair, is_correct
-from fastdadpo.synthetic import ALL_TASKS, MULTI_ANSWER_TASKS, SINGLE_ANSWER_TASKS, WORDS, answers_for, make_examples
+from fastdadpo.commands.judges import ExactJudge, Pair, is_correct
+from fastdadpo.demo.synthetic import (ALL_TASKS, MULTI_ANSWER_TASKS, SINGLE_ANSWER_TASKS, WORDS, answers_for,
+                                      make_examples)
 
 
 def _list_words(prompt: str):

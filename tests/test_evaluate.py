@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from fastdadpo import cli
-from fastdadpo.data import load_prompts
-from fastdadpo.errors import ConfigError, DataError
-from fastdadpo.evaluate import divergences, evaluate_models, format_table, teacher_pass
-from fastdadpo.judges import ExactJudge, Pair
-from fastdadpo.synthetic import ALL_TASKS, build_tokenizer, make_examples, save_model_dir, tiny_causal_lm
+from fastdadpo.base.errors import ConfigError, DataError
+from fastdadpo.commands.evaluate import divergences, evaluate_models, format_table, teacher_pass
+from fastdadpo.commands.judges import ExactJudge, Pair
+from fastdadpo.core.rows import load_prompts
+from fastdadpo.demo.synthetic import ALL_TASKS, build_tokenizer, make_examples, save_model_dir, tiny_causal_lm
 
 CPU = torch.device("cpu")
 GOOD, BAD = "The last word is lake.", "I am not sure about that."

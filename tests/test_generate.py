@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
-from fastdadpo import chat, data
 from fastdadpo.cli import main
-from fastdadpo.sampling import decode_response
+from fastdadpo.core import chat
+from fastdadpo.core.rows import load_examples, load_prompts
+from fastdadpo.models.generation import decode_response
 
 MAX_NEW_TOKENS = 8
 PROMPTS = [
@@ -81,8 +82,8 @@ def test_rows_are_preference_pairs_with_the_prompt_fields(greedy_output, prompts
         assert row["prompt"] == prompt["prompt"] and row.get("answer") == prompt.get("answer")
         assert isinstance(row["chosen"], str) and isinstance(row["rejected"], str)
     assert rows[0]["task"] == "repeat" and rows[4]["index"] == 4  # the prompt's own 'index' gives way
-    examples = data.load_examples(str(greedy_output))
-    assert [e.prompt for e in examples] == [e.prompt for e in data.load_prompts(prompts_file)]
+    examples = load_examples(str(greedy_output))
+    assert [e.prompt for e in examples] == [e.prompt for e in load_prompts(prompts_file)]
 
 
 def reference_greedy(model_dir, prompt_messages):
@@ -109,7 +110,7 @@ def reference_greedy(model_dir, prompt_messages):
 
 def test_greedy_matches_transformers_generate(greedy_output, teacher_dir, student_dir, prompts_file):
     rows = read_rows(greedy_output)
-    messages = [example.prompt for example in data.load_prompts(prompts_file)]
+    messages = [example.prompt for example in load_prompts(prompts_file)]
     assert [row["chosen"] for row in rows] == reference_greedy(teacher_dir, messages)
     assert [row["rejected"] for row in rows] == reference_greedy(student_dir, messages)
 
@@ -196,7 +197,7 @@ def test_bad_prompt_files(capsys, tmp_path, teacher_dir, student_dir):
 
 
 def test_bad_flags_and_models(capsys, tmp_path, tokenizer, teacher_dir, student_dir, prompts_file):
-    from fastdadpo.synthetic import save_model_dir, tiny_causal_lm
+    from fastdadpo.demo.synthetic import save_model_dir, tiny_causal_lm
 
     out = tmp_path / "out.jsonl"
     expect_user_error(capsys, generate_command(teacher_dir, student_dir, prompts_file, out, "--top-p", "0"),
@@ -211,7 +212,7 @@ def test_bad_flags_and_models(capsys, tmp_path, tokenizer, teacher_dir, student_
 
 
 def test_incompatible_tokenizers(capsys, tmp_path, teacher_dir, prompts_file):
-    from fastdadpo.synthetic import build_tokenizer, save_model_dir, task_corpus, tiny_causal_lm
+    from fastdadpo.demo.synthetic import build_tokenizer, save_model_dir, task_corpus, tiny_causal_lm
 
     other = build_tokenizer(task_corpus(200, seed=9), vocab_size=300)
     model = tiny_causal_lm(len(other) + 8, hidden_size=16, layers=1, heads=2, kv_heads=1,

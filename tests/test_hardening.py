@@ -5,7 +5,6 @@ stages are complete only by their completion marker."""
 import io
 import json
 import os
-import pickle
 import resource
 import shutil
 import subprocess
@@ -16,8 +15,13 @@ import pytest
 import torch
 import yaml
 
-from fastdadpo import checkpoint, data, precompute
 from fastdadpo.cli import main
+from fastdadpo.commands.precompute import cached
+from fastdadpo.core.rows import load_examples
+from fastdadpo.core.tokenized import tokenize_examples
+from fastdadpo.engine.checkpoints import COMPLETE, TAG, check_loadable, latest, rotate
+from fastdadpo.engine.deepspeed.checkpoint import deepspeed_safe_globals
+from fastdadpo.engine.state import UnsafeState, load_rng_state, load_state, save_rng_state, save_state
 
 TIMEOUT = 600
 
@@ -68,7 +72,7 @@ def _payload_pickle(marker) -> bytes:
 def run_with_checkpoint(tmp_path_factory, student_dir, tokenizer):
     """An SFT run of 3 steps, a checkpoint after each, the newest 2 kept (ZeRO-3, one rank); its
     root, config and the step-2 checkpoint."""
-    from fastdadpo.synthetic import make_examples
+    from fastdadpo.demo.synthetic import make_examples
 
     root = tmp_path_factory.mktemp("hardening")
     rows = [{"prompt": r["prompt"], "chosen": r["answer"]} for r in make_examples(8, seed=4, tasks=("repeat",))]
@@ -87,7 +91,7 @@ def run_with_checkpoint(tmp_path_factory, student_dir, tokenizer):
     result = _cli(["train", str(path)])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     step = root / "run" / "checkpoints" / "step-2"
-    assert (step / checkpoint.COMPLETE).exists()
+    assert (step / COMPLETE).exists()
     return root, str(path), step
 
 
@@ -104,7 +108,7 @@ def _resume_copy(run_with_checkpoint, tmp_path, *sets):
 def test_pickle_payload_in_a_checkpoint_is_refused(run_with_checkpoint, tmp_path):
     resume, copy = _resume_copy(run_with_checkpoint, tmp_path)
     marker = tmp_path / "payload-ran"
-    target = next((copy / checkpoint.TAG).glob("*model_states.pt"))
+    target = next((copy / TAG).glob("*model_states.pt"))
     target.write_bytes(_payload_pickle(marker))
     result = resume()
     _assert_clear_error(result, str(target), "refused to load", "(it names")
@@ -115,7 +119,7 @@ def test_pickle_payload_in_a_checkpoint_is_refused(run_with_checkpoint, tmp_path
 def _damaged_copy(run_with_checkpoint, tmp_path):
     copy = tmp_path / "step-2"
     shutil.copytree(run_with_checkpoint[2], copy)
-    checkpoint.check_loadable(str(copy), rank=0)  # the intact copy passes
+    check_loadable(str(copy), rank=0, safe_globals=deepspeed_safe_globals())  # the intact copy passes
     return copy
 
 
@@ -123,19 +127,19 @@ def test_truncated_checkpoint_tensors_are_refused(run_with_checkpoint, tmp_path)
     """What ``train`` checks on every rank before DeepSpeed reads anything (its CLI path is the
     payload test's)."""
     copy = _damaged_copy(run_with_checkpoint, tmp_path)
-    target = next((copy / checkpoint.TAG).glob("*optim_states.safetensors"))
+    target = next((copy / TAG).glob("*optim_states.safetensors"))
     target.write_bytes(target.read_bytes()[:100])
-    with pytest.raises(checkpoint.UnsafeState, match="truncated or corrupt") as error:
-        checkpoint.check_loadable(str(copy), rank=0)
+    with pytest.raises(UnsafeState, match="truncated or corrupt") as error:
+        check_loadable(str(copy), rank=0, safe_globals=deepspeed_safe_globals())
     assert str(target) in str(error.value)
 
 
 def test_truncated_checkpoint_structure_is_refused(run_with_checkpoint, tmp_path):
     copy = _damaged_copy(run_with_checkpoint, tmp_path)
-    target = next((copy / checkpoint.TAG).glob("*optim_states.pt"))
+    target = next((copy / TAG).glob("*optim_states.pt"))
     target.write_bytes(target.read_bytes()[:200])
-    with pytest.raises(checkpoint.UnsafeState, match="truncated or corrupt") as error:
-        checkpoint.check_loadable(str(copy), rank=0)
+    with pytest.raises(UnsafeState, match="truncated or corrupt") as error:
+        check_loadable(str(copy), rank=0, safe_globals=deepspeed_safe_globals())
     assert str(target) in str(error.value)
 
 
@@ -144,8 +148,8 @@ def test_pickled_rng_state_of_an_earlier_version_is_refused(run_with_checkpoint,
     os.remove(copy / "rng-rank0.safetensors")
     marker = tmp_path / "payload-ran"
     (copy / "rng-rank0.pt").write_bytes(_payload_pickle(marker))
-    with pytest.raises(checkpoint.UnsafeState, match="refused"):
-        checkpoint.check_loadable(str(copy), rank=0)
+    with pytest.raises(UnsafeState, match="refused"):
+        check_loadable(str(copy), rank=0, safe_globals=deepspeed_safe_globals())
     assert not marker.exists()
 
 
@@ -165,7 +169,7 @@ def test_full_disk_while_saving_keeps_the_earlier_checkpoints(run_with_checkpoin
                         f"the last good checkpoint is {out / 'checkpoints' / 'step-3'}")
     assert sorted(os.listdir(out / "checkpoints")) == ["step-2", "step-3"]
     assert sorted(os.listdir(out / "checkpoints" / "step-3")) == sorted(os.listdir(step))
-    checkpoint.check_loadable(str(out / "checkpoints" / "step-3"), rank=0)
+    check_loadable(str(out / "checkpoints" / "step-3"), rank=0, safe_globals=deepspeed_safe_globals())
     assert not (out / "final").exists()
 
 
@@ -173,7 +177,7 @@ def test_keep_checkpoints_rotates_complete_ones(run_with_checkpoint):
     """The fixture's run saved steps 1, 2, 3 with train.keep_checkpoints=2."""
     checkpoints = run_with_checkpoint[0] / "run" / "checkpoints"
     assert sorted(os.listdir(checkpoints)) == ["step-2", "step-3"]
-    assert all((checkpoints / name / checkpoint.COMPLETE).exists() for name in ("step-2", "step-3"))
+    assert all((checkpoints / name / COMPLETE).exists() for name in ("step-2", "step-3"))
 
 
 # --- checkpoints: the format and rotation in-process ------------------------------------------------------------
@@ -187,9 +191,9 @@ def test_state_files_round_trip_without_pickle(tmp_path):
                            "param_groups": [{"lr": 1e-3, "params": [0]}]},
              "lr_scheduler": {"base_lrs": [1e-3], "lr_lambdas": [None]}, "shape": torch.Size([2, 3]), "t": (1, "x")}
     path = str(tmp_path / "state.pt")
-    checkpoint.save_state(state, path)
+    save_state(state, path)
     torch.load(path, weights_only=True)  # the structure alone: plain containers
-    loaded = checkpoint.load_state(path)
+    loaded = load_state(path)
     assert isinstance(loaded["module"], OrderedDict) and list(loaded["module"]) == ["a", "b", "c", "empty"]
     assert torch.equal(loaded["module"]["a"], shared) and loaded["module"]["a"] is loaded["module"]["b"]
     assert torch.equal(loaded["module"]["c"], shared[2:4]) and loaded["module"]["empty"].shape == (0,)
@@ -204,10 +208,10 @@ def test_rng_state_round_trips(tmp_path):
     path = str(tmp_path / "rng.safetensors")
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     random.gauss(0, 1), np.random.standard_normal()  # cached Gaussians are part of the state
-    checkpoint.save_rng_state(path)
+    save_rng_state(path)
     expected = (random.random(), random.gauss(0, 1), np.random.standard_normal(), torch.rand(3))
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    checkpoint.load_rng_state(path)
+    load_rng_state(path)
     actual = (random.random(), random.gauss(0, 1), np.random.standard_normal(), torch.rand(3))
     assert actual[:3] == expected[:3] and torch.equal(actual[3], expected[3])
 
@@ -216,7 +220,7 @@ def _fake_checkpoint(root, step, complete=True):
     path = root / "checkpoints" / (f"step-{step}" if complete else f".step-{step}.partial")
     path.mkdir(parents=True)
     if complete:
-        (path / checkpoint.COMPLETE).write_text(json.dumps({"step": step, "world_size": 1}))
+        (path / COMPLETE).write_text(json.dumps({"step": step, "world_size": 1}))
     return path
 
 
@@ -227,12 +231,12 @@ def test_rotate_keeps_the_newest_complete_checkpoints(tmp_path):
     incomplete.mkdir()
     _fake_checkpoint(tmp_path, 2, complete=False)  # a dead leftover of an interrupted save
     _fake_checkpoint(tmp_path, 6, complete=False)  # newer than every complete one: may still finish
-    assert checkpoint.rotate(str(tmp_path), 2, is_main=False) == []
-    removed = checkpoint.rotate(str(tmp_path), 2, is_main=True)
+    assert rotate(str(tmp_path), 2, is_main=False) == []
+    removed = rotate(str(tmp_path), 2, is_main=True)
     assert len(removed) == 3
     assert sorted(os.listdir(tmp_path / "checkpoints")) == [".step-6.partial", "step-3", "step-4", "step-5"]
-    assert checkpoint.latest(str(tmp_path)).endswith("step-4")
-    checkpoint.rotate(str(tmp_path), 0, is_main=True)  # 0 keeps all
+    assert latest(str(tmp_path)).endswith("step-4")
+    rotate(str(tmp_path), 0, is_main=True)  # 0 keeps all
     assert sorted(os.listdir(tmp_path / "checkpoints")) == [".step-6.partial", "step-3", "step-4", "step-5"]
 
 
@@ -243,15 +247,15 @@ def examples(tmp_path):
     rows = [{"prompt": f"repeat {w}", "chosen": w, "rejected": "no"} for w in ("red cat", "blue sky", "green tree")]
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return data.load_examples(str(path))
+    return load_examples(str(path))
 
 
 def _tokenize(examples, tokenizer, cache_dir):
-    return data.tokenize_examples(examples, tokenizer, max_length=32, max_prompt_length=16, cache_dir=str(cache_dir))
+    return tokenize_examples(examples, tokenizer, max_length=32, max_prompt_length=16, cache_dir=str(cache_dir))
 
 
 def _cache_file(cache_dir):
-    (name,) = [n for n in os.listdir(cache_dir) if n.endswith(".npz")]
+    (name,) = [n for n in os.listdir(cache_dir) if n.endswith(".safetensors")]
     return cache_dir / name
 
 
@@ -267,12 +271,16 @@ def test_truncated_tokenization_cache_is_rebuilt(examples, tokenizer, tmp_path, 
 
 
 def test_tampered_tokenization_cache_is_rebuilt(examples, tokenizer, tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
     expected, _ = _tokenize(examples, tokenizer, tmp_path)
     entry = _cache_file(tmp_path)
-    with np.load(entry) as stored:
-        arrays = dict(stored)
-    arrays["chosen_flat"] = arrays["chosen_flat"] + 1  # other token ids, the digest left as it was
-    np.savez(entry, **arrays)
+    with safe_open(str(entry), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    tensors["chosen_flat"] = tensors["chosen_flat"] + 1  # other token ids, the digest left as it was
+    save_file(tensors, str(entry), metadata=metadata)
     again, _ = _tokenize(examples, tokenizer, tmp_path)
     assert again == expected
     assert "do not match their digest" in capsys.readouterr().err
@@ -282,19 +290,13 @@ def test_pickle_payload_in_a_tokenization_cache_never_runs(examples, tokenizer, 
     expected, _ = _tokenize(examples, tokenizer, tmp_path)
     entry = _cache_file(tmp_path)
     marker = tmp_path / "payload-ran"
-    payload = np.empty(1, dtype=object)
-    payload[0] = _Payload(marker)
-    with np.load(entry) as stored:
-        arrays = dict(stored)
-    arrays["index"] = payload
-    with open(entry, "wb") as handle:
-        np.savez(handle, **arrays)
+    entry.write_bytes(_payload_pickle(marker))  # a pickle where the entry should be
     assert _tokenize(examples, tokenizer, tmp_path)[0] == expected
     assert not marker.exists() and "tokenizing again" in capsys.readouterr().err
 
 
 def _cached(cache_dir, compute, messages):
-    return precompute.cached(str(cache_dir), {"kind": "test", "model": "m"}, compute, True, lambda value: value,
+    return cached(str(cache_dir), {"kind": "test", "model": "m"}, compute, True, lambda value: value,
                              log=messages.append)
 
 
@@ -371,7 +373,7 @@ def test_a_pruned_directory_without_its_marker_is_pruned_again(student_dir, tmp_
     pruned = tmp_path / "out" / "student-pruned"
     pruned.mkdir(parents=True)
     shutil.copy(os.path.join(student_dir, "config.json"), pruned / "config.json")
-    from fastdadpo.recipe import Runner, load_recipe
+    from fastdadpo.commands.recipe import Runner, load_recipe
 
     said = []
     Runner(load_recipe(str(path)), ["prune"], echo=said.append).run()  # the prune itself: a subprocess

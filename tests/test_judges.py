@@ -10,11 +10,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from fastdadpo.chat import prompt_ids
-from fastdadpo.errors import ConfigError, UserError
-from fastdadpo.judges import (Comparison, ExactJudge, HttpJudge, JudgeOptions, ModelJudge, Pair, PreferenceJudge,
-                              build_judge, chat_completions_url, combine_orders, judge_messages, pairwise_summary,
-                              parse_verdict)
+from fastdadpo.base.errors import ConfigError, UserError
+from fastdadpo.commands.judges import (Comparison, ExactJudge, HttpJudge, JudgeOptions, ModelJudge, Pair,
+                                       PreferenceJudge, build_judge, chat_completions_url, combine_orders,
+                                       judge_messages, pairwise_summary, parse_verdict)
+from fastdadpo.core.chat import prompt_ids
 
 CPU = torch.device("cpu")
 GOOD, BAD = "The last word is lake.", "I am not sure about that."

@@ -215,41 +215,42 @@ def test_mixed_gemms_on_cpu_compute_in_fp32():
 
 
 def test_planner_uses_the_kernels_chunk_rule(monkeypatch):
-    """fastdadpo.plan imports the kernels' rule (chunk_plan, Triton-free) and gives the chunked
+    """fastdadpo.commands.plan imports the kernels' rule (chunk_plan, Triton-free) and gives the chunked
     backend's chunks, accumulators and peak at its default CUDA budget, for bf16 heads of 128k–256k rows (bf16 accumulators there:
     fp32 ones and their cast do not fit 1400 MiB at N = 8192), and at a budget that holds fp32."""
-    from fastdadpo import plan
+    from fastdadpo.commands import architectures
+    from fastdadpo.commands import memory_terms
 
     monkeypatch.delenv(chunk_plan.CHUNK_BUDGET_ENV, raising=False)
     assert chunk_plan.grad_accumulation_dtype(torch.bfloat16) == torch.float32
-    assert plan.plan_chunks is chunk_plan.plan_chunks  # one rule, not a restatement
+    assert memory_terms.plan_chunks is chunk_plan.plan_chunks  # one rule, not a restatement
     accumulators = {}
     for vocab, hidden, teachers in ((256000, 2304, 0), (128256, 2048, 1), (151936, 1536, 1)):
-        arch = plan.Architecture(hidden=hidden, layers=1, heads=1, kv_heads=1, head_dim=hidden, intermediate=hidden,
+        arch = architectures.Architecture(hidden=hidden, layers=1, heads=1, kv_heads=1, head_dim=hidden, intermediate=hidden,
                                  vocab=vocab, tied=True)
-        setting = plan.Setting(ranks=1, device="gpu", dtype_bytes=2, zero_stage=0, micro_batch=1, sequences=1,
+        setting = memory_terms.Setting(ranks=1, device="gpu", dtype_bytes=2, zero_stage=0, micro_batch=1, sequences=1,
                                max_length=8192)
-        sweep = plan.KernelSweep(rows=8192, teachers=teachers)
+        sweep = memory_terms.KernelSweep(rows=8192, teachers=teachers)
         spec = SweepSpec(kind="forward_kl" if teachers else "none", vocab_size=vocab if teachers else 0,
                          with_logps=True)
         ours = chunk_plan.plan_chunks(spec, 8192, vocab, hidden, chunk_plan.budget_bytes(None))
-        assert plan._chunk_plan(sweep, arch, setting, vocab if teachers else 0).rows_per_chunk == ours.rows_per_chunk
-        assert plan._grad_bytes(sweep, arch, setting, vocab if teachers else 0) == ours.grad_dtype.itemsize
-        planned = (plan.kernel_workspace_bytes(sweep, arch, setting, vocab)
-                   + plan.kernel_gradient_bytes(sweep, arch, setting, vocab) - 8192 * hidden * 2)  # less the kept rows
+        assert memory_terms._chunk_plan(sweep, arch, setting, vocab if teachers else 0).rows_per_chunk == ours.rows_per_chunk
+        assert memory_terms._grad_bytes(sweep, arch, setting, vocab if teachers else 0) == ours.grad_dtype.itemsize
+        planned = (memory_terms.kernel_workspace_bytes(sweep, arch, setting, vocab)
+                   + memory_terms.kernel_gradient_bytes(sweep, arch, setting, vocab) - 8192 * hidden * 2)  # less the kept rows
         assert planned == ours.peak_bytes
         accumulators[vocab] = ours.grad_dtype
     assert set(accumulators.values()) == {torch.bfloat16}
     # With room for them (the same heads at N = 1024 and 3500 MiB), fp32 accumulators, and the same plan.
     monkeypatch.setenv(chunk_plan.CHUNK_BUDGET_ENV, "3500")
     for vocab, hidden in ((256000, 2304), (151936, 1536)):
-        arch = plan.Architecture(hidden=hidden, layers=1, heads=1, kv_heads=1, head_dim=hidden, intermediate=hidden,
+        arch = architectures.Architecture(hidden=hidden, layers=1, heads=1, kv_heads=1, head_dim=hidden, intermediate=hidden,
                                  vocab=vocab, tied=True)
-        setting = plan.Setting(ranks=1, device="gpu", dtype_bytes=2, zero_stage=0, micro_batch=1, sequences=1,
+        setting = memory_terms.Setting(ranks=1, device="gpu", dtype_bytes=2, zero_stage=0, micro_batch=1, sequences=1,
                                max_length=1024, chunk_budget_mb=3500.0)
-        sweep = plan.KernelSweep(rows=1024, teachers=0)
+        sweep = memory_terms.KernelSweep(rows=1024, teachers=0)
         ours = chunk_plan.plan_chunks(SweepSpec(kind="none", vocab_size=0, with_logps=True), 1024, vocab, hidden,
                                            chunk_plan.budget_bytes(None))
         assert ours.grad_dtype == torch.float32 and ours.peak_bytes <= ours.budget_bytes
-        assert plan._grad_bytes(sweep, arch, setting, 0) == 4
-        assert plan._chunk_plan(sweep, arch, setting, 0).rows_per_chunk == ours.rows_per_chunk
+        assert memory_terms._grad_bytes(sweep, arch, setting, 0) == 4
+        assert memory_terms._chunk_plan(sweep, arch, setting, 0).rows_per_chunk == ours.rows_per_chunk

@@ -19,7 +19,7 @@ STEPS, SAVE_EVERY = 4, 2
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
-    from fastdadpo.synthetic import WORDS, make_examples
+    from fastdadpo.demo.synthetic import WORDS, make_examples
     import random
 
     rng = random.Random(0)

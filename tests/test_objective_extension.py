@@ -1,7 +1,6 @@
 """A new objective, defined in this file alone, trains, plans and precomputes: all the rest of
 fastdadpo needs to know about it is its class and its ``needs()``, registered with
 ``register_objective``. No change under fastdadpo/ makes room for it."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,9 +11,10 @@ import pytest
 import torch
 import yaml
 
+from fastdadpo.core.losses import sequence_logps
+from fastdadpo.core.objectives import OBJECTIVES, Objective, parameter, register_objective
+from fastdadpo.core.step import KernelCall, Needs, ObjectiveOutput
 from fastdadpo.kernels import IGNORE_INDEX, fused_linear_divergence
-from fastdadpo.objectives import (OBJECTIVES, KernelCall, Needs, Objective, ObjectiveOutput, parameter,
-                                  register_objective, sequence_logps)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = "test_anchored_reverse_kd"
@@ -62,7 +62,7 @@ def registered():
 
 
 def _config(student_dir, teacher_dir, tmp_path) -> dict:
-    from fastdadpo.synthetic import make_examples
+    from fastdadpo.demo.synthetic import make_examples
 
     rows = [{"prompt": r["prompt"], "chosen": r["answer"]} for r in make_examples(8, seed=3)]
     data = tmp_path / "train.jsonl"
@@ -76,9 +76,10 @@ def _config(student_dir, teacher_dir, tmp_path) -> dict:
 
 
 def test_config_and_plan_read_the_declaration(registered, student_dir, teacher_dir, tmp_path):
-    from fastdadpo import plan
-    from fastdadpo.config import config_from_mapping
-    from fastdadpo.errors import ConfigError
+    from fastdadpo.commands import memory_terms
+    from fastdadpo.commands import plan
+    from fastdadpo.commands.config import config_from_mapping
+    from fastdadpo.base.errors import ConfigError
 
     config = config_from_mapping(_config(student_dir, teacher_dir, tmp_path), "test")
     assert isinstance(config.objective, AnchoredReverseKD) and config.objective.anchor == 0.5
@@ -86,7 +87,7 @@ def test_config_and_plan_read_the_declaration(registered, student_dir, teacher_d
         config_from_mapping({**_config(student_dir, teacher_dir, tmp_path), "model": {"student": student_dir}}, "t")
     setting = plan.setting_from_config(config, ranks=1, device="gpu")
     assert setting.sequences == 1  # chosen only
-    [sweep] = plan.kernel_sweeps(config.objective, setting)
+    [sweep] = memory_terms.kernel_sweeps(config.objective, setting)
     assert (sweep.rows, sweep.teachers, sweep.holds_grads, sweep.with_logps) == (
         setting.micro_batch * setting.max_length, 1, True, True)
     with_reference = dict(_config(student_dir, teacher_dir, tmp_path))

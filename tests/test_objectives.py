@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastdadpo.data import Batch
-from fastdadpo.objectives import (ADPA, DCKD, DPO, KD, OBJECTIVES, SFT, DaDPO, DaDPOToken, Head, Normalizers,
-                                  ParameterError, StepInputs, dadpo_loss, dpo_loss, objective_table, sequence_logps)
+from fastdadpo.core.batch import Batch
+from fastdadpo.core.losses import dadpo_loss, dpo_loss, sequence_logps
+from fastdadpo.core.objectives import DPO, DaDPO, KD, OBJECTIVES, ParameterError, objective_table
+from fastdadpo.core.step import Head, Normalizers, StepInputs
 
 VOCAB, STUDENT_ROWS, TEACHER_ROWS = 41, 41, 47  # the teacher head is padded past the shared vocabulary
 HS, HT = 12, 20

@@ -63,7 +63,7 @@ def test_import_kernels_from_the_root_is_hugging_faces():
 def test_cli_from_the_root_loads_models(tmp_path, student_dir):
     """The demo's first failing stage on a fresh machine was prune (transformers.activations imports
     Hugging Face's `kernels`): run it from the root, as `fastdadpo run` launches every stage."""
-    from fastdadpo.synthetic import make_examples
+    from fastdadpo.demo.synthetic import make_examples
 
     calibration = tmp_path / "prompts.jsonl"
     calibration.write_text("".join(json.dumps(row) + "\n" for row in make_examples(8, seed=3)))

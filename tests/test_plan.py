@@ -8,8 +8,9 @@ import os
 import pytest
 import yaml
 
-from fastdadpo import plan
-from fastdadpo.plan import Architecture, KernelSweep, Models, Setting
+from fastdadpo.commands import architectures, memory_terms, plan
+from fastdadpo.commands.architectures import Architecture
+from fastdadpo.commands.memory_terms import KernelSweep, Models, Setting
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,77 +30,77 @@ def test_parameter_count_by_hand():
 
 
 def test_student_terms_by_hand():
-    assert plan.student_params_bytes(ARCH, GPU) == 1352 * 2 // 4 == 676
-    assert plan.student_grads_bytes(ARCH, GPU) == 676
-    assert plan.student_reduce_bucket_bytes(ARCH, GPU) == 1000 * 2
-    assert plan.student_reduce_copy_bytes(ARCH, GPU) == 1000 * 2  # reduce-scatter's flat copy of the bucket
-    assert plan.bucket_fills_in_backward(ARCH, GPU)  # 1352 gradients > a 1000-element bucket
-    assert plan.student_master_bytes(ARCH, GPU) == 4 * 1352 // 4 == 1352
-    assert plan.student_moments_bytes(ARCH, GPU) == 8 * 1352 // 4 == 2704
-    assert plan.student_step_fp32_grads_bytes(ARCH, GPU) == 1352
-    assert plan.student_optimizer_temp_bytes(ARCH, GPU) == 0  # fused AdamW on CUDA
-    assert plan.student_allreduce_bytes(ARCH, GPU) == 0
+    assert memory_terms.student_params_bytes(ARCH, GPU) == 1352 * 2 // 4 == 676
+    assert memory_terms.student_grads_bytes(ARCH, GPU) == 676
+    assert memory_terms.student_reduce_bucket_bytes(ARCH, GPU) == 1000 * 2
+    assert memory_terms.student_reduce_copy_bytes(ARCH, GPU) == 1000 * 2  # reduce-scatter's flat copy of the bucket
+    assert memory_terms.bucket_fills_in_backward(ARCH, GPU)  # 1352 gradients > a 1000-element bucket
+    assert memory_terms.student_master_bytes(ARCH, GPU) == 4 * 1352 // 4 == 1352
+    assert memory_terms.student_moments_bytes(ARCH, GPU) == 8 * 1352 // 4 == 2704
+    assert memory_terms.student_step_fp32_grads_bytes(ARCH, GPU) == 1352
+    assert memory_terms.student_optimizer_temp_bytes(ARCH, GPU) == 0  # fused AdamW on CUDA
+    assert memory_terms.student_allreduce_bytes(ARCH, GPU) == 0
     # largest module 128 + prefetch 100, bf16; no persistent parameters at threshold 0
-    assert plan.student_gathered_bytes(ARCH, GPU) == (128 + 100) * 2
+    assert memory_terms.student_gathered_bytes(ARCH, GPU) == (128 + 100) * 2
     # per layer and token: norms 2 x 8 x 8 = 128; (2H 16 + 4 q_dim 32 + 4I 64 + T 6) x 2 = 236; (2 heads + 2) x 4 = 16
-    assert plan.layer_activation_bytes_per_token(ARCH, GPU) == 380
+    assert memory_terms.layer_activation_bytes_per_token(ARCH, GPU) == 380
     final_norm = 8 * 8 + 8 * 2
-    assert plan.student_activation_bytes(ARCH, GPU, checkpointing=False) == 12 * (2 * 380 + final_norm) == 10080
-    assert plan.student_activation_bytes(ARCH, GPU, checkpointing=True) == 12 * (2 * 8 * 2 + 380 + final_norm)
-    assert plan.student_backward_workspace_bytes(ARCH, GPU) == 12 * (4 * 16 + 2 * 8) * 2
+    assert memory_terms.student_activation_bytes(ARCH, GPU, checkpointing=False) == 12 * (2 * 380 + final_norm) == 10080
+    assert memory_terms.student_activation_bytes(ARCH, GPU, checkpointing=True) == 12 * (2 * 8 * 2 + 380 + final_norm)
+    assert memory_terms.student_backward_workspace_bytes(ARCH, GPU) == 12 * (4 * 16 + 2 * 8) * 2
     sweep = KernelSweep(rows=12)
     # fp32 dW and dh accumulators, and the compacted bf16 hidden rows
-    assert plan.kernel_gradient_bytes(sweep, ARCH, GPU) == (10 + 12) * 8 * 4 + 12 * 8 * 2
+    assert memory_terms.kernel_gradient_bytes(sweep, ARCH, GPU) == (10 + 12) * 8 * 4 + 12 * 8 * 2
     lora = Setting(**{**GPU.__dict__, "lora_rank": 2, "lora_targets": ("q_proj",)})
-    assert plan.kernel_gradient_bytes(sweep, ARCH, lora) == 12 * 8 * 4 + 12 * 8 * 2  # a frozen head: no dW
-    assert plan.student_moments_bytes(ARCH, lora) == 8 * ARCH.lora_params(2, ("q_proj",)) // 4
-    assert plan.student_params_bytes(ARCH, lora) == (1352 + ARCH.lora_params(2, ("q_proj",))) * 2 // 4
+    assert memory_terms.kernel_gradient_bytes(sweep, ARCH, lora) == 12 * 8 * 4 + 12 * 8 * 2  # a frozen head: no dW
+    assert memory_terms.student_moments_bytes(ARCH, lora) == 8 * ARCH.lora_params(2, ("q_proj",)) // 4
+    assert memory_terms.student_params_bytes(ARCH, lora) == (1352 + ARCH.lora_params(2, ("q_proj",))) * 2 // 4
 
 
 def test_stages_and_offload_by_hand():
     stage0 = Setting(**{**GPU.__dict__, "zero_stage": 0})
-    assert plan.student_params_bytes(ARCH, stage0) == 1352 * 2
-    assert plan.student_grads_bytes(ARCH, stage0) == 1352 * 2
-    assert plan.student_master_bytes(ARCH, stage0) == 4 * 1352  # a full fp32 copy beside bf16 weights
-    assert plan.student_moments_bytes(ARCH, stage0) == 8 * 1352
-    assert plan.student_allreduce_bytes(ARCH, stage0) == 1352 * 2
-    assert plan.student_reduce_bucket_bytes(ARCH, stage0) == 0
+    assert memory_terms.student_params_bytes(ARCH, stage0) == 1352 * 2
+    assert memory_terms.student_grads_bytes(ARCH, stage0) == 1352 * 2
+    assert memory_terms.student_master_bytes(ARCH, stage0) == 4 * 1352  # a full fp32 copy beside bf16 weights
+    assert memory_terms.student_moments_bytes(ARCH, stage0) == 8 * 1352
+    assert memory_terms.student_allreduce_bytes(ARCH, stage0) == 1352 * 2
+    assert memory_terms.student_reduce_bucket_bytes(ARCH, stage0) == 0
     stage2 = Setting(**{**GPU.__dict__, "zero_stage": 2})
-    assert plan.student_params_bytes(ARCH, stage2) == 1352 * 2
-    assert plan.student_grads_bytes(ARCH, stage2) == 676
-    assert plan.student_reduce_bucket_bytes(ARCH, stage2) == 1000 * 2
+    assert memory_terms.student_params_bytes(ARCH, stage2) == 1352 * 2
+    assert memory_terms.student_grads_bytes(ARCH, stage2) == 676
+    assert memory_terms.student_reduce_bucket_bytes(ARCH, stage2) == 1000 * 2
     offload = Setting(**{**GPU.__dict__, "offload_optimizer": True, "offload_param": True, "teacher_offload": True})
-    for term in (plan.student_params_bytes, plan.student_grads_bytes, plan.student_master_bytes,
-                 plan.student_moments_bytes, plan.student_step_fp32_grads_bytes, plan.teacher_shard_bytes):
+    for term in (memory_terms.student_params_bytes, memory_terms.student_grads_bytes, memory_terms.student_master_bytes,
+                 memory_terms.student_moments_bytes, memory_terms.student_step_fp32_grads_bytes, memory_terms.teacher_shard_bytes):
         assert term(ARCH, offload) == 0, term.__name__
     # CPU, fp32: weights are their own master at stage 0; AdamW's sqrt temporary is the largest parameter
     cpu0 = Setting(**{**GPU.__dict__, "device": "cpu", "dtype_bytes": 4, "zero_stage": 0})
-    assert plan.student_master_bytes(ARCH, cpu0) == 0
-    assert plan.student_step_fp32_grads_bytes(ARCH, cpu0) == 0
-    assert plan.student_optimizer_temp_bytes(ARCH, cpu0) == 4 * 128
+    assert memory_terms.student_master_bytes(ARCH, cpu0) == 0
+    assert memory_terms.student_step_fp32_grads_bytes(ARCH, cpu0) == 0
+    assert memory_terms.student_optimizer_temp_bytes(ARCH, cpu0) == 4 * 128
     cpu3 = Setting(**{**cpu0.__dict__, "zero_stage": 3})
-    assert plan.student_reduce_bucket_bytes(ARCH, cpu3) == 1000 * 4  # min(bucket 1000, P 1352) pages written
-    assert plan.student_optimizer_temp_bytes(ARCH, cpu3) == 4 * 1352 // 4  # the flat partition
+    assert memory_terms.student_reduce_bucket_bytes(ARCH, cpu3) == 1000 * 4  # min(bucket 1000, P 1352) pages written
+    assert memory_terms.student_optimizer_temp_bytes(ARCH, cpu3) == 4 * 1352 // 4  # the flat partition
     # the CPU kernels (the chunked algorithm, torch row sweep, 192 MiB budget): all 12 rows in one
     # chunk; log-probs alone work in the student's fp32 logits (no scratch), + 8 per-row fp32 vectors
-    assert plan.kernel_workspace_bytes(KernelSweep(rows=12), ARCH, cpu0, 10) == 12 * 10 * 4 + 8 * 12 * 4
+    assert memory_terms.kernel_workspace_bytes(KernelSweep(rows=12), ARCH, cpu0, 10) == 12 * 10 * 4 + 8 * 12 * 4
     # a divergence with log-probs: student, teacher, one work buffer of a row block (all 12 rows here;
     # one student softmax serves both)
-    assert plan.kernel_workspace_bytes(KernelSweep(rows=12, teachers=1), ARCH, cpu0, 10) == 12 * 10 * 4 * 3 + 8 * 12 * 4
+    assert memory_terms.kernel_workspace_bytes(KernelSweep(rows=12, teachers=1), ARCH, cpu0, 10) == 12 * 10 * 4 * 3 + 8 * 12 * 4
 
 
 def test_teacher_terms_by_hand():
-    assert plan.teacher_shard_bytes(ARCH, GPU) == 676
-    assert plan.teacher_head_bytes(ARCH, GPU) == 10 * 8 * 2  # a full copy per rank
-    assert plan.teacher_gathered_bytes(ARCH, GPU) == (128 + 100) * 2
-    assert plan.teacher_forward_bytes(ARCH, GPU) == 12 * (2 * 8 + 3 * 16) * 2
-    assert plan.teacher_hidden_bytes(ARCH, GPU) == 2 * 12 * 8 * 2
+    assert memory_terms.teacher_shard_bytes(ARCH, GPU) == 676
+    assert memory_terms.teacher_head_bytes(ARCH, GPU) == 10 * 8 * 2  # a full copy per rank
+    assert memory_terms.teacher_gathered_bytes(ARCH, GPU) == (128 + 100) * 2
+    assert memory_terms.teacher_forward_bytes(ARCH, GPU) == 12 * (2 * 8 + 3 * 16) * 2
+    assert memory_terms.teacher_hidden_bytes(ARCH, GPU) == 2 * 12 * 8 * 2
 
 
 def test_phases_add_their_terms():
-    from fastdadpo.objectives import OBJECTIVES
+    from fastdadpo.core.objectives import OBJECTIVES
 
-    built = plan.build_plan(Models(student=ARCH, teachers=(("teacher", ARCH),)), OBJECTIVES["dadpo_token"](), GPU)
+    built = memory_terms.build_plan(Models(student=ARCH, teachers=(("teacher", ARCH),)), OBJECTIVES["dadpo_token"](), GPU)
     by_name = {t.name: t.bytes for t in built.terms}
     assert set(built.phases) == {"student forward/backward", "optimizer step", "teacher forward"}
     for phase, names in built.phases.items():
@@ -108,19 +109,19 @@ def test_phases_add_their_terms():
     assert "teacher gathered LM head" in built.phases["student forward/backward"]
     assert "student AdamW moments" in built.phases["optimizer step"]
     assert "student reduce-scatter copy" in built.phases["student forward/backward"]
-    one_bucket = plan.build_plan(Models(student=ARCH), OBJECTIVES["dpo"](), Setting(**{**GPU.__dict__,
+    one_bucket = memory_terms.build_plan(Models(student=ARCH), OBJECTIVES["dpo"](), Setting(**{**GPU.__dict__,
                                                                                       "reduce_bucket": 5000}))
     assert "student reduce-scatter copy" in one_bucket.phases["gradient reduce-scatter"]
     assert "student reduce-scatter copy" not in one_bucket.phases["student forward/backward"]
-    stage0 = plan.build_plan(Models(student=ARCH), OBJECTIVES["dpo"](), Setting(**{**GPU.__dict__, "zero_stage": 0}))
+    stage0 = memory_terms.build_plan(Models(student=ARCH), OBJECTIVES["dpo"](), Setting(**{**GPU.__dict__, "zero_stage": 0}))
     assert "student stage-0 all-reduce copy" in stage0.phases["gradient all-reduce"]
 
 
 def test_micro_batch_search_is_the_boundary():
-    from fastdadpo.objectives import OBJECTIVES
+    from fastdadpo.core.objectives import OBJECTIVES
 
     models, objective = Models(student=ARCH), OBJECTIVES["dpo"]()
-    peak_at = lambda mb: plan.build_plan(models, objective, Setting(**{**GPU.__dict__, "micro_batch": mb})).peak_bytes
+    peak_at = lambda mb: memory_terms.build_plan(models, objective, Setting(**{**GPU.__dict__, "micro_batch": mb})).peak_bytes
     memory = peak_at(37)
     assert plan.largest_micro_batch(models, objective, GPU, memory) == 37
     assert plan.largest_micro_batch(models, objective, GPU, peak_at(1) - 1) == 0
@@ -131,7 +132,7 @@ def test_architecture_of_a_directory_counts_like_the_model(request, fixture):
     from transformers import AutoModelForCausalLM
 
     path = request.getfixturevalue(fixture)
-    arch = plan.load_architecture(path, "model.student")
+    arch = architectures.load_architecture(path, "model.student")
     model = AutoModelForCausalLM.from_pretrained(path)
     assert arch.params == sum(p.numel() for p in model.parameters())  # tied heads counted once
     assert arch.source.endswith("config.json")
@@ -141,7 +142,7 @@ def test_activation_term_matches_what_transformers_saves():
     """The tensors a Qwen2 forward keeps for backward (saved-tensor hooks, parameters excluded, each
     storage once) against the planner's activation term, fp32 on CPU, with a padding mask."""
     import torch
-    from fastdadpo.synthetic import tiny_causal_lm
+    from fastdadpo.demo.synthetic import tiny_causal_lm
 
     torch.manual_seed(0)
     hidden, layers, heads, kv_heads, inter, batch, length = 64, 3, 4, 2, 192, 3, 40
@@ -162,23 +163,23 @@ def test_activation_term_matches_what_transformers_saves():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model.model(input_ids=ids, attention_mask=mask, use_cache=False)
     measured = sum(saved.values())
-    arch = plan.architecture_from_config(model.config.to_dict())
-    planned = plan.student_activation_bytes(arch, Setting(device="cpu", dtype_bytes=4, micro_batch=batch, sequences=1,
+    arch = architectures.architecture_from_config(model.config.to_dict())
+    planned = memory_terms.student_activation_bytes(arch, Setting(device="cpu", dtype_bytes=4, micro_batch=batch, sequences=1,
                                                           max_length=length), checkpointing=False)
     assert planned == pytest.approx(measured, rel=0.10)
 
 
 def test_known_tables_by_name_and_by_path():
-    arch = plan.load_architecture("Qwen/Qwen2.5-7B-Instruct", "model.teacher")
+    arch = architectures.load_architecture("Qwen/Qwen2.5-7B-Instruct", "model.teacher")
     assert (arch.hidden, arch.layers, arch.kv_heads, arch.vocab) == (3584, 28, 4, 152064)
     assert 7.5e9 < arch.params < 7.7e9  # 7.62B published
-    student = plan.load_architecture("runs/qwen2.5-1.5b-dsft/final", "model.student")
+    student = architectures.load_architecture("runs/qwen2.5-1.5b-dsft/final", "model.student")
     assert student.tied and 1.5e9 < student.params < 1.6e9 and "known architecture" in student.source
-    pruned = plan.load_architecture("runs/vicuna-7b-pruned20-dsft/final", "model.student")
+    pruned = architectures.load_architecture("runs/vicuna-7b-pruned20-dsft/final", "model.student")
     assert pruned.intermediate == 7712  # the longer hint wins over vicuna-7b
-    assert plan.load_architecture("lmsys/vicuna-7b-v1.5", "model.teacher").intermediate == 11008
+    assert architectures.load_architecture("lmsys/vicuna-7b-v1.5", "model.teacher").intermediate == 11008
     with pytest.raises(plan.ConfigError, match="model.student.*--arch"):
-        plan.load_architecture("org/unknown-model", "model.student")
+        architectures.load_architecture("org/unknown-model", "model.student")
 
 
 def _main(capsys, *argv):
@@ -240,7 +241,7 @@ def test_bad_flags_exit_2(capsys):
 
 def test_training_headline_is_one_line(student_dir, tmp_path):
     import torch
-    from fastdadpo.config import config_from_mapping
+    from fastdadpo.commands.config import config_from_mapping
 
     config = config_from_mapping({"model": {"student": student_dir}, "data": {"train": "x.jsonl", "max_length": 32},
                                   "objective": {"name": "sft"}}, "test")
@@ -261,8 +262,8 @@ def test_training_headline_is_one_line(student_dir, tmp_path):
 def test_impossible_model_shapes_are_refused(tmp_path, config_json, message):
     """A config.json whose shape no model has is an error naming the field, never a plan with
     negative parameters that 'fits'."""
-    from fastdadpo.errors import ConfigError
+    from fastdadpo.base.errors import ConfigError
 
     (tmp_path / "config.json").write_text(json.dumps(config_json))
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        plan.load_architecture(str(tmp_path), "model.student")
+        architectures.load_architecture(str(tmp_path), "model.student")

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from fastdadpo import cli
-from fastdadpo.chat import prompt_ids
-from fastdadpo.errors import DataError, UserError
-from fastdadpo.prune import (apply_pruning, checkpoint_dtype, decoder_geometry, plan_pruning, prune_model,
-                             prunable_parameters, pruning_report, read_calibration)
-from fastdadpo.synthetic import make_examples, save_model_dir, tiny_causal_lm
+from fastdadpo.base.errors import DataError, UserError
+from fastdadpo.commands.prune import checkpoint_dtype
+from fastdadpo.core.chat import prompt_ids
+from fastdadpo.demo.synthetic import make_examples, save_model_dir, tiny_causal_lm
+from fastdadpo.models.prune import (apply_pruning, decoder_geometry, plan_pruning, prunable_parameters, prune_model,
+                                    pruning_report, read_calibration)
 
 
 def _load(path):

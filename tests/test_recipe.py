@@ -10,9 +10,9 @@ import sys
 import pytest
 import yaml
 
-from fastdadpo.errors import ConfigError
-from fastdadpo.recipe import load_recipe
-from fastdadpo.synthetic import ALL_TASKS
+from fastdadpo.base.errors import ConfigError
+from fastdadpo.commands.recipe import load_recipe
+from fastdadpo.demo.synthetic import ALL_TASKS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -4,11 +4,12 @@ import random
 
 import pytest
 
-from fastdadpo import data, sampler
+from fastdadpo.core import sampler
+from fastdadpo.core.tokenized import TokenizedExample
 
 
 def fake_tokenized(n):
-    return [data.TokenizedExample([1] * (1 + i % 7), [2] * (1 + (3 * i) % 5), [3], i) for i in range(n)]
+    return [TokenizedExample([1] * (1 + i % 7), [2] * (1 + (3 * i) % 5), [3], i) for i in range(n)]
 
 
 @pytest.mark.parametrize("n, micro_batch_size, world_size", [(1, 1, 1), (10, 3, 1), (10, 3, 2), (17, 2, 4),

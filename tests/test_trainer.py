@@ -22,7 +22,7 @@ TIMEOUT = 600
 def toy(tmp_path_factory, tokenizer):
     """A learnable preference set (chosen: the right answer, rejected: wrong words) and tiny models:
     a Qwen2 student, a wider teacher with a padded head, and a teacher reference for ADPA."""
-    from fastdadpo.synthetic import WORDS, make_examples, save_model_dir, tiny_causal_lm
+    from fastdadpo.demo.synthetic import WORDS, make_examples, save_model_dir, tiny_causal_lm
 
     root = tmp_path_factory.mktemp("toy")
     models = {}
@@ -226,7 +226,9 @@ def test_exported_model_matches_the_engine(toy, tmp_path):
     computed after the last step (the final evaluation)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fastdadpo import data
+    from fastdadpo.core.batch import collate
+    from fastdadpo.core.rows import load_examples
+    from fastdadpo.core.tokenized import tokenize_examples
 
     config = _config(toy, tmp_path, "sft", data__eval=toy["eval"], train__max_steps=5)
     _train(config)
@@ -234,10 +236,10 @@ def test_exported_model_matches_the_engine(toy, tmp_path):
     assert "eval/logps/chosen" in final_eval
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "final"), dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "run" / "final"))
-    examples = data.load_examples(toy["eval"], require=("prompt", "chosen"))
-    tokenized, _ = data.tokenize_examples(examples, tokenizer, max_length=64, max_prompt_length=40,
+    examples = load_examples(toy["eval"], require=("prompt", "chosen"))
+    tokenized, _ = tokenize_examples(examples, tokenizer, max_length=64, max_prompt_length=40,
                                           fields=("chosen",))
-    batch = data.collate(tokenized, pad_token_id=tokenizer.pad_token_id, include_rejected=False)
+    batch = collate(tokenized, pad_token_id=tokenizer.pad_token_id, include_rejected=False)
     with torch.no_grad():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     logps = torch.log_softmax(logits.double(), -1).gather(-1, batch.targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -431,7 +433,7 @@ def gemma(tmp_path_factory):
     from tokenizers import Tokenizer
     from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
 
-    from fastdadpo.synthetic import build_tokenizer, save_model_dir, task_corpus
+    from fastdadpo.demo.synthetic import build_tokenizer, save_model_dir, task_corpus
 
     learned = build_tokenizer(task_corpus(400, seed=0), vocab_size=320)
     state = json.loads(learned.backend_tokenizer.to_str())
@@ -460,25 +462,25 @@ def gemma(tmp_path_factory):
 
 
 def test_gemma2_head_options_reproduce_the_models_own_logits(gemma):
-    """What models.head_logit_options reads from a Gemma-2 config, given to the kernels, gives the
+    """What head_logit_options reads from a Gemma-2 config, given to the kernels, gives the
     log-probs of the model's own forward (which soft-caps its logits), and they are far from the
     uncapped ones."""
     from transformers import AutoModelForCausalLM
 
-    from fastdadpo import models
+    from fastdadpo.models.loading import final_hidden_states, head_logit_options, head_weight
     from fastdadpo.kernels import fused_linear_logprobs
 
     model = AutoModelForCausalLM.from_pretrained(gemma["student"], dtype=torch.float32)
-    options = models.head_logit_options(model.config, "model.student")
+    options = head_logit_options(model.config, "model.student")
     assert options == {"softcap": 30.0, "logit_scale": 1.0}
     ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
     targets = torch.randint(0, GEMMA_VOCAB, (1, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits = model(ids).logits
         expected = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        hidden = models.final_hidden_states(model, ids)
-        fused = fused_linear_logprobs(hidden, models.head_weight(model), targets, impl="torch", **options)
-        uncapped = fused_linear_logprobs(hidden, models.head_weight(model), targets, impl="torch")
+        hidden = final_hidden_states(model, ids)
+        fused = fused_linear_logprobs(hidden, head_weight(model), targets, impl="torch", **options)
+        uncapped = fused_linear_logprobs(hidden, head_weight(model), targets, impl="torch")
     assert float(logits.abs().max()) > 20  # the cap matters here
     torch.testing.assert_close(fused, expected, atol=1e-4, rtol=1e-4)
     assert float((uncapped - expected).abs().max()) > 1.0
@@ -489,8 +491,8 @@ def test_head_options_from_each_config_name():
     names whose meaning differs or is unknown stay refused with the reason."""
     from types import SimpleNamespace as Config
 
-    from fastdadpo.errors import ConfigError
-    from fastdadpo.models import head_logit_options
+    from fastdadpo.base.errors import ConfigError
+    from fastdadpo.models.loading import head_logit_options
 
     assert head_logit_options(Config(model_type="qwen2"), "k") == {"softcap": None, "logit_scale": 1.0}
     assert head_logit_options(Config(model_type="gemma2", final_logit_softcapping=30.0), "k")["softcap"] == 30.0

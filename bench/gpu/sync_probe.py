@@ -66,7 +66,7 @@ class _CpuSyncs(TorchDispatchMode):
 
 def main(argv) -> int:
     config_path, out_path = argv
-    from fastdadpo import trainer as trainer_module
+    from fastdadpo.commands import train as trainer_module
     from fastdadpo.cli import main as cli_main
 
     recorder = _Recorder()

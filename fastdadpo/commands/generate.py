@@ -1,0 +1,482 @@
+"""``fastdadpo generate``: the daDPO preference set. For every prompt, the teacher's response is
+``chosen`` and the student's ``rejected``; each output row is ``{"index", "prompt", "chosen",
+"rejected"}`` plus the prompt row's ``answer`` and other fields. ``index`` is the prompt's row in
+the prompts file (the output's own ``index`` wins over a prompt field of that name).
+
+``--keep-chosen`` (ADPA's pairs): every prompt row carries its own ``chosen`` response (e.g. a
+preference dataset's preferred one), which the output keeps as it is; the teacher is neither loaded
+nor run (``--teacher`` is refused with it, so that no output looks as if a teacher had made it) and
+only the student samples ``rejected``. ADPA's released code takes the student's greedy output
+(``--temperature 0``); the temperature given is used as given. A row's input ``rejected`` is dropped.
+
+Determinism. The prompts are sorted by length and cut into fixed batches of ``--batch-size``
+(batch k is the same whatever the number of ranks or how often the run was interrupted); batch k
+of model m is sampled with a seed derived from (``--seed``, k, m). So the same command gives the
+same file, and a resumed run writes exactly what an uninterrupted one would. Each model samples
+from its own distribution: its ``generation_config.json`` (repetition penalties, default top-k,
+...) is replaced by the flags here; LM-head rows past the tokenizer's vocabulary are never sampled.
+
+Resumption. Rows are appended as each step finishes (flushed and fsynced), in batch order; a
+rerun reads the output, drops a trailing partial line left by a kill, and generates only the
+batches with missing rows. When every row is there the file is rewritten sorted by ``index``
+(atomically). ``OUT.settings.json`` records the settings, with a fingerprint of each model's config
+and weights; a rerun with other settings, or other weights at the same path, is refused rather than
+mixing two samplings in one file. Every kept row is checked (an in-range ``index``, string
+``chosen`` and ``rejected``, the prompt of its index): a row this command did not write is an error
+naming its line, never trusted.
+
+Several processes (``torchrun --nproc_per_node=N -m fastdadpo generate ...``): both models are
+sharded with ZeRO-3, each step gives every rank one batch (a rank with none left generates a
+dummy batch whose output is dropped, so all ranks make the same collective calls), and rank 0
+gathers and writes the rows.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from fastdadpo.base import collectives
+from fastdadpo.base.errors import ConfigError, DataError, UserError
+from fastdadpo.base.files import write_text_atomic
+from fastdadpo.core import chat
+from fastdadpo.core.batch import pad_token_id
+from fastdadpo.core.rows import Example, load_prompts
+from fastdadpo.engine.registry import default_engine
+from fastdadpo.models import loading as models
+from fastdadpo.models.fingerprint import model_fingerprint
+from fastdadpo.models.generation import decode_response, generate_batch
+from fastdadpo.models.vocabulary import check_tokenizers_compatible
+
+ROLES = ("teacher", "student")  # teacher -> chosen, student -> rejected
+KEPT_CHOSEN_ROLES = ("student",)  # --keep-chosen: the chosen responses come with the prompts
+# The CLI's help formatter appends "(default: X)" to every flag; this (an empty rendering of the
+# default) stops it where "None" would say nothing.
+NO_DEFAULT_SHOWN = "%(default).0s"
+
+
+def add_arguments(parser) -> None:
+    parser.epilog = ("Rerunning the same command continues a partial --out (rows are written as they finish) and "
+                     "leaves a finished one alone; OUT.settings.json records the settings, and other settings are "
+                     "refused. The same command writes the same file, whether resumed or not, on any number of "
+                     "processes. Several processes: torchrun --nproc_per_node=N -m fastdadpo generate ... (both "
+                     "models sharded with DeepSpeed ZeRO-3).")
+    parser.add_argument("--teacher", default=None, metavar="DIR", help=(
+        "teacher model directory (Hugging Face format); its responses become 'chosen'. Required, except with "
+        "--keep-chosen, which refuses it" + NO_DEFAULT_SHOWN))
+    parser.add_argument("--keep-chosen", action="store_true", help=(
+        "keep each prompt row's own 'chosen' response (every row must have one) and sample only the student's "
+        "'rejected'; the teacher is not used (ADPA's pairs: its released code samples the student greedily, "
+        "--temperature 0)"))
+    parser.add_argument("--student", required=True, metavar="DIR", help=(
+        "student model directory; its responses become 'rejected'. Its tokenizer must map every token to the "
+        "same id as the teacher's" + NO_DEFAULT_SHOWN))
+    parser.add_argument("--prompts", required=True, metavar="FILE", help=(
+        "prompts: .jsonl, .json, .parquet or a saved dataset directory (DIR or DIR:split), one row per prompt with "
+        "a 'prompt' field (a string or chat messages); other fields (e.g. 'answer') are copied to the output"
+        + NO_DEFAULT_SHOWN))
+    parser.add_argument("--out", required=True, metavar="FILE", help=(
+        "output JSONL file; an existing partial output is continued, a finished one left as is" + NO_DEFAULT_SHOWN))
+    parser.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
+                        help="most tokens generated per response")
+    parser.add_argument("--temperature", type=float, default=1.0, metavar="T",
+                        help="sampling temperature; 0 means greedy decoding")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                        help="nucleus sampling: sample from the smallest token set of probability >= P (1: all)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S",
+                        help="seed of the sampling; with the same seed and settings the output is the same")
+    parser.add_argument("--batch-size", type=int, default=16, metavar="B",
+                        help="prompts per generation batch (per rank); part of what the samples depend on")
+    parser.add_argument("--max-prompt-length", type=int, default=None, metavar="N", help=(
+        "keep only the last N tokens of a longer prompt (default: keep it whole)" + NO_DEFAULT_SHOWN))
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help=(
+        "weights' dtype (default: bf16 on GPU, fp32 on CPU)" + NO_DEFAULT_SHOWN))
+
+
+def run(args) -> int:
+    _check_arguments(args)
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    try:
+        _generate(args, default_engine().setup_distributed() if several else _single_process())
+    finally:
+        if several:
+            collectives.teardown()
+    return 0
+
+
+def _single_process() -> collectives.DistInfo:
+    """One process needs no process group and no DeepSpeed: plain models on the local device."""
+    import torch
+
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    return collectives.DistInfo(rank=0, world_size=1, local_rank=0, device=device)
+
+
+def _check_arguments(args) -> None:
+    problems = []
+    if args.keep_chosen and args.teacher is not None:
+        problems.append(f"--keep-chosen takes 'chosen' from the prompt rows and never runs a teacher, so --teacher "
+                        f"{args.teacher} would be unused; drop one of the two")
+    if not args.keep_chosen and args.teacher is None:
+        problems.append("--teacher is required (its responses become 'chosen'), unless --keep-chosen takes them "
+                        "from the prompt rows")
+    if args.max_new_tokens < 1:
+        problems.append(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        problems.append(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        problems.append(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.batch_size < 1:
+        problems.append(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.max_prompt_length is not None and args.max_prompt_length < 1:
+        problems.append(f"--max-prompt-length must be at least 1, got {args.max_prompt_length}")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+@dataclass
+class _Job:
+    """Everything known before any model is loaded, identical on every rank."""
+    roles: tuple  # the models that generate: ROLES, or KEPT_CHOSEN_ROLES with --keep-chosen
+    examples: list[Example]
+    tokenizers: dict  # role -> tokenizer
+    head_rows: dict  # role -> LM-head rows
+    vocab_size: int
+    prompts: dict  # role -> token ids of every prompt
+    batches: list[list[int]]
+    dtype: object
+    settings: dict
+
+
+def _generate(args, info: collectives.DistInfo) -> None:
+    log = functools.partial(print, flush=True) if info.is_main else (lambda *_: None)
+    job = _prepare(args, info, log)
+    done = _rows_done(args.out, job, info)
+    pending = [batch_id for batch_id, batch in enumerate(job.batches) if any(i not in done for i in batch)]
+    if not pending:
+        if info.is_main:
+            _finish(args.out, len(job.examples))
+        log(f"generate: nothing to do, all {len(job.examples)} rows are already in {args.out}")
+        return
+    log(f"generate: {len(job.examples)} prompts, {len(done)} already in {args.out}; {len(pending)} batches of up "
+        f"to {args.batch_size} to generate on {info.world_size} process(es)")
+    loaded = {role: _load_model(getattr(args, role), f"--{role}", job.tokenizers[role], job.vocab_size,
+                                job.head_rows[role], job.dtype, info) for role in job.roles}
+    empty_responses = _run_steps(args, job, loaded, pending, done, info, log)
+    collectives.barrier()
+    if info.is_main:
+        _finish(args.out, len(job.examples))
+        log(f"generate: done, {len(job.examples)} rows in {args.out}")
+        if empty_responses:
+            print(f"fastdadpo generate: warning: {empty_responses} new rows have an empty response (the model "
+                  f"stopped at once); training drops rows with an empty teacher (chosen) response and keeps empty "
+                  f"student (rejected) responses as rejected examples",
+                  file=sys.stderr)
+
+
+def _prepare(args, info: collectives.DistInfo, log) -> _Job:
+    """Read and check every input (fast failures before any model is loaded) and plan the batches."""
+    roles = KEPT_CHOSEN_ROLES if args.keep_chosen else ROLES
+    examples = load_prompts(args.prompts)
+    if args.keep_chosen:
+        _check_kept_chosen(examples)
+    tokenizers = {role: _load_tokenizer(getattr(args, role), f"--{role}") for role in roles}
+    head_rows = {role: _head_rows(getattr(args, role), f"--{role}") for role in roles}
+    # Without a teacher the student is checked against itself: its head must cover its tokenizer.
+    other = "teacher" if "teacher" in roles else "student"
+    try:
+        vocab_size = check_tokenizers_compatible(tokenizers["student"], tokenizers[other],
+                                                 student_head_rows=head_rows["student"],
+                                                 teacher_head_rows=head_rows[other])
+    except ConfigError as exc:
+        models_given = f"--teacher {args.teacher} and --student {args.student}" if other == "teacher" \
+            else f"--student {args.student}"
+        raise UserError(f"{models_given}: {exc}") from None
+    prompts = {}
+    for role in roles:
+        prompts[role], truncated = _prompt_ids(tokenizers[role], examples, args.max_prompt_length)
+        if truncated:
+            log(f"generate: {truncated} prompts cut to their last {args.max_prompt_length} tokens "
+                f"(--max-prompt-length) for the {role}")
+    if any("index" in example.extra for example in examples):
+        log("generate: the prompts have a field 'index'; the output's 'index' (the prompt's row) replaces it")
+    dtype = models.resolve_dtype(args.dtype, info.device)
+    return _Job(roles, examples, tokenizers, head_rows, vocab_size, prompts,
+                batches=plan_batches([len(ids) for ids in prompts["student"]], args.batch_size), dtype=dtype,
+                settings=_settings(args, examples, str(dtype).removeprefix("torch.")))
+
+
+def _rows_done(out: str, job: _Job, info: collectives.DistInfo) -> set[int]:
+    """Indices already in the output. Only rank 0 reads it; its verdict (or its error) goes to
+    every rank, so no rank is left waiting for one that failed."""
+    verdict = None
+    if info.is_main:
+        try:
+            verdict = (None, _prepare_output(out, job.settings, job.examples))
+        except UserError as exc:
+            verdict = (str(exc), None)
+    error, done = collectives.broadcast_object(verdict)
+    if error is not None:
+        raise UserError(error)
+    return done
+
+
+def _run_steps(args, job: _Job, loaded: dict, pending: list[int], done: set[int], info, log) -> int:
+    """Generate the pending batches, ``world_size`` at a time; rank 0 appends each step's rows.
+    Returns how many written rows have an empty response."""
+    empty_responses = 0
+    steps = -(-len(pending) // info.world_size)
+    with open(args.out, "a", encoding="utf-8") if info.is_main else contextlib.nullcontext() as out:
+        for step in range(steps):
+            slot = step * info.world_size + info.rank
+            batch_id = pending[slot] if slot < len(pending) else None
+            # A rank without a batch of its own generates a dummy one: all ranks must step together.
+            indices = job.batches[batch_id] if batch_id is not None else job.batches[pending[0]][:1]
+            texts = {role: _responses(loaded[role], job.tokenizers[role], [job.prompts[role][i] for i in indices],
+                                      args, seed=_batch_seed(args.seed, -1 if batch_id is None else batch_id, role),
+                                      info=info)
+                     for role in job.roles}
+            rows = [] if batch_id is None else [
+                output_row(job.examples[i], i, rejected=texts["student"][k],
+                           chosen=texts["teacher"][k] if "teacher" in texts else kept_chosen(job.examples[i]))
+                for k, i in enumerate(indices) if i not in done]
+            gathered = [row for part in collectives.gather_to_main(rows) for row in part]
+            if info.is_main:
+                _append(out, gathered)
+                # A kept chosen was checked non-empty: only generated responses can be.
+                empty_responses += sum(1 for row in gathered if not row["rejected"] or not row["chosen"])
+                log(f"generate: step {step + 1}/{steps}, {len(gathered)} rows written")
+    return empty_responses
+
+
+# --- inputs --------------------------------------------------------------------------------------------------
+
+def _load_tokenizer(path: str, flag: str):
+    tokenizer = models.load_tokenizer(path, flag)
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"{flag} {path}: the tokenizer has no eos token, so a response could never end")
+    return tokenizer
+
+
+def _check_kept_chosen(examples: Sequence[Example]) -> None:
+    """--keep-chosen: every row has one non-empty response of its own in ``chosen``."""
+    for example in examples:
+        problem = None
+        if example.chosen is None:
+            problem = "has no 'chosen' field"
+        elif len(example.chosen) != 1:
+            problem = f"has a 'chosen' of {len(example.chosen)} messages, not one response"
+        elif not example.chosen[0]["content"].strip():
+            problem = "has an empty 'chosen'"
+        if problem:
+            raise DataError(f"{example.source}: the row {problem}; --keep-chosen keeps each row's own chosen "
+                            f"response (a string, or one assistant message) and samples only the student's "
+                            f"rejected one, so every row needs one; add it, or drop --keep-chosen and give "
+                            f"--teacher to sample the chosen responses")
+
+
+def kept_chosen(example: Example) -> str:
+    """The row's own chosen response, the text it was given (``_check_kept_chosen`` made it one message)."""
+    return example.chosen[0]["content"]
+
+
+def _head_rows(path: str, flag: str) -> int:
+    """LM-head rows from the model's config, known before (and without) loading the weights."""
+    from transformers import AutoConfig
+
+    try:
+        return int(AutoConfig.from_pretrained(path).get_text_config().vocab_size)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{flag} {path}: cannot read its config: {exc}") from None
+
+
+def _prompt_ids(tokenizer, examples: Sequence[Example], max_prompt_length: Optional[int]
+                ) -> tuple[list[list[int]], int]:
+    """Every prompt through the chat template, cut from the left to ``max_prompt_length``; and how many were cut."""
+    prompts, truncated = [], 0
+    for example in examples:
+        ids = chat.prompt_ids(tokenizer, example.prompt)
+        if max_prompt_length is not None and len(ids) > max_prompt_length:
+            ids, truncated = ids[-max_prompt_length:], truncated + 1
+        prompts.append(list(ids))
+    return prompts, truncated
+
+
+def plan_batches(prompt_lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Prompt indices in batches: sorted by length (little padding; ties by index), cut every
+    ``batch_size``. The plan depends only on the prompts, never on ranks or earlier runs."""
+    order = sorted(range(len(prompt_lengths)), key=lambda i: (prompt_lengths[i], i))
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def _batch_seed(seed: int, batch_id: int, role: str) -> int:
+    digest = hashlib.sha256(f"{seed}/{batch_id}/{role}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % 2**63
+
+
+# --- output --------------------------------------------------------------------------------------------------
+
+def output_row(example: Example, index: int, *, chosen: str, rejected: str) -> dict:
+    """A preference row in TRL's format (a single user message as a plain string), plus what the
+    prompt row carried."""
+    single_user_turn = len(example.prompt) == 1 and example.prompt[0]["role"] == "user"
+    row = {"index": index, "prompt": example.prompt[0]["content"] if single_user_turn else example.prompt,
+           "chosen": chosen, "rejected": rejected}
+    if example.answer is not None:
+        row["answer"] = example.answer
+    for key, value in example.extra.items():
+        row.setdefault(key, value)
+    return row
+
+
+# What an output whose settings predate a key was generated with: it continues under the same settings.
+SETTINGS_BEFORE_THEIR_KEY = {"keep_chosen": False}
+
+
+def _settings_path(out: str) -> str:
+    return out + ".settings.json"
+
+
+def _settings(args, examples: Sequence[Example], dtype: str) -> dict:
+    """What the rows depend on; a resumed run must match it. The models count by their path and by a
+    fingerprint of their config and weights: other weights at the same path sample otherwise."""
+    digest = hashlib.sha256()
+    for example in examples:
+        # Kept chosen responses are part of the output; otherwise a row's chosen is not read at all
+        # (and the digest stays what outputs written before --keep-chosen recorded).
+        row = [example.prompt, example.answer, example.extra] + ([example.chosen] if args.keep_chosen else [])
+        digest.update(json.dumps(row, sort_keys=True, default=str).encode())
+    teacher = None if args.keep_chosen else args.teacher
+    return {"teacher": teacher and os.path.realpath(teacher), "student": os.path.realpath(args.student),
+            "teacher_weights": teacher and model_fingerprint(teacher),
+            "student_weights": model_fingerprint(args.student), "keep_chosen": args.keep_chosen,
+            "prompts_sha256": digest.hexdigest(), "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, "batch_size": args.batch_size,
+            "max_prompt_length": args.max_prompt_length, "dtype": dtype}
+
+
+def _prepare_output(out: str, settings: dict, examples: Sequence[Example]) -> set[int]:
+    """Indices already in ``out`` (after dropping a partial last line), each row checked; records the
+    settings of a new output."""
+    settings_path = _settings_path(out)
+    if not os.path.exists(out) or os.path.getsize(out) == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        write_text_atomic(settings_path, json.dumps(settings, indent=1) + "\n")
+        open(out, "w").close()
+        return set()
+    try:
+        with open(settings_path, encoding="utf-8") as handle:
+            recorded = json.load(handle)
+    except (OSError, json.JSONDecodeError):
+        raise UserError(f"{out}: the file exists but {settings_path}, the record of the settings it was generated "
+                        f"with, is missing or unreadable, so it cannot be continued safely; choose another --out "
+                        f"or delete the file") from None
+    recorded = {**SETTINGS_BEFORE_THEIR_KEY, **recorded}
+    changed = [f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in settings.items()
+               if recorded.get(key) != value]
+    for role in ROLES:
+        weights = f"{role}_weights"
+        if settings[role] is not None and weights in recorded and recorded[weights] != settings[weights] \
+                and recorded.get(role) == settings[role]:
+            changed.append(f"the {role}'s config or weights at {settings[role]} changed since")
+    if changed:
+        raise UserError(f"{out} was generated with other settings ({'; '.join(changed)}); continuing it would mix "
+                        f"two samplings in one file; rerun with the recorded settings, or choose another --out")
+    _drop_partial_last_line(out)
+    chosen = [kept_chosen(example) for example in examples] if settings["keep_chosen"] else None
+    return set(_read_rows(out, len(examples), [_prompt_field(example) for example in examples], chosen))
+
+
+def _drop_partial_last_line(out: str) -> None:
+    """A kill during a write can leave a last line without its newline: cut it (its batch is regenerated)."""
+    with open(out, "rb+") as handle:
+        content = handle.read()
+        if content and not content.endswith(b"\n"):
+            handle.truncate(content.rfind(b"\n") + 1)
+            print(f"generate: dropped a partial last line of {out} (an interrupted write)", file=sys.stderr)
+
+
+def _prompt_field(example: Example):
+    """The ``prompt`` of the row ``output_row`` writes for ``example``, as JSON reads it back."""
+    return json.loads(json.dumps(output_row(example, 0, chosen="", rejected="")["prompt"], default=str))
+
+
+def _read_rows(out: str, num_prompts: int, prompts: Optional[list] = None,
+               chosen: Optional[list] = None) -> dict[int, str]:
+    """index -> line of every row in ``out``. Each must be what this command writes: a JSON object
+    with an in-range int ``index``, string ``chosen`` and ``rejected``, and (given ``prompts``) the
+    prompt of that index, (given ``chosen``, the kept responses) that index's chosen; anything else
+    is a UserError naming the line, never a row kept."""
+    lines: dict[int, str] = {}
+    with open(out, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            where = f"{out} line {number}"
+            try:
+                row = json.loads(line)
+                index = row["index"]
+            except (json.JSONDecodeError, TypeError, KeyError):
+                raise UserError(f"{where}: not a row written by fastdadpo generate (malformed JSON or "
+                                f"no 'index'); repair or delete the file") from None
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < num_prompts:
+                raise UserError(f"{where}: 'index' {index!r} is not a row of the {num_prompts} prompts")
+            bad = [name for name in ("chosen", "rejected") if not isinstance(row.get(name), str)]
+            if bad:
+                raise UserError(f"{where}: {' and '.join(repr(b) for b in bad)} must be strings (a generated "
+                                f"response), got {', '.join(type(row.get(b)).__name__ for b in bad)}; not a row "
+                                f"this command wrote: repair or delete the file")
+            if prompts is not None and row.get("prompt") != prompts[index]:
+                raise UserError(f"{where}: its 'prompt' is not prompt {index} of --prompts; the file belongs to "
+                                f"other prompts: choose another --out or delete it")
+            if chosen is not None and row["chosen"] != chosen[index]:
+                raise UserError(f"{where}: its 'chosen' is not the chosen response of prompt {index} of --prompts "
+                                f"(--keep-chosen copies it unchanged); repair or delete the file")
+            if index in lines:
+                raise UserError(f"{out} line {number}: a second row for prompt {index}")
+            lines[index] = line
+    return lines
+
+
+def _append(out, rows: list[dict]) -> None:
+    out.write("".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
+    out.flush()
+    os.fsync(out.fileno())
+
+
+def _finish(out: str, num_prompts: int) -> None:
+    """Rewrite a complete output sorted by index (once; a sorted file is left alone)."""
+    lines = _read_rows(out, num_prompts)
+    if len(lines) != num_prompts:
+        raise RuntimeError(f"{out}: {num_prompts - len(lines)} rows missing after generation")
+    order = list(lines)
+    if order != sorted(order):
+        write_text_atomic(out, "".join(lines[index] for index in sorted(order)))
+
+
+# --- models --------------------------------------------------------------------------------------------------
+
+def _load_model(path: str, flag: str, tokenizer, vocab_size: int, head_rows: int, dtype, info):
+    """The model ready for ``generate``: plain on the device with one process, ZeRO-3-sharded with several."""
+    from transformers import GenerationConfig
+
+    model = default_engine().sampling_model(path, key=flag, dtype=dtype, device=info.device,
+                                            world_size=info.world_size)
+    # Sample from the model itself: no penalties or top-k from its generation_config.json, and
+    # never a padded head row that no token of the tokenizer has.
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad_token_id(tokenizer),
+        suppress_tokens=list(range(vocab_size, head_rows)) or None)
+    return model
+
+
+def _responses(model, tokenizer, prompts: list[list[int]], args, *, seed: int, info) -> list[str]:
+    ids = generate_batch(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_p=args.top_p, seed=seed, synced_gpus=info.world_size > 1, device=info.device)
+    return [decode_response(tokenizer, response) for response in ids]
+
+

@@ -1,0 +1,140 @@
+"""What a training run reports: ``metrics.jsonl`` (one row per optimizer step, rank 0), TensorBoard
+when installed, log lines, and the progress bar or line."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from typing import Dict
+
+import torch
+
+from fastdadpo.base import collectives
+from fastdadpo.base.files import write_text_atomic
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def accumulate(sums: Dict[str, torch.Tensor], metrics: Dict[str, torch.Tensor]) -> None:
+    for key, value in metrics.items():
+        sums[key] = sums.get(key, 0.0) + value.detach().float()
+
+
+def reduce_step_metrics(sums: Dict[str, torch.Tensor], tokens: int, nonfinite, stop: bool,
+                        device: torch.device):
+    """One collective for the step's summed metrics, its token count, how many micro-batch losses
+    were not finite (a tensor, so the loop never waits on the device for it) and whether any rank
+    asked to stop: (metrics, finite everywhere, stop requested)."""
+    keys = sorted(sums)
+    values = [sums[k].to(device).reshape(()).double() for k in keys]
+    values += [torch.as_tensor(nonfinite, dtype=torch.float64, device=device).reshape(())]
+    values += [torch.tensor(float(v), dtype=torch.float64, device=device) for v in (tokens, stop)]
+    reduced = collectives.all_reduce_sum(torch.stack(values)).tolist()
+    metrics = dict(zip(keys, reduced[:len(keys)]))
+    metrics["tokens"] = reduced[len(keys) + 1]
+    return metrics, reduced[len(keys)] == 0, reduced[len(keys) + 2] > 0
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per optimizer step (rank 0). On resume, rows after the resumed
+    step (from the interrupted run) are dropped so the file tells one consistent story, and so is a
+    torn last line (what a kill or a full disk during an append leaves), said once in the log."""
+
+    def __init__(self, path: str, active: bool, keep_until: int, log=None):
+        self.path, self.active = path, active
+        self.writer = None
+        if not active:
+            return
+        kept, torn = (self._rows_until(keep_until) if keep_until and os.path.exists(path) else ([], 0))
+        if torn and log is not None:
+            log.info(f"{path}: dropped {torn} unreadable line(s) (a torn append from the interrupted run)")
+        write_text_atomic(path, "".join(kept))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(os.path.dirname(path), "tensorboard"))
+        except ImportError:
+            self.writer = None
+
+    def _rows_until(self, step: int):
+        kept, torn = [], 0
+        with open(self.path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    torn += 1
+                    continue
+                if isinstance(row, dict) and row.get("step", 0) <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        return kept, torn
+
+    def write(self, row: dict) -> None:
+        if not self.active:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.writer.add_scalar(key, value, row["step"])
+            self.writer.flush()
+
+
+class Log:
+    """Rank 0's log lines, written above the progress bar when there is one."""
+
+    def __init__(self, active: bool):
+        self.active = active
+        self.bar = None
+
+    def info(self, message: str) -> None:
+        if not self.active:
+            return
+        if self.bar is not None and self.bar.bar is not None:
+            self.bar.bar.write(f"[fastdadpo] {message}")
+        else:
+            print(f"[fastdadpo] {message}", flush=True)
+
+    def progress(self, total: int, initial: int, every: int) -> "Progress":
+        self.bar = Progress(total, initial, self.active, every)
+        return self.bar
+
+
+class Progress:
+    """Rank 0's progress: a bar (steps, loss, tokens/s, ETA) on a terminal, a plain line every
+    ``every`` steps otherwise (logs of recipe stages, CI)."""
+
+    def __init__(self, total: int, initial: int, active: bool, every: int):
+        self.total, self.step, self.active, self.every = total, initial, active, every
+        self.started, self.first = time.perf_counter(), initial
+        self.bar = None
+        if active and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+    def update(self, metrics: dict) -> None:
+        self.step += 1
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            self.bar.update(1)
+        elif self.step % self.every == 0 or self.step == self.total:
+            rate = (self.step - self.first) / max(time.perf_counter() - self.started, 1e-9)
+            eta = (self.total - self.step) / max(rate, 1e-9)
+            print(f"[fastdadpo] step {self.step}/{self.total} loss {metrics['loss']:.4f} "
+                  f"tok/s {metrics['tokens_per_s']:.0f} eta {eta:.0f}s", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,94 @@
+"""Turning chat messages into token ids, the one way every stage does it (generation, training, eval).
+
+Prompts go through the tokenizer's chat template with the generation prompt appended; a response
+is the template's rendering of the whole conversation minus the prompt's tokens, cut after the
+last end-of-sequence token (so the model learns to stop, and nothing the template adds after the
+stop is trained on). A tokenizer without a chat template gets this plain format:
+
+    ### User:
+    {content}
+
+    ### Assistant:
+    {response}<eos>
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Union
+
+from fastdadpo.base.errors import DataError
+
+Message = Dict[str, str]
+ROLES = ("system", "user", "assistant", "tool")
+PLAIN_ROLE_HEADERS = {"system": "### System:", "user": "### User:", "assistant": "### Assistant:",
+                      "tool": "### Tool:"}
+
+
+def as_messages(value: Union[str, Sequence[Message]], default_role: str, where: str, field: str,
+                allow_empty: bool = False) -> List[Message]:
+    """A string becomes one message of ``default_role``; a list must be ``{"role", "content"}`` dicts.
+    ``allow_empty``: an empty string is a message with empty content (a model that stopped at once)."""
+    if isinstance(value, str):
+        if not value.strip() and not allow_empty:
+            raise DataError(f"{where}: field {field!r} is empty")
+        return [{"role": default_role, "content": value}]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise DataError(f"{where}: field {field!r} must be a non-empty string or a list of chat messages, "
+                        f"got {type(value).__name__}")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DataError(f"{where}: field {field!r} message {i} must be an object with 'role' and 'content'")
+        if message["role"] not in ROLES:
+            raise DataError(f"{where}: field {field!r} message {i} has role {message['role']!r}; expected one of "
+                            f"{', '.join(ROLES)}")
+        if not isinstance(message["content"], str):
+            raise DataError(f"{where}: field {field!r} message {i} content must be a string")
+        messages.append({"role": message["role"], "content": message["content"]})
+    return messages
+
+
+def _apply_template(tokenizer, messages, **kwargs):
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(list(messages), tokenize=True, **kwargs)
+    except TemplateError as exc:
+        raise DataError(f"the tokenizer's chat template rejects these messages: {exc}") from None
+
+
+def _ids(encoded) -> List[int]:
+    # transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True)
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def _plain(messages: Sequence[Message]) -> str:
+    return "".join(f"{PLAIN_ROLE_HEADERS[m['role']]}\n{m['content']}\n\n" for m in messages)
+
+
+def prompt_ids(tokenizer, messages: Sequence[Message]) -> List[int]:
+    """Token ids of a prompt, ready for the assistant's turn."""
+    if getattr(tokenizer, "chat_template", None):
+        return _ids(_apply_template(tokenizer, messages, add_generation_prompt=True))
+    return tokenizer(_plain(messages) + PLAIN_ROLE_HEADERS["assistant"] + "\n", add_special_tokens=False)["input_ids"]
+
+
+def response_ids(tokenizer, prompt: Sequence[Message], response: Sequence[Message],
+                 prompt_token_ids: Optional[List[int]] = None) -> List[int]:
+    """Token ids of the assistant's response to ``prompt`` (ending with the eos token)."""
+    eos = tokenizer.eos_token_id
+    if prompt_token_ids is None:
+        prompt_token_ids = prompt_ids(tokenizer, prompt)
+    if getattr(tokenizer, "chat_template", None):
+        full = _ids(_apply_template(tokenizer, list(prompt) + list(response)))
+        if full[:len(prompt_token_ids)] != prompt_token_ids:
+            raise DataError("the tokenizer's chat template renders a prompt differently on its own and inside the "
+                            "full conversation, so response tokens cannot be separated from the prompt")
+        ids = full[len(prompt_token_ids):]
+        if eos is not None and eos in ids:
+            last = len(ids) - 1 - ids[::-1].index(eos)
+            ids = ids[:last + 1]
+        return ids
+    text = "".join(m["content"] if i == 0 else f"\n\n{PLAIN_ROLE_HEADERS[m['role']]}\n{m['content']}"
+                   for i, m in enumerate(response))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids + ([eos] if eos is not None else [])

@@ -1,0 +1,267 @@
+"""Preference data: loading and validating rows.
+
+Files
+    ``.jsonl``   one JSON object per line (blank lines are skipped); errors name ``FILE line N``.
+    ``.json``    one JSON array of objects; errors name the line where the object starts.
+    ``.parquet`` a table, one row per example; errors name ``FILE row N`` (N counted from 0, as ``ds[N]``).
+    directory   saved by ``datasets.Dataset.save_to_disk``; a ``DatasetDict`` needs its split: ``DIR:split``.
+
+Rows follow TRL's preference format: ``prompt``, ``chosen``, ``rejected``, each a string or a list
+of ``{"role", "content"}`` messages. A string prompt is one user message, a string response one
+assistant message. TRL's implicit-prompt rows (no ``prompt``; ``chosen`` and ``rejected`` are whole
+conversations that share their opening messages) are split at the last shared message.
+``answer`` (a reference answer, or a list of right answers) and every other field pass through untouched.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional, Sequence, Tuple, Union
+
+from fastdadpo.base.errors import DataError
+from fastdadpo.core import chat
+
+
+RESPONSE_FIELDS = ("chosen", "rejected")
+
+
+KNOWN_FIELDS = ("prompt", *RESPONSE_FIELDS, "answer")
+
+
+@dataclass
+class Example:
+    """One validated row. Messages are ``{"role", "content"}`` dicts."""
+    prompt: list[dict]
+    chosen: Optional[list[dict]]
+    rejected: Optional[list[dict]]
+    answer: Union[None, str, Tuple[str, ...]]  # several when a prompt has several right answers
+    source: str  # "FILE line N" or "FILE row N", for error messages
+    extra: dict = field(default_factory=dict)
+
+    def response(self, name: str) -> Optional[list[dict]]:
+        return getattr(self, name)
+
+
+def load_examples(path: str, *, require: Sequence[str] = ("prompt", "chosen", "rejected")) -> list[Example]:
+    """Every row of ``path`` as an ``Example``; any bad row is a ``DataError`` naming file, line and field.
+    ``prompt`` and the fields in ``require`` must be present and non-empty; the other known fields
+    are validated when present."""
+    unknown = set(require) - {"prompt", *RESPONSE_FIELDS}
+    if unknown:
+        raise ValueError(f"require: unknown fields {sorted(unknown)}")
+    require = ("prompt", *(name for name in require if name != "prompt"))
+    examples = [_example(row, source, require) for row, source in read_rows(path)]
+    if not examples:
+        raise DataError(f"{path}: no rows; a data file needs at least one example")
+    return examples
+
+
+def load_prompts(path: str) -> list[Example]:
+    """Rows that need only a prompt (for generation and evaluation)."""
+    return load_examples(path, require=("prompt",))
+
+
+def read_rows(path: str) -> Iterator[tuple[Any, str]]:
+    """(row, source) for every row of a supported file or saved dataset."""
+    dataset_dir, split = _split_dataset_path(path)
+    if dataset_dir is not None:
+        yield from _dataset_dir_rows(dataset_dir, split)
+    elif not os.path.exists(path):
+        raise DataError(f"{path}: no such file or directory")
+    elif path.endswith(".jsonl"):
+        yield from _jsonl_rows(path)
+    elif path.endswith(".json"):
+        yield from _json_array_rows(path)
+    elif path.endswith(".parquet"):
+        yield from _parquet_rows(path)
+    else:
+        raise DataError(f"{path}: unknown data format; use .jsonl, .json (an array of objects), .parquet, or a "
+                        f"directory saved by datasets' save_to_disk")
+
+
+def _split_dataset_path(path: str) -> tuple[Optional[str], Optional[str]]:
+    """("DIR", split or None) when ``path`` names a saved dataset directory, else (None, None)."""
+    if os.path.isdir(path):
+        return path, None
+    head, sep, split = path.rpartition(":")
+    if sep and split and os.path.isdir(head):
+        return head, split
+    return None, None
+
+
+def _dataset_dir_rows(directory: str, split: Optional[str]) -> Iterator[tuple[Any, str]]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(directory)
+    except FileNotFoundError:
+        raise DataError(f"{directory}: a directory that is not a dataset saved by datasets' save_to_disk; give a "
+                        f"data file (.jsonl, .json, .parquet) or a saved dataset") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split is None or split not in loaded:
+            problem = "names no split" if split is None else f"has no split {split!r}"
+            raise DataError(f"{directory}: the dataset has splits {', '.join(loaded)} and the path {problem}; "
+                            f"write DIR:SPLIT, e.g. {directory}:{next(iter(loaded))}")
+        loaded, name = loaded[split], f"{directory}:{split}"
+    elif split is not None:
+        raise DataError(f"{directory}: a single dataset without splits, but the path asks for split {split!r}")
+    else:
+        name = directory
+    for number, row in enumerate(loaded):
+        yield row, f"{name} row {number}"
+
+
+class _StrictJSON(ValueError):
+    """What JSON allows but a data row must not hold: a key twice (the first would be dropped
+    silently), NaN or Infinity (not JSON; Python's parser takes them)."""
+
+
+def _unique_keys(pairs):
+    keys = [key for key, _ in pairs]
+    duplicated = sorted({key for key in keys if keys.count(key) > 1})
+    if duplicated:
+        raise _StrictJSON(f"key {duplicated[0]!r} is written twice in one object (one would be dropped silently)")
+    return dict(pairs)
+
+
+def _no_constant(name: str):
+    raise _StrictJSON(f"{name} is not JSON (write a number or a string)")
+
+
+def _strict_json(text: str, where: str):
+    """``json.loads`` that refuses duplicate keys, NaN/Infinity, integers past Python's digit limit,
+    nesting past the recursion limit, and lone surrogates (text no tokenizer can encode)."""
+    try:
+        value = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except json.JSONDecodeError:
+        raise
+    except _StrictJSON as exc:
+        raise DataError(f"{where}: {exc}") from None
+    except UnicodeEncodeError:
+        raise DataError(f"{where}: holds a lone surrogate (\\ud800–\\udfff escapes without their pair): not "
+                        f"text any tokenizer can encode") from None
+    except RecursionError:
+        raise DataError(f"{where}: nested too deeply to be a data row") from None
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+        raise DataError(f"{where}: {exc}") from None
+    return value
+
+
+def _jsonl_rows(path: str) -> Iterator[tuple[Any, str]]:
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            line = _utf8(raw, f"{path} line {number}")
+            if not line.strip():
+                continue
+            try:
+                row = _strict_json(line, f"{path} line {number}")
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path} line {number}: malformed JSON ({exc.msg} at column {exc.colno}); every "
+                                f"line of a .jsonl file must be one JSON object") from None
+            yield row, f"{path} line {number}"
+
+
+def _json_array_rows(path: str) -> Iterator[tuple[Any, str]]:
+    with open(path, "rb") as handle:
+        text = _utf8(handle.read(), path)
+    try:
+        document = _strict_json(text, path)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} line {exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(document, list):
+        raise DataError(f"{path}: a .json data file must hold one array of row objects, found a "
+                        f"{type(document).__name__}; for one object per line use .jsonl")
+    # The document is valid JSON: walk the array once more only to learn where each item starts.
+    decoder, position, line, counted = json.JSONDecoder(), text.index("[") + 1, 1, 0
+    for row in document:
+        while text[position] in " \t\r\n,":
+            position += 1
+        line, counted = line + text.count("\n", counted, position), position
+        yield row, f"{path} line {line}"
+        position = decoder.raw_decode(text, position)[1]
+
+
+def _utf8(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where}: not UTF-8 text (byte {exc.start}); JSON data files must be UTF-8") from None
+
+
+def _parquet_rows(path: str) -> Iterator[tuple[Any, str]]:
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as exc:  # pyarrow raises several types for an unreadable file
+        raise DataError(f"{path}: cannot read as Parquet: {exc}") from None
+    for number, row in enumerate(rows):
+        yield row, f"{path} row {number}"
+
+
+def _example(row: Any, source: str, require: Sequence[str]) -> Example:
+    if not isinstance(row, dict):
+        raise DataError(f"{source}: expected an object with fields prompt, chosen, rejected; got "
+                        f"{type(row).__name__}")
+    # Tabular formats store a field absent from some rows as null: null means missing.
+    present = {key: value for key, value in row.items() if value is not None}
+    if "prompt" not in present and _has_implicit_prompt(present):
+        present = _split_implicit_prompt(present, source)
+    for name in require:
+        if name not in present:
+            raise DataError(f"{source}: missing field {name!r} (rows need {', '.join(require)}); found fields "
+                            f"{', '.join(row) or 'none'}")
+    prompt = chat.as_messages(present["prompt"], "user", source, "prompt")
+    responses = {name: _response(present[name], source, name) if name in present else None
+                 for name in RESPONSE_FIELDS}
+    return Example(prompt=prompt, chosen=responses["chosen"], rejected=responses["rejected"],
+                   answer=_answer(present.get("answer"), source), source=source,
+                   extra={key: value for key, value in row.items() if key not in KNOWN_FIELDS})
+
+
+def _response(value: Any, source: str, name: str) -> list[dict]:
+    messages = chat.as_messages(value, "assistant", source, name, allow_empty=True)
+    if messages[0]["role"] != "assistant":
+        raise DataError(f"{source}: field {name!r} must start with an assistant message (it is the response to "
+                        f"the prompt), found role {messages[0]['role']!r}")
+    return messages
+
+
+def _answer(value: Any, source: str) -> Union[None, str, Tuple[str, ...]]:
+    """One reference answer, or a list of them when a prompt has several right answers (any one is right)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, list):
+        if not value:
+            raise DataError(f"{source}: field 'answer' is an empty list; give at least one right answer, or leave "
+                            f"the field out")
+        if any(isinstance(item, list) for item in value):
+            raise DataError(f"{source}: field 'answer' must be a string, a number or a list of them; it holds a "
+                            f"nested list")
+        if any(item is None for item in value):
+            raise DataError(f"{source}: field 'answer' holds a null among its answers; every entry must be a right "
+                            f"answer (a string or a number)")
+        return tuple(_answer(item, source) for item in value)
+    raise DataError(f"{source}: field 'answer' must be a string, a number or a list of them (every one a right "
+                    f"answer), got {type(value).__name__}")
+
+
+def _has_implicit_prompt(row: dict) -> bool:
+    return all(isinstance(row.get(name), list) for name in RESPONSE_FIELDS)
+
+
+def _split_implicit_prompt(row: dict, source: str) -> dict:
+    """TRL's implicit prompt: the messages ``chosen`` and ``rejected`` share are the prompt."""
+    chosen, rejected = row["chosen"], row["rejected"]
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0 or shared == len(chosen) or shared == len(rejected):
+        raise DataError(f"{source}: no field 'prompt', and 'chosen' and 'rejected' do not read as one prompt "
+                        f"followed by two different responses (they share {shared} opening messages); add a "
+                        f"'prompt' field")
+    return {**row, "prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}

@@ -1,0 +1,329 @@
+"""``fastdadpo demo``: the whole daDPO experiment in miniature, on a CPU, with nothing downloaded.
+
+1. A conversational task with verifiable answers (``synthetic``): five task families with one right
+   answer (repeat, reverse, count a word list, name its first or last word) and three with several
+   (name any of its words, one starting with a given letter, any two in their order), a tokenizer
+   trained on it, and disjoint prompt sets: the teacher's training data, and per seed the
+   distillation prompts and held-out evaluation prompts (none of them a prompt the teacher saw).
+2. A teacher: a small Qwen2 model trained from scratch on the task with ``fastdadpo train`` (sft), a
+   multi-answer row's response drawn uniformly from its right answers, so the teacher spreads its
+   probability over them: the situation the daDPO paper argues a teacher's sample alone mislabels.
+   Learning to copy takes a small model thousands of steps (its induction heads form late), more
+   than the demo's time on two cores, so the trained teacher ships with the package
+   (``demo_data/teacher``, 1M parameters) and ``fastdadpo demo --train-teacher`` (or
+   ``scripts/train_demo_teacher.sh``) regenerates it; ``--quick`` trains its tiny one on the spot.
+3. Per seed, the paper's pipeline as a recipe (``fastdadpo run``): prune the teacher by 20% to get
+   the student, sample teacher (chosen) and student (rejected) responses, distilled SFT, then dDPO,
+   daDPO and token-level daDPO from the dSFT student (and, in the first seed, daDPO at the
+   ``--beta2-sweep`` values), and a comparison on the held-out prompts: accuracy, preference rate against the
+   teacher (exact-match judge), divergence to the teacher, overall and per task family.
+4. The report (``demo_report``): mean ± std over the seeds, per kind and family of task, McNemar's
+   exact test of each preference objective against dSFT and dDPO on the same prompts, the β2 sweep.
+
+Every stage is skipped when its output exists, so a second run only prints the results; ``--fresh``
+starts over. ``--quick`` shrinks everything (the CI runs it). Every stage runs with ``--threads``
+CPU threads, so the same seed and thread count give the same table bit for bit on one machine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+
+import yaml
+
+from fastdadpo.base.errors import UserError
+from fastdadpo.base.files import write_text_atomic
+from fastdadpo.commands.recipe import Runner, load_recipe
+from fastdadpo.demo.report import format_report, load_seed_run, summarize
+from fastdadpo.demo.synthetic import (ALL_TASKS, MULTI_ANSWER_TASKS, build_tokenizer, make_examples, save_model_dir,
+                                      task_corpus, tiny_causal_lm)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    teacher_examples: int
+    prompts: int
+    heldout: int
+    teacher_hidden: int
+    teacher_layers: int
+    teacher_steps: int
+    dsft_steps: int
+    preference_steps: int
+    micro_batch: int
+    seeds: int                 # distillation runs, each with its own prompts, pruning, samples and training
+    beta2_sweep: tuple         # extra daDPO β2 values, trained in the first seed only
+
+
+# One seed by default: a seed takes ~6 min on 2 cores (dSFT 100 s, each preference training 60 s, each
+# process start ~10 s), so three and the sweep (~21 min) would not fit the main job's 15 minutes. The
+# README's table comes from --seeds 3 --beta2-sweep 0.005,0.05,0.2 (README_RUN).
+FULL = Sizes(teacher_examples=12000, prompts=1536, heldout=200, teacher_hidden=128, teacher_layers=4,
+             teacher_steps=12000, dsft_steps=300, preference_steps=100, micro_batch=32, seeds=1, beta2_sweep=())
+README_RUN = "--seeds 3 --beta2-sweep 0.005,0.05,0.2"
+QUICK = Sizes(teacher_examples=256, prompts=48, heldout=24, teacher_hidden=32, teacher_layers=2, teacher_steps=8,
+              dsft_steps=3, preference_steps=2, micro_batch=8, seeds=1, beta2_sweep=())
+MAX_LENGTH, MAX_PROMPT_LENGTH, MAX_NEW_TOKENS = 64, 40, 24
+DADPO_BETA1, DADPO_BETA2 = 0.1, 0.02
+SHIPPED_TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_data", "teacher")
+# The teacher is one fixed model whatever the distillation seed: its training rows come from this
+# seed, and every seed's prompts are drawn from another stream with the teacher's prompts removed.
+TEACHER_SEED = 0
+PROMPT_STREAM = 1_000_003
+DEFAULT_THREADS = 2
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--out", help="where everything is written (default: runs/demo, runs/demo-quick with --quick)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline runs (CI)")
+    parser.add_argument("--fresh", action="store_true", help="delete --out first and start over")
+    parser.add_argument("--seed", type=int, default=0, help="the first distillation seed (prompts, pruning, samples, "
+                                                              "training; the teacher is the same for every seed)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help=f"distillation runs, seeds --seed, --seed+1, ... (default {FULL.seeds}, ~6 min each on 2 "
+                             f"cores); with several the tables give mean ± std over them")
+    parser.add_argument("--beta2-sweep", default=None, metavar="LIST",
+                        help="comma-separated extra daDPO β2 values trained in the first seed ('none', the default: "
+                             f"no sweep; the README's table: {README_RUN})")
+    parser.add_argument("--threads", type=int, default=None,
+                        help=f"CPU threads of every stage (default $OMP_NUM_THREADS, else {DEFAULT_THREADS}): the "
+                             "same count gives the same table bit for bit on one machine")
+    parser.add_argument("--train-teacher", action="store_true",
+                        help=f"train the teacher from scratch ({FULL.teacher_steps} steps, 53 min on 2 cores) instead "
+                             f"of using the one shipped in {SHIPPED_TEACHER}")
+
+
+def _settings(args, sizes: Sizes) -> dict:
+    seeds = sizes.seeds if args.seeds is None else args.seeds
+    if seeds < 1:
+        raise UserError(f"--seeds: {seeds} must be at least 1")
+    threads = args.threads if args.threads is not None else int(os.environ.get("OMP_NUM_THREADS") or DEFAULT_THREADS)
+    if threads < 1:
+        raise UserError(f"--threads: {threads} must be at least 1")
+    sweep = sizes.beta2_sweep if args.beta2_sweep is None else _beta2_values(args.beta2_sweep)
+    return {"seeds": list(range(args.seed, args.seed + seeds)), "threads": threads, "beta2_sweep": list(sweep)}
+
+
+def _beta2_values(text: str) -> tuple:
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise UserError(f"--beta2-sweep: {text!r} is not a comma-separated list of numbers (or 'none')") from None
+    if any(not value > 0 or value != value or value == float("inf") for value in values):
+        raise UserError(f"--beta2-sweep: every β2 must be a positive finite number, got {text!r} (β2 = 0 is dDPO, "
+                        f"which every seed trains)")
+    return values
+
+
+def run(args) -> int:
+    sizes = QUICK if args.quick else FULL
+    out = os.path.abspath(args.out or ("runs/demo-quick" if args.quick else "runs/demo"))
+    settings = _settings(args, sizes)
+    if args.fresh:
+        shutil.rmtree(out, ignore_errors=True)
+    _claim(out, {"mode": "quick" if args.quick else "full", "threads": settings["threads"],
+                 "teacher": "trained" if args.quick or args.train_teacher else "shipped"})
+    # Every stage is a child process: the thread count they inherit fixes the order of floating-point
+    # reductions, so a run is repeatable bit for bit on one machine.
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = str(settings["threads"])
+    started = time.time()
+    teacher_rows = write_teacher_data(out, sizes)
+    teacher = None
+    for seed in settings["seeds"]:
+        seed_out = os.path.join(out, f"seed-{seed}")
+        files = write_task_data(seed_out, sizes, seed, teacher_rows)
+        sweep = settings["beta2_sweep"] if seed == settings["seeds"][0] else []
+        recipe = load_recipe(write_recipe(seed_out, sizes, seed, files, os.path.join(out, "teacher", "final"), sweep))
+        # No separate precompute stage: each training computes (and caches) its log-probs first anyway,
+        # and a process start costs ~10 s here.
+        runner = Runner(recipe, stages=["prune", "generate", "dsft", "train", "eval"])
+        if teacher is None:
+            if args.quick or args.train_teacher or not os.path.exists(os.path.join(SHIPPED_TEACHER, "config.json")):
+                teacher = train_teacher(runner, out, sizes)
+            else:
+                teacher = copy_shipped_teacher(runner, out)
+        runner.echo(f"[demo] seed {seed} ({settings['seeds'].index(seed) + 1} of {len(settings['seeds'])}): {seed_out}")
+        runner.run()
+    report(out, settings, args, time.time() - started)
+    return 0
+
+
+def _claim(out: str, settings: dict) -> None:
+    """Stages skip what exists, so a directory must hold one demo's settings: reusing a quick run's
+    teacher, or stages run with another thread count, under a full run's title would print a wrong
+    table. (Seeds are directories of their own, so another --seed or --seeds adds to a run.)"""
+    stamp = os.path.join(out, "demo.json")
+    if os.path.exists(stamp):
+        with open(stamp, encoding="utf-8") as handle:
+            previous = json.load(handle)
+        if previous != settings:
+            raise UserError(f"{out} holds a demo run with {previous}, and this one asks for {settings}; "
+                            f"add --fresh to start it over, or give another --out")
+        return
+    if os.path.isdir(out) and os.listdir(out):
+        raise UserError(f"{out} exists and is not a demo run of this version (no demo.json); add --fresh to "
+                        f"replace it, or give another --out")
+    os.makedirs(out, exist_ok=True)
+    with open(stamp, "w", encoding="utf-8") as handle:
+        json.dump(settings, handle)
+
+
+# --- 1. the task --------------------------------------------------------------------------------------------
+
+def _unique_prompts(rows):
+    seen = set()
+    for row in rows:
+        if row["prompt"] not in seen:
+            seen.add(row["prompt"])
+            yield row
+
+
+def write_teacher_data(out: str, sizes: Sizes) -> str:
+    """The teacher's training rows (every task family; a multi-answer row's response drawn uniformly
+    from its right answers, so the teacher learns to spread its probability over them)."""
+    path = os.path.join(out, "data", "teacher_train.jsonl")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        pool = _unique_prompts(make_examples(4 * sizes.teacher_examples, seed=TEACHER_SEED, tasks=ALL_TASKS))
+        rows = [row for _, row in zip(range(sizes.teacher_examples), pool)]
+        _write_jsonl(path, [{"prompt": r["prompt"], "chosen": r["answer"]} for r in rows])
+    return path
+
+
+def write_task_data(out: str, sizes: Sizes, seed: int, teacher_rows: str) -> dict:
+    """One seed's disjoint prompt sets, none of them a prompt the teacher was trained on, written once.
+    Each row's ``answer`` lists every right answer; held-out rows name their task family and kind."""
+    data_dir = os.path.join(out, "data")
+    files = {name: os.path.join(data_dir, f"{name}.jsonl") for name in ("prompts", "heldout")}
+    if all(os.path.exists(path) for path in files.values()):
+        return files
+    os.makedirs(data_dir, exist_ok=True)
+    with open(teacher_rows, encoding="utf-8") as handle:
+        taught = {json.loads(line)["prompt"] for line in handle}
+    wanted = sizes.heldout + sizes.prompts
+    pool = _unique_prompts(row for row in make_examples(8 * wanted, seed=PROMPT_STREAM + seed, tasks=ALL_TASKS)
+                           if row["prompt"] not in taught)
+    rows = [row for _, row in zip(range(wanted), pool)]
+    if len(rows) < wanted:
+        raise UserError(f"the task has too few distinct prompts for {wanted} held-out and training prompts")
+    heldout, prompts = rows[:sizes.heldout], rows[sizes.heldout:]
+    _write_jsonl(files["prompts"], [{"prompt": r["prompt"], "answer": r["answers"]} for r in prompts])
+    _write_jsonl(files["heldout"], [{"prompt": r["prompt"], "answer": r["answers"], "task": r["task"],
+                                     "kind": "multi" if r["task"] in MULTI_ANSWER_TASKS else "single"}
+                                    for r in heldout])
+    return files
+
+
+def _write_jsonl(path: str, rows) -> None:
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+# --- 2. the teacher ---------------------------------------------------------------------------------------
+
+def _training_defaults(sizes: Sizes, seed: int) -> dict:
+    return {"data": {"max_length": MAX_LENGTH, "max_prompt_length": MAX_PROMPT_LENGTH},
+            "train": {"micro_batch_size": sizes.micro_batch, "seed": seed, "log_every": 20},
+            "deepspeed": {"zero_stage": 3}}
+
+
+def copy_shipped_teacher(runner: Runner, out: str) -> str:
+    final = os.path.join(out, "teacher", "final")
+    if not os.path.exists(os.path.join(final, "config.json")):
+        partial = final + ".partial"  # an interrupted copy must not look like a teacher
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.copytree(SHIPPED_TEACHER, partial)
+        os.replace(partial, final)
+        runner.echo(f"[demo] teacher: the shipped one ({SHIPPED_TEACHER}; fastdadpo demo --train-teacher "
+                    f"retrains it)")
+    return final
+
+
+def train_teacher(runner: Runner, out: str, sizes: Sizes) -> str:
+    final = os.path.join(out, "teacher", "final")
+    if os.path.exists(os.path.join(final, "config.json")):
+        runner.echo(f"[demo] teacher: {final} exists, skipped")
+        return final
+    init = os.path.join(out, "teacher-init")
+    if not os.path.exists(os.path.join(init, "config.json")):
+        tokenizer = build_tokenizer(task_corpus(2000, seed=TEACHER_SEED, tasks=ALL_TASKS), vocab_size=512)
+        model = tiny_causal_lm(len(tokenizer), hidden_size=sizes.teacher_hidden, layers=sizes.teacher_layers,
+                               heads=8, kv_heads=2, intermediate_size=4 * sizes.teacher_hidden,
+                               max_positions=2 * MAX_LENGTH, seed=TEACHER_SEED, pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=tokenizer.eos_token_id)
+        save_model_dir(model, tokenizer, init)
+    config = _training_defaults(sizes, TEACHER_SEED)
+    config["model"] = {"student": init}
+    config["data"]["train"] = os.path.join(out, "data", "teacher_train.jsonl")
+    config["objective"] = {"name": "sft"}
+    config["train"].update(lr=3e-3, max_steps=sizes.teacher_steps, warmup_ratio=0.05,
+                           output_dir=os.path.join(out, "teacher"), resume=True)
+    path = os.path.join(out, "configs", "teacher.yaml")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_text_atomic(path, yaml.safe_dump(config, sort_keys=False))
+    runner.fastdadpo(["train", path], distributed=False, log_name="train-teacher")
+    return final
+
+
+# --- 3. the recipe ------------------------------------------------------------------------------------------
+
+def sweep_name(beta2: float) -> str:
+    return f"daDPO-b2-{beta2:g}"
+
+
+def write_recipe(out: str, sizes: Sizes, seed: int, files: dict, teacher: str, beta2_sweep=()) -> str:
+    preference = {"train": {"lr": 1e-4, "max_steps": sizes.preference_steps, "warmup_ratio": 0.1}}
+
+    def dadpo(beta2: float) -> dict:
+        return {"objective": {"name": "dadpo", "beta1": DADPO_BETA1, "beta2": beta2}, **preference}
+
+    recipe = {
+        "output_dir": out,
+        "teacher": teacher,
+        "student": teacher,  # pruned below: the paper's 20%-pruned student
+        "prompts": files["prompts"],
+        "eval_prompts": files["heldout"],
+        "prune": {"ratio": 0.2, "calibration_samples": 128, "seed": seed},
+        "generate": {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0, "top_p": 1.0, "seed": seed,
+                     "batch_size": 64},
+        "train_common": _training_defaults(sizes, seed),
+        "dsft": {"train": {"lr": 1e-3, "max_steps": sizes.dsft_steps, "warmup_ratio": 0.05}},
+        "students": {
+            "dDPO": {"objective": {"name": "dpo", "beta": DADPO_BETA1}, **preference},
+            # The teacher's margin log π_te(y^t) − log π_te(y^s) runs to tens of nats when the student's
+            # response is wrong, so β2 must be small for the teacher term not to swamp the others.
+            "daDPO": dadpo(DADPO_BETA2),
+            "daDPO-token": {"objective": {"name": "dadpo_token", "beta": DADPO_BETA1, "alpha": 0.5}, **preference},
+            **{sweep_name(beta2): dadpo(beta2) for beta2 in beta2_sweep if beta2 != DADPO_BETA2},
+        },
+        "eval": {"judge": "exact", "max_new_tokens": MAX_NEW_TOKENS, "batch_size": 64, "group_by": "task"},
+    }
+    path = os.path.join(out, "recipe.yaml")
+    write_text_atomic(path, yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+# --- 4. the report ------------------------------------------------------------------------------------------
+
+def report(out: str, settings: dict, args, seconds: float) -> None:
+    runs = [load_seed_run(os.path.join(out, f"seed-{seed}"), seed) for seed in settings["seeds"]]
+    summary = summarize(runs, beta2=DADPO_BETA2, sweep={sweep_name(b): b for b in settings["beta2_sweep"]})
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    first = os.path.join(out, f"seed-{settings['seeds'][0]}")
+    text = (f"fastdadpo demo ({'quick' if args.quick else 'full'}), seeds {_seed_range(settings['seeds'])}, "
+            f"{settings['threads']} threads, {machine}, {seconds / 60:.1f} min this run\n\n{format_report(summary)}\n\n"
+            f"plots (seed {settings['seeds'][0]}): {os.path.join(first, 'curves.png')}, "
+            f"{os.path.join(first, 'comparison.png')}\n")
+    write_text_atomic(os.path.join(out, "results.txt"), text)
+    write_text_atomic(os.path.join(out, "results.json"), json.dumps(summary, indent=1))
+    print("\n" + text)
+
+
+def _seed_range(seeds) -> str:
+    return str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"

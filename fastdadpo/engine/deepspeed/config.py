@@ -1,0 +1,160 @@
+"""The DeepSpeed configs fastdadpo generates, and validation of the user's ``deepspeed.extra``.
+
+DeepSpeed silently ignores top-level keys it does not know, so a dotted key such as
+``"zero_optimization.stage": 3`` or a typo is a no-op that users discover weeks later; and it
+rejects floats where it wants integers (YAML reads ``5e8`` as a string, ``5.0e8`` as a float).
+Here a dotted key or an unknown top-level key is an error with a suggestion, integral numbers are
+made ints, the keys fastdadpo owns (batch sizes, clipping, optimizer, precision, ZeRO stage) are
+refused with the config key to use instead, and the ZeRO section is checked by DeepSpeed's own model.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Any, Dict, Optional
+
+import torch
+
+from fastdadpo.base.errors import ConfigError
+from fastdadpo.base.yaml_files import merge_mappings
+
+KNOWN_TOP_LEVEL_KEYS = {
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler",
+    "fp16", "bf16", "amp", "torch_autocast", "gradient_clipping", "prescale_gradients", "gradient_predivide_factor",
+    "communication_data_type", "seq_parallel_communication_data_type", "sparse_gradients", "zero_optimization",
+    "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "activation_checkpointing", "flops_profiler",
+    "wall_clock_breakdown", "memory_breakdown", "steps_per_print", "dump_state", "tensorboard", "wandb",
+    "csv_monitor", "comet", "comms_logger", "autotuning", "elasticity", "data_efficiency", "curriculum_learning",
+    "compression_training", "checkpoint", "aio", "nebula", "data_types", "disable_allgather", "dataloader_drop_last",
+    "pipeline", "load_universal", "use_node_local_storage", "graph_harvesting", "compile", "timers",
+    "weight_quantization", "hybrid_engine", "sparse_attention", "quantize_training", "eigenvalue",
+    "progressive_layer_drop", "gradient_allreduce_op", "use_data_before_expert_parallelism", "mixed_precision",
+}
+# Set through fastdadpo's own config, so that there is one place for each.
+OWNED_KEYS = {
+    "train_batch_size": "train.micro_batch_size and train.grad_accum",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "gradient_clipping": "train.max_grad_norm",
+    "optimizer": "train.lr and train.weight_decay (fastdadpo uses torch AdamW)",
+    "scheduler": "train.warmup_ratio (fastdadpo uses warmup then cosine)",
+    "bf16": "model.dtype", "fp16": "model.dtype",
+}
+INTEGER_KEYS = {
+    (), ("zero_optimization",), ("zero_optimization", "offload_param"), ("zero_optimization", "offload_optimizer"),
+}
+INTEGER_NAMES = {
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "steps_per_print", "stage",
+    "reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+    "stage3_model_persistence_threshold", "stage3_max_live_parameters", "stage3_max_reuse_distance", "sub_group_size",
+    "buffer_count", "buffer_size", "max_in_cpu", "prefetch_bucket_size", "param_persistence_threshold",
+    "model_persistence_threshold", "max_live_parameters", "max_reuse_distance", "mics_shard_size",
+}
+
+
+def _integral(value, path: str, source: str):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{source}: deepspeed.extra.{path} must be an integer, got {value!r}") from None
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ConfigError(f"{source}: deepspeed.extra.{path} must be an integer, got {value}")
+        return int(value)
+    return value
+
+
+def _normalize(node: dict, trail: tuple, source: str) -> dict:
+    out = {}
+    for key, value in node.items():
+        path = ".".join(trail + (key,))
+        if not isinstance(key, str):
+            raise ConfigError(f"{source}: deepspeed.extra.{path}: keys must be strings")
+        if "." in key:
+            nested = key.split(".")
+            example = "".join(f"{k}: {{" for k in nested[:-1]) + f"{nested[-1]}: ..." + "}" * (len(nested) - 1)
+            raise ConfigError(f"{source}: deepspeed.extra key {path!r} is dotted; DeepSpeed reads nested mappings "
+                              f"and would silently ignore it. Write {example} instead")
+        if isinstance(value, dict):
+            out[key] = _normalize(value, trail + (key,), source)
+        elif trail in INTEGER_KEYS and key in INTEGER_NAMES:
+            out[key] = _integral(value, path, source)
+        else:
+            out[key] = value
+    return out
+
+
+def validate_extra(extra: Dict[str, Any], source: str) -> Dict[str, Any]:
+    """The normalized ``deepspeed.extra``, or a ConfigError naming the offending key."""
+    extra = _normalize(extra or {}, (), source)
+    for key in extra:
+        if key in OWNED_KEYS:
+            raise ConfigError(f"{source}: deepspeed.extra.{key} is set by fastdadpo; use {OWNED_KEYS[key]}")
+        if key not in KNOWN_TOP_LEVEL_KEYS:
+            match = difflib.get_close_matches(key, KNOWN_TOP_LEVEL_KEYS, n=1)
+            hint = f" (did you mean {match[0]!r}?)" if match else ""
+            raise ConfigError(f"{source}: deepspeed.extra.{key} is not a DeepSpeed config key{hint}; DeepSpeed "
+                              f"would silently ignore it")
+    zero = extra.get("zero_optimization", {})
+    if "stage" in zero:
+        raise ConfigError(f"{source}: deepspeed.extra.zero_optimization.stage is set by fastdadpo; use "
+                          f"deepspeed.zero_stage")
+    _check_zero_section(zero, source)
+    return extra
+
+
+def _check_zero_section(zero: dict, source: str) -> None:
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{source}: deepspeed.extra.zero_optimization is invalid: {problems}") from None
+
+
+def student_config(*, zero_stage: int, micro_batch_size: int, grad_accum: int, max_grad_norm: float,
+                   dtype: torch.dtype, extra: dict, source: str) -> dict:
+    """The student engine's DeepSpeed config: fastdadpo's settings, then ``deepspeed.extra``."""
+    zero: Dict[str, Any] = {"stage": zero_stage}
+    if zero_stage == 3:
+        # final/ and checkpoints gather full 16-bit weights: without this flag DeepSpeed writes empty shards.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    base = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "zero_allow_untested_optimizer": True,  # a torch AdamW client optimizer
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return merge_mappings(base, validate_extra(extra, source))
+
+
+def inference_config(dtype: torch.dtype, *, offload: bool = False, extra: Optional[dict] = None) -> dict:
+    """DeepSpeed config for a frozen model sharded with ZeRO-3 (a teacher, a generator)."""
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if offload:
+        config["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return merge_mappings(config, extra or {})
+
+
+def teacher_extra(extra: dict) -> dict:
+    """The part of ``deepspeed.extra`` that applies to frozen teachers: ZeRO-3 parameter settings."""
+    zero = {k: v for k, v in (extra or {}).get("zero_optimization", {}).items()
+            if k not in ("offload_optimizer", "stage3_gather_16bit_weights_on_model_save")}
+    return {"zero_optimization": zero} if zero else {}

@@ -1,0 +1,147 @@
+"""The one interface the training loop, the precompute and generation talk to, whatever shards the
+models: an ``Engine`` sets up the process group, loads models (sharded as they load where it
+shards), builds the trained student with the loss inside its forward, and builds frozen teachers;
+the ``TrainedStudent`` it returns takes backward passes, optimizer steps, checkpoints and the final
+export. DeepSpeed ZeRO (``fastdadpo.engine.deepspeed``) implements it; nothing above this layer
+names DeepSpeed.
+
+Why the loss runs inside the student's forward: an engine that shards the LM head must gather it for
+the forward and again for the backward, and its gradient-reduction hooks fire only on parameters
+used inside its forward; computing the loss outside (on ``lm_head.weight`` read directly) sees an
+empty shard.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+import math
+from typing import Callable, Optional
+
+import torch
+
+from fastdadpo.base.collectives import DistInfo
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """How the student is stepped: AdamW with warmup then cosine, clipping, accumulation."""
+
+    micro_batch_size: int
+    grad_accum: int
+    lr: float
+    weight_decay: float
+    max_grad_norm: float  # 0: no clipping
+    warmup_ratio: float
+    total_steps: int
+
+
+# The student's forward: (final hidden states, LM-head weight) -> whatever the objective returns.
+Compute = Callable[[torch.Tensor, torch.Tensor], object]
+
+
+class FrozenModel(abc.ABC):
+    """A frozen model (a teacher, a reference) run every step without gradients: its final hidden
+    states, and its full LM head with the map from the head's raw outputs to its logits."""
+
+    head: torch.Tensor  # the full LM-head weight, gathered once
+    softcap: Optional[float] = None  # ``fastdadpo.models.loading.head_logit_options``
+    logit_scale: float = 1.0
+
+    @abc.abstractmethod
+    def hidden(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        """Final hidden states, no grad (collective where the model is sharded)."""
+
+    @abc.abstractmethod
+    def release(self) -> None:
+        """Free its weights and hooks now."""
+
+
+class TrainedStudent(abc.ABC):
+    """The student in its engine. ``model`` is the Hugging Face model (its config, its export)."""
+
+    model: torch.nn.Module
+
+    @abc.abstractmethod
+    def __call__(self, input_ids, attention_mask, position_ids, compute: Compute):
+        """The decoder's forward, then ``compute(hidden, head_weight)`` inside the engine's forward."""
+
+    @abc.abstractmethod
+    def train(self) -> None: ...
+
+    @abc.abstractmethod
+    def eval(self) -> None: ...
+
+    @abc.abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss``: this micro-batch's contribution to the step's loss, which is the sum of the
+        contributions over the step's micro-batches and ranks (the objectives normalize over the
+        whole step). The gradient of that sum accumulates until ``optimizer_step``."""
+
+    @abc.abstractmethod
+    def optimizer_step(self, check_gradient: Callable[[Optional[float]], None]) -> Optional[float]:
+        """Apply the step's accumulated gradient (clipped), advance the schedule, and return the
+        gradient norm (None where the engine has none). ``check_gradient(norm)`` is called before
+        the update where the norm is known before it (it may raise to stop the run without applying
+        it), else right after (the engine then skips a non-finite update itself)."""
+
+    @abc.abstractmethod
+    def lr(self) -> float:
+        """The learning rate the next ``optimizer_step`` applies."""
+
+    @abc.abstractmethod
+    def save_checkpoint(self, output_dir: str, step: int) -> str:
+        """Collective: ``OUTPUT_DIR/checkpoints/step-N`` (``fastdadpo.engine.checkpoints``), returned."""
+
+    @abc.abstractmethod
+    def load_checkpoint(self, path: str) -> int:
+        """Collective: restores weights, optimizer, schedule and this rank's RNG; returns the step."""
+
+    @abc.abstractmethod
+    def export(self, tokenizer, output_dir: str, lora=None, base_model: str = "") -> str:
+        """Collective: the full model as ``OUTPUT_DIR/final`` (and ``final-adapter`` with LoRA)."""
+
+
+class Engine(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """One phrase for the run's log (e.g. "DeepSpeed ZeRO stage 3")."""
+
+    @abc.abstractmethod
+    def setup_distributed(self, timeout_s: float = 1800.0) -> DistInfo:
+        """The process group (a one-rank group of its own for a plain process), set up once."""
+
+    @abc.abstractmethod
+    def load_student(self, path: str, *, key: str, dtype: torch.dtype, device: torch.device,
+                     optimizer: OptimizerSettings, liger_kernels=False) -> torch.nn.Module:
+        """The student's Hugging Face model, trainable, loaded the way ``build_student`` will shard it."""
+
+    @abc.abstractmethod
+    def build_student(self, model: torch.nn.Module, *, dtype: torch.dtype, optimizer: OptimizerSettings,
+                      dist: DistInfo) -> TrainedStudent:
+        """``model`` (LoRA and activation checkpointing already applied) wrapped for training."""
+
+    @abc.abstractmethod
+    def build_frozen(self, path: str, *, key: str, dtype: torch.dtype, device: torch.device,
+                     liger_kernels=False) -> FrozenModel: ...
+
+    @abc.abstractmethod
+    def sampling_model(self, path: str, *, key: str, dtype: torch.dtype, device: torch.device,
+                       world_size: int) -> torch.nn.Module:
+        """A frozen model ``generate`` can run: plain with one rank, sharded over several (every rank
+        then steps until all are done)."""
+
+
+
+def warmup_cosine(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    """The learning-rate factor every engine applies at each step: linear warmup, then cosine to 0."""
+    warmup = math.ceil(total_steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
