@@ -58,6 +58,10 @@ def test_defaults_and_overrides(base):
     (["model.teacher=null"], "model.teacher is required by objective 'dadpo'"),
     (["objective.name=adpa"], "model.teacher_reference is required by objective 'adpa'"),
     (["data.max_prompt_length=2000"], "data.max_prompt_length (2000) must be positive and below data.max_length"),
+    (["engine=megatron"], "engine.name is 'megatron'; choose deepspeed or fsdp2"),
+    (["engine.cpu_offload=true"], "engine.cpu_offload is read by engine fsdp2 only"),
+    (["engine=fsdp2", "deepspeed.zero_stage=2"], "deepspeed is read by engine deepspeed only, and this config trains "
+                                                 "with engine fsdp2"),
     (["train.micro_batch_size=1.5"], "train.micro_batch_size must be an integer"),
     (["train.lr=fast"], "train.lr must be a number"),
     (["data.packing=yes please"], "data.packing must be true or false"),
@@ -236,3 +240,14 @@ def test_careless_files_are_one_paragraph(base, tmp_path):
     for key in ("train.output_dir", "data.cache_dir"):
         with pytest.raises(ConfigError, match=f"{key} is .*a-file.* is a file, not a directory"):
             load_config(base, [f"{key}={a_file}/out"])
+
+
+def test_engine_section_picks_the_engine(base):
+    from fastdadpo.engine.deepspeed.engine import DeepSpeedEngine
+    from fastdadpo.engine.fsdp2.engine import FSDP2Engine
+
+    assert isinstance(load_config(base).build_engine(), DeepSpeedEngine)
+    fsdp2 = load_config(base, ["engine=fsdp2"])
+    assert fsdp2.engine.name == "fsdp2" and isinstance(fsdp2.build_engine(), FSDP2Engine)
+    offloaded = load_config(base, ["engine.name=fsdp2", "engine.cpu_offload=true"]).build_engine()
+    assert offloaded.cpu_offload and "CPU offload" in offloaded.describe()

@@ -25,6 +25,7 @@ from fastdadpo.base.yaml_files import apply_override, check_shape, read_yaml_map
 from fastdadpo.core.objectives import DEFAULT_OBJECTIVE, OBJECTIVES, Objective, ParameterError
 from fastdadpo.engine.deepspeed.config import validate_extra
 from fastdadpo.engine.deepspeed.engine import DeepSpeedEngine
+from fastdadpo.engine.fsdp2.engine import FSDP2Engine
 from fastdadpo.engine.interface import Engine
 from fastdadpo.kernels import BACKENDS, KernelSettings
 from fastdadpo.models.loading import liger_unavailable_reason
@@ -193,9 +194,42 @@ class DeepSpeedSection:
             fail("deepspeed.teacher_offload", "needs deepspeed.zero_stage 3")
         self.extra = validate_extra(self.extra, source)
 
-    def engine(self, source: str) -> Engine:
-        """The engine this section configures (``source``: where the config came from, for errors)."""
-        return DeepSpeedEngine(self.zero_stage, self.teacher_offload, self.extra, source)
+
+
+ENGINE_NAMES = ("deepspeed", "fsdp2")
+
+
+@dataclass
+class EngineSection:
+    """``engine:``: the distributed engine that trains. ``deepspeed`` (the default): DeepSpeed ZeRO,
+    set in the ``deepspeed:`` section. ``fsdp2``: PyTorch's ``fully_shard`` per decoder layer, set
+    here. ``engine: fsdp2`` is short for ``engine: {name: fsdp2}``."""
+
+    name: str = "deepspeed"
+    # fsdp2: parameters, gradients and optimizer states in host memory (FSDP2's CPUOffloadPolicy), the
+    # step on the CPU: for a student that does not fit the GPUs otherwise, at the speed of host memory.
+    cpu_offload: bool = False
+    # fsdp2: free each layer's gathered parameters after its forward and gather them again for its
+    # backward (ZeRO-3's memory); false keeps them until the backward (one all-gather less per layer,
+    # ZeRO-2's parameter memory). FSDP2's own default.
+    reshard_after_forward: bool = True
+
+    def validate(self, fail, deepspeed: "DeepSpeedSection") -> None:
+        if self.name not in ENGINE_NAMES:
+            fail("engine.name", f"is {self.name!r}; choose {' or '.join(ENGINE_NAMES)}")
+        if self.name == "deepspeed":
+            for key, default in (("cpu_offload", False), ("reshard_after_forward", True)):
+                if getattr(self, key) != default:
+                    fail(f"engine.{key}", "is read by engine fsdp2 only; with DeepSpeed offload and resharding are "
+                                          "deepspeed.extra.zero_optimization settings")
+        elif deepspeed != DeepSpeedSection():
+            fail("deepspeed", "is read by engine deepspeed only, and this config trains with engine fsdp2; remove "
+                              "the section (FSDP2's settings are engine.cpu_offload and engine.reshard_after_forward)")
+
+    def build(self, deepspeed: "DeepSpeedSection", source: str) -> Engine:
+        if self.name == "fsdp2":
+            return FSDP2Engine(cpu_offload=self.cpu_offload, reshard_after_forward=self.reshard_after_forward)
+        return DeepSpeedEngine(deepspeed.zero_stage, deepspeed.teacher_offload, deepspeed.extra, source)
 
 
 @dataclass
@@ -226,6 +260,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     objective: Objective = field(default_factory=OBJECTIVES[DEFAULT_OBJECTIVE])
     train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineSection = field(default_factory=EngineSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     kernels: KernelsSection = field(default_factory=KernelsSection)
     source: str = field(default="<defaults>", compare=False)
@@ -235,9 +270,9 @@ class Config:
                if f.name not in ("source", "objective")}
         return {**raw, "objective": self.objective.to_dict()}
 
-    def engine(self) -> Engine:
-        """The distributed engine this config trains with (today: the ``deepspeed:`` section's)."""
-        return self.deepspeed.engine(self.source)
+    def build_engine(self) -> Engine:
+        """The distributed engine this config trains with."""
+        return self.engine.build(self.deepspeed, self.source)
 
     @property
     def lr(self) -> float:
@@ -245,7 +280,7 @@ class Config:
 
 
 SECTIONS = {name: hint for name, hint in typing.get_type_hints(Config).items() if name not in ("source", "objective")}
-SECTION_NAMES = ("model", "data", "objective", "train", "deepspeed", "kernels")
+SECTION_NAMES = ("model", "data", "objective", "train", "engine", "deepspeed", "kernels")
 
 
 # --- loading -----------------------------------------------------------------------------------------------
@@ -291,6 +326,8 @@ def _build(raw: dict, where: _Where) -> Config:
         if name not in SECTION_NAMES:
             raise ConfigError(f"{where(name)}: unknown config section {name!r}{_suggest(name, SECTION_NAMES)}; "
                               f"sections are {', '.join(SECTION_NAMES)}")
+        if name == "engine" and isinstance(value, str):
+            value = {"name": value}  # ``engine: fsdp2``
         if not isinstance(value, dict):
             raise ConfigError(f"{where(name)}: section {name!r} must be a mapping of keys, got {value!r}")
         if name == "objective":
@@ -428,4 +465,5 @@ def validate(config: Config, where: Optional[_Where] = None) -> None:
     config.data.validate(where.fail)
     config.train.validate(where.fail)
     config.deepspeed.validate(where.fail, where("deepspeed.extra"))
+    config.engine.validate(where.fail, config.deepspeed)
     config.kernels.validate(where.fail)

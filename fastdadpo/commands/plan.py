@@ -35,6 +35,10 @@ from fastdadpo.commands.memory_terms import (DS_MAX_LIVE, DS_PERSISTENCE, DS_PRE
                                              LIGER_ARCHS, Models, Plan, Setting, build_plan)
 
 GIB = 2**30
+FSDP2_NOTE = ("engine fsdp2 is planned with ZeRO-3's terms: both shard parameters, gradients and AdamW states "
+              "over every rank and gather one decoder layer at a time, and engine.cpu_offload stands for ZeRO-3's "
+              "parameter and optimizer offload. FSDP2's own buffers (its all-gather and reduce-scatter copies per "
+              "layer, the fp32 masters and bf16 copies of mixed precision) are not modeled apart yet")
 # The largest micro-batch the search tries.
 MAX_MICRO_BATCH = 4096
 
@@ -50,6 +54,11 @@ def setting_from_config(config, *, ranks: int, device: str, micro_batch: Optiona
                         checkpointing: Optional[bool] = None, **changes) -> Setting:
     """The Setting a training config asks for, on ``ranks`` ranks of ``device``."""
     zero = dict(config.deepspeed.extra.get("zero_optimization", {}))
+    if config.engine.name == "fsdp2":  # planned with ZeRO-3's terms: see fsdp2_note
+        offload = "cpu" if config.engine.cpu_offload else "none"
+        zero = {"offload_optimizer": {"device": offload}, "offload_param": {"device": offload},
+                "stage3_param_persistence_threshold": 0}
+        changes = {"zero_stage": 3, "teacher_offload": config.engine.cpu_offload, **changes}
     dtype = config.model.dtype or ("bf16" if device == "gpu" else "fp32")
 
     def offloaded(section: str) -> bool:
@@ -111,6 +120,7 @@ class Report:
     largest: int  # largest micro-batch that fits, 0 if none
     largest_other_checkpointing: int
     suggestions: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
     gpus: int = 1
     nodes: int = 1
 
@@ -145,7 +155,7 @@ class Report:
             "largest_micro_batch": self.largest,
             "largest_micro_batch_without_checkpointing": largest_without,
             "largest_micro_batch_with_checkpointing": largest_with,
-            "suggestions": self.suggestions,
+            "suggestions": self.suggestions, "notes": self.notes,
         }
 
 
@@ -217,7 +227,9 @@ def make_report(config, *, config_path: str, gpus: int, nodes: int, memory_gb: f
                     largest=largest_micro_batch(models, config.objective, s, memory),
                     largest_other_checkpointing=largest_micro_batch(models, config.objective, other, memory),
                     gpus=gpus, nodes=nodes)
-    if report.largest == 0:
+    if config.engine.name == "fsdp2":
+        report.notes.append(FSDP2_NOTE)
+    elif report.largest == 0:  # the suggestions are DeepSpeed settings
         report.suggestions = suggestions(models, config.objective, s, memory, gpus, nodes)
     return report
 
@@ -283,6 +295,7 @@ def render(report: Report) -> str:
     if report.suggestions:
         lines.append("nothing fits at micro-batch 1; each of these changes alone gives:")
         lines += [f"  - {text}" for text in report.suggestions]
+    lines += [f"note: {text}" for text in report.notes]
     return "\n".join(lines)
 
 

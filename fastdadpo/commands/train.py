@@ -79,7 +79,7 @@ def train(config: Config, precompute_only: bool = False) -> Dict[str, float]:
 class Trainer:
     def __init__(self, config: Config, with_teachers: bool = True):
         self.config, self.objective = config, config.objective
-        self.engine = config.engine()
+        self.engine = config.build_engine()
         self.dist = dist = self.engine.setup_distributed(timeout_s=config.train.timeout_minutes * 60)
         self.log = Log(dist.is_main)
         # Before any load; rank 0 decides, so every node resumes from the same checkpoint (or none).

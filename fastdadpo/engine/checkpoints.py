@@ -203,11 +203,12 @@ def check_loadable(path: str, rank: int, safe_globals: Sequence[type] = ()) -> N
 
 
 def load(read_state: Callable[[str], None], path: str, rank: int, world_size: int, device: torch.device,
-         safe_globals: Sequence[type] = ()) -> int:
+         safe_globals: Sequence[type] = (), reshards: bool = False) -> int:
     """Collective. Restores the engine (``read_state(directory)``: weights, optimizer, scheduler)
     and this rank's RNG; returns the step. Every rank checks the files first and all agree, so a
     refused file ends every rank with the same error instead of leaving some waiting in the
-    engine's collectives."""
+    engine's collectives. An engine that ``reshards`` reads a checkpoint written by another number
+    of ranks (a rank the writer did not have takes rank 0's RNG state)."""
     try:
         with open(os.path.join(path, COMPLETE), encoding="utf-8") as handle:
             info = json.load(handle)
@@ -215,18 +216,19 @@ def load(read_state: Callable[[str], None], path: str, rank: int, world_size: in
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"train.resume: {os.path.join(path, COMPLETE)} is unreadable ({exc}); resume from "
                           f"another checkpoint") from None
-    if ranks != world_size:
+    if ranks != world_size and not reshards:
         raise ConfigError(f"train.resume: {path} was written by {ranks} ranks; resume it with "
                           f"the same number (this run has {world_size})")
+    rng_rank = rank if rank < ranks else 0
     problem = None
     try:
-        check_loadable(path, rank, safe_globals)
+        check_loadable(path, rng_rank, safe_globals)
     except UnsafeState as exc:
         problem = str(exc)
     if not all_agree(problem is None, device):
         raise UnsafeState(problem or f"train.resume: another rank refused a file of {path} (its message names it)")
     read_state(os.path.join(path, TAG))
-    load_rng_state(_rng_path(path, rank))
+    load_rng_state(_rng_path(path, rng_rank))
     return step
 
 

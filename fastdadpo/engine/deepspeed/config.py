@@ -16,6 +16,7 @@ import torch
 
 from fastdadpo.base.errors import ConfigError
 from fastdadpo.base.yaml_files import merge_mappings
+from fastdadpo.engine.deepspeed.launch import quiet_deepspeed
 
 KNOWN_TOP_LEVEL_KEYS = {
     "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler",
@@ -106,6 +107,9 @@ def validate_extra(extra: Dict[str, Any], source: str) -> Dict[str, Any]:
 
 
 def _check_zero_section(zero: dict, source: str) -> None:
+    if not zero:
+        return  # nothing to check: DeepSpeed is not even imported
+    quiet_deepspeed()
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
     from pydantic import ValidationError
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -22,27 +22,8 @@ from fastdadpo.engine.deepspeed import launch
 from fastdadpo.engine.deepspeed.checkpoint import deepspeed_safe_globals, full_state_dict, read_state, write_state
 from fastdadpo.engine.deepspeed.config import inference_config, student_config, teacher_extra
 from fastdadpo.engine.interface import Engine, FrozenModel, OptimizerSettings, TrainedStudent, warmup_cosine
-from fastdadpo.models.loading import (final_hidden_states, head_logit_options, head_weight, load_causal_lm,
-                                      release_memory)
-
-
-class StudentWithObjective(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, position_ids, compute: Callable):
-        hidden = final_hidden_states(self.model, input_ids, attention_mask, position_ids)
-        return compute(hidden, head_weight(self.model))
-
-
-class HiddenStates(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, position_ids):
-        return final_hidden_states(self.model, input_ids, attention_mask, position_ids)
+from fastdadpo.engine.modules import HiddenStates, StudentWithObjective
+from fastdadpo.models.loading import head_logit_options, head_weight, load_causal_lm, release_memory
 
 
 def _is_zero3(parameter) -> bool:

@@ -1,0 +1,1 @@
+"""PyTorch FSDP2 behind ``fastdadpo.engine.interface``: ``engine: fsdp2``."""
