@@ -174,10 +174,13 @@ class RunSpec:
     lr: float = 1e-5
     beta: float = 0.1
     seed: int = 7
+    engine: str = "deepspeed"  # ours only: deepspeed (at zero_stage) or fsdp2
 
     @property
     def name(self) -> str:
-        return f"fastdadpo-{self.objective}-zero{self.zero_stage}" if self.trainer == "ours" else f"trl-{self.trainer}"
+        if self.trainer != "ours":
+            return f"trl-{self.trainer}"
+        return f"fastdadpo-{self.objective}-" + (f"zero{self.zero_stage}" if self.engine == "deepspeed" else self.engine)
 
 
 @dataclass
@@ -227,7 +230,7 @@ def _ours(world: World, spec: RunSpec, work: str, budget: Optional[int], timeout
         "train": {"micro_batch_size": spec.micro_batch_size, "grad_accum": 1, "max_steps": spec.steps,
                   "warmup_ratio": 0.0, "weight_decay": 0.0, "max_grad_norm": 1.0, "lr": spec.lr, "seed": spec.seed,
                   "gradient_checkpointing": False, "output_dir": os.path.join(work, "run")},
-        "deepspeed": {"zero_stage": spec.zero_stage},
+        **({"deepspeed": {"zero_stage": spec.zero_stage}} if spec.engine == "deepspeed" else {"engine": spec.engine}),
     }
     path = os.path.join(work, "config.yaml")
     with open(path, "w", encoding="utf-8") as handle:

@@ -66,6 +66,7 @@ class Trainer:
     sweep: bool  # in the micro-batch sweep (the others: their reference run only, for wall time)
     quick: bool  # in the quick mode (CI)
     reference_handling: str = ""
+    engine: str = "deepspeed"  # ours: deepspeed at zero_stage, or fsdp2
 
 
 TRAINERS = [
@@ -77,6 +78,8 @@ TRAINERS = [
             "reference log-probs computed once before training and cached (fastdadpo's only mode)"),
     Trainer("fastdadpo-dpo-zero0", "ours", "dpo", 0, "dpo", False, False,
             "reference log-probs computed once before training and cached (fastdadpo's only mode)"),
+    Trainer("fastdadpo-dpo-fsdp2", "ours", "dpo", None, "dpo", False, True,
+            "reference log-probs computed once before training and cached; PyTorch FSDP2 engine", "fsdp2"),
     Trainer("fastdadpo-dadpo-zero3", "ours", "dadpo", 3, None, False, False,
             "reference and teacher sequence log-probs cached before training; no teacher in memory while training"),
     Trainer("trl-gkd", "gkd", "kd", None, "kd", True, False, "no reference; teacher in memory, run on every batch"),
@@ -86,6 +89,8 @@ TRAINERS = [
             "no reference; teacher in memory (ZeRO-3 engine), run on every batch"),
     Trainer("fastdadpo-kd-zero0", "ours", "kd", 0, "kd", False, False,
             "no reference; teacher in memory, run on every batch"),
+    Trainer("fastdadpo-kd-fsdp2", "ours", "kd", None, "kd", False, True,
+            "no reference; teacher in memory (sharded by FSDP2 beside the student), run on every batch", "fsdp2"),
     Trainer("fastdadpo-dadpo_token-zero3", "ours", "dadpo_token", 3, None, False, False,
             "reference log-probs cached; teacher in memory for the token-level KL"),
 ]
@@ -93,7 +98,8 @@ GROUP = {"dpo": "dpo", "dadpo": "dpo", "kd": "kd", "dadpo_token": "kd"}
 
 
 def _spec(trainer: Trainer, micro_batch_size: int, steps: int) -> RunSpec:
-    return RunSpec(trainer.trainer, trainer.objective, trainer.zero_stage, micro_batch_size, steps)
+    return RunSpec(trainer.trainer, trainer.objective, trainer.zero_stage, micro_batch_size, steps,
+                   engine=trainer.engine)
 
 
 @pytest.fixture(scope="session")
@@ -255,7 +261,7 @@ def _summary(run: RunResult) -> dict:
 def test_peer_trainer(benchmark, trainer, peer_world, reference_runs, tmp_path, request):
     settings = BenchSettings.of(request.config)
     if settings.quick and not trainer.quick:
-        pytest.skip("full run only (quick mode: TRL DPO and DistillationTrainer against our ZeRO-3 default)")
+        pytest.skip("full run only (quick mode: TRL DPO and DistillationTrainer against our ZeRO-3 default and FSDP2)")
     benchmark.group = f"peers {GROUP[trainer.objective]} V={peer_world.vocab_size}"
     reference = benchmark.pedantic(reference_runs.get, args=(trainer,), rounds=1, warmup_rounds=0)
     assert reference.fits, (f"{trainer.name}: the reference micro-batch {reference.micro_batch_size} does not fit "
@@ -269,7 +275,7 @@ def test_peer_trainer(benchmark, trainer, peer_world, reference_runs, tmp_path, 
 
     benchmark.extra_info.update(
         case="peer_trainer", implementation=trainer.name, trainer=trainer.trainer, objective=trainer.objective,
-        math=trainer.math, zero_stage=trainer.zero_stage, reference_handling=trainer.reference_handling,
+        math=trainer.math, zero_stage=trainer.zero_stage, engine=trainer.engine, reference_handling=trainer.reference_handling,
         vocab=peer_world.vocab_size, student_hidden=STUDENT["hidden_size"], teacher_hidden=TEACHER["hidden_size"],
         layers=STUDENT["layers"], dtype="fp32", device="cpu", micro_batch_size=reference.micro_batch_size,
         steps=REFERENCE_STEPS[settings.quick], max_length=RunSpec.max_length,
@@ -291,7 +297,8 @@ def test_peer_trainer(benchmark, trainer, peer_world, reference_runs, tmp_path, 
 def test_checks_catch_different_math_and_tokens(peer_world):
     """The two guards above fail when they should: another loss or gradient norm of the same math,
     other log-probs of the same student, a response token that differs from fastdadpo's."""
-    trl_dpo, ours_dpo, ours_dadpo = TRAINERS[0], TRAINERS[2], TRAINERS[4]
+    by_name = {trainer.name: trainer for trainer in TRAINERS}
+    trl_dpo, ours_dpo, ours_dadpo = (by_name[name] for name in ("trl-dpo", "fastdadpo-dpo-zero3", "fastdadpo-dadpo-zero3"))
     first = {"loss": 0.6931, "logps/chosen": -50.0, "logps/rejected": -40.0, "grad_norm": 1.0}
 
     def result(**changes):

@@ -3,8 +3,9 @@
 
 The models are tiny but the vocabulary is not (V=32,768 against hidden sizes 64 and 128), so the
 LM-head losses dominate a step, as they do for small students of large-vocabulary teachers. Each
-run is a real `fastdadpo train` process: DeepSpeed ZeRO-3, one rank (gloo on CPU), objective
-dadpo_token (DPO log-probs and a token-level forward KL to the online teacher from one sweep).
+run is a real `fastdadpo train` process: one rank (gloo on CPU), objective dadpo_token (DPO
+log-probs and a token-level forward KL to the online teacher from one sweep), under DeepSpeed ZeRO-3
+(the default engine) and, for the fused kernels, under PyTorch FSDP2 too (``engine: fsdp2``).
 
 "Fits": on GPU, the run does not run out of memory (micro-batches double until one does); on CPU,
 where running out means swapping or the OOM killer, the run's peak RSS (the trainer's own
@@ -35,6 +36,8 @@ OBJECTIVE = "dadpo_token"
 EXAMPLES = 64  # micro-batches larger than this repeat examples (the trainer pads steps that way)
 RUN_TIMEOUT_S = 1800
 BACKENDS = {"fused": "chunked" if torch.cuda.is_available() else "torch", "naive": "naive"}  # the defaults
+# implementation -> (kernel backend, engine)
+RUNS = {"fused": ("fused", "deepspeed"), "naive": ("naive", "deepspeed"), "fused-fsdp2": ("fused", "fsdp2")}
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +77,7 @@ class TrainRun:
     fits: bool
 
 
-def _config(world: dict, out_dir: str, micro_batch_size: int, steps: int) -> str:
+def _config(world: dict, out_dir: str, micro_batch_size: int, steps: int, engine: str = "deepspeed") -> str:
     config = {
         "model": {"student": world["student"], "teacher": world["teacher"]},
         "data": {"train": world["train"], "max_length": 64, "max_prompt_length": 40,
@@ -82,7 +85,7 @@ def _config(world: dict, out_dir: str, micro_batch_size: int, steps: int) -> str
         "objective": {"name": OBJECTIVE},
         "train": {"micro_batch_size": micro_batch_size, "grad_accum": 1, "max_steps": steps, "warmup_ratio": 0.0,
                   "output_dir": os.path.join(out_dir, "run"), "seed": 7},
-        "deepspeed": {"zero_stage": 3},
+        **({"deepspeed": {"zero_stage": 3}} if engine == "deepspeed" else {"engine": engine}),
     }
     path = os.path.join(out_dir, "config.yaml")
     with open(path, "w", encoding="utf-8") as handle:
@@ -98,16 +101,16 @@ def _environment(backend: str) -> dict:
 
 
 def run_train(world: dict, backend: str, micro_batch_size: int, steps: int, out_dir: str,
-              memory_budget_bytes: Optional[int]) -> TrainRun:
+              memory_budget_bytes: Optional[int], engine: str = "deepspeed") -> TrainRun:
     """One `fastdadpo train` process. Raises on failures other than running out of memory."""
     os.makedirs(out_dir, exist_ok=True)
-    command = [sys.executable, "-m", "fastdadpo", "train", _config(world, out_dir, micro_batch_size, steps)]
+    command = [sys.executable, "-m", "fastdadpo", "train", _config(world, out_dir, micro_batch_size, steps, engine)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=_environment(backend))
     log = result.stdout[-2000:] + result.stderr[-4000:]
     # CUDA raises OutOfMemoryError; on CPU the kernel's OOM killer ends the process with SIGKILL.
     out_of_memory = result.returncode != 0 and ("out of memory" in log.lower() or result.returncode == -9)
     if result.returncode != 0 and not out_of_memory:
-        raise AssertionError(f"fastdadpo train ({backend}, micro-batch {micro_batch_size}) failed:\n{log}")
+        raise AssertionError(f"fastdadpo train ({backend}, {engine}, micro-batch {micro_batch_size}) failed:\n{log}")
     rows = []
     metrics_path = os.path.join(out_dir, "run", "metrics.jsonl")
     if os.path.exists(metrics_path):
@@ -123,22 +126,23 @@ def run_train(world: dict, backend: str, micro_batch_size: int, steps: int, out_
 
 @pytest.mark.train
 @pytest.mark.timeout(4 * RUN_TIMEOUT_S)
-@pytest.mark.parametrize("backend", list(BACKENDS))
-def test_train_step(benchmark, backend, train_world, tmp_path, request):
+@pytest.mark.parametrize("implementation", list(RUNS))
+def test_train_step(benchmark, implementation, train_world, tmp_path, request):
     """Timed: one run of a few steps at the reference micro-batch (process start-up included; the
     steady tokens/s is in extra_info). Then micro-batches double from 1 until one does not fit."""
     settings = BenchSettings.of(request.config)
+    backend, engine = RUNS[implementation]
     reference_micro_batch, steps, search_steps = (2, 2, 2) if settings.quick else (8, 4, 2)
     on_cpu = not torch.cuda.is_available()
     budget = settings.train_memory_budget_bytes if on_cpu else None
 
     def run(micro_batch_size: int, run_steps: int) -> TrainRun:
         return run_train(train_world, backend, micro_batch_size, run_steps,
-                         str(tmp_path / f"micro_batch_{micro_batch_size}"), budget)
+                         str(tmp_path / f"micro_batch_{micro_batch_size}"), budget, engine)
 
     benchmark.group = f"train step {OBJECTIVE} V={VOCAB}"
     reference = benchmark.pedantic(run, args=(reference_micro_batch, steps), rounds=1, warmup_rounds=0)
-    assert reference.fits, f"{backend}: the reference micro-batch {reference_micro_batch} does not fit: {reference}"
+    assert reference.fits, f"{implementation}: the reference micro-batch {reference_micro_batch} does not fit: {reference}"
 
     search: List[TrainRun] = []
     micro_batch_size = reference_micro_batch if settings.quick else 1
@@ -151,7 +155,8 @@ def test_train_step(benchmark, backend, train_world, tmp_path, request):
     largest = max((probe.micro_batch_size for probe in search if probe.fits), default=0)
 
     benchmark.extra_info.update(
-        case="train_step", implementation=backend, kernel_backend=BACKENDS[backend], objective=OBJECTIVE,
+        case="train_step", implementation=implementation, kernel_backend=BACKENDS[backend], engine=engine,
+        objective=OBJECTIVE,
         vocab=VOCAB, student_hidden=STUDENT["hidden_size"], teacher_hidden=TEACHER["hidden_size"],
         device="cuda" if not on_cpu else "cpu", micro_batch_size=reference_micro_batch, steps=steps,
         tokens_per_s=reference.tokens_per_s, peak_memory_bytes=reference.peak_memory_bytes,
@@ -161,13 +166,13 @@ def test_train_step(benchmark, backend, train_world, tmp_path, request):
         memory_method=("trainer peak_mem_gb: ru_maxrss of the whole process" if on_cpu
                        else "trainer peak_mem_gb: torch.cuda.max_memory_allocated"),
         search=[asdict(probe) for probe in search])
-    # Both backends train the same step: the first losses must agree (whichever runs second checks).
-    _first_step_losses[backend] = reference.first_step_loss
-    if len(_first_step_losses) == len(BACKENDS):
-        fused, naive = (_first_step_losses[name] for name in BACKENDS)
-        if fused != pytest.approx(naive, rel=1e-4):
+    # Every implementation trains the same step: the first losses must agree (the last to run checks).
+    _first_step_losses[implementation] = reference.first_step_loss
+    if len(_first_step_losses) == len(RUNS):
+        first = next(iter(_first_step_losses.values()))
+        if any(loss != pytest.approx(first, rel=1e-4) for loss in _first_step_losses.values()):
             benchmark.has_error = True
-            pytest.fail(f"the fused and naive train steps compute different losses: {_first_step_losses}")
+            pytest.fail(f"the train steps compute different losses: {_first_step_losses}")
     failure = settings.memory_baseline.check(request.node.nodeid, reference.peak_memory_bytes)
     if failure:
         benchmark.has_error = True
