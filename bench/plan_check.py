@@ -1,6 +1,6 @@
 """``fastdadpo plan --device cpu`` against measured peak memory: tiny and small Qwen2 students
-trained with ``fastdadpo train`` on 1 and 2 gloo ranks, ZeRO 0/2/3, with and without activation
-checkpointing; per rank, the peak resident set size during the training steps.
+trained with ``fastdadpo train`` on 1 and 2 gloo ranks, ZeRO 0/2/3 (and FSDP2 with ``--cases``), with
+and without activation checkpointing; per rank, the peak resident set size during the training steps.
 
     python bench/plan_check.py [--out bench/results/plan-vs-measured.md] [--quick]
 
@@ -74,6 +74,7 @@ def worker(config_path: str, out_prefix: str) -> int:
     from fastdadpo.commands import train as trainer
     from fastdadpo.commands.config import load_config
     from fastdadpo.engine.deepspeed.engine import DeepSpeedStudent
+    from fastdadpo.engine.fsdp2.engine import FSDP2Student
 
     record = {"rank": int(os.environ.get("RANK", 0)), "import_rss_bytes": _vm_rss_bytes()}
     original_step = trainer.Trainer._optimizer_step
@@ -94,7 +95,7 @@ def worker(config_path: str, out_prefix: str) -> int:
         return os.path.join(output_dir, "final (not exported by bench/plan_check.py)")
 
     trainer.Trainer._optimizer_step = measured_step
-    DeepSpeedStudent.export = no_export
+    DeepSpeedStudent.export = FSDP2Student.export = no_export
     try:
         trainer.train(load_config(config_path))
         barrier()
@@ -149,7 +150,7 @@ def write_config(root: str, world: dict, model: str, ranks: int, stage: int, che
         "train": {"micro_batch_size": MICRO_BATCH, "grad_accum": 1, "lr": 1e-4, "max_steps": STEPS,
                   "warmup_ratio": 0.0, "output_dir": os.path.join(root, "runs", name), "seed": 3,
                   "gradient_checkpointing": checkpointing},
-        "deepspeed": {"zero_stage": stage},
+        **({"engine": "fsdp2"} if stage == "fsdp2" else {"deepspeed": {"zero_stage": stage}}),
     }
     path = os.path.join(root, f"{name}.yaml")
     with open(path, "w", encoding="utf-8") as handle:
@@ -254,7 +255,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="also write the raw figures here (default: beside --out)")
     parser.add_argument("--root", default=None, help="working directory (default: a fresh temporary one)")
     parser.add_argument("--quick", action="store_true", help=f"only {QUICK_CASES}")
-    parser.add_argument("--cases", default=None, help="RANKS,STAGE,CKPT;... (e.g. 1,0,0;2,3,1): only these")
+    parser.add_argument("--cases", default=None, help="RANKS,STAGE,CKPT;... (e.g. 1,0,0;2,3,1; STAGE fsdp2: "
+                                                      "engine fsdp2): only these")
     args = parser.parse_args(argv)
     if args.worker:
         return worker(*args.worker)
@@ -266,8 +268,8 @@ def main(argv=None) -> int:
     rows, measured_runs = [], {}
     cases = QUICK_CASES if args.quick else CASES
     if args.cases:
-        cases = [tuple(int(x) for x in case.split(",")) for case in args.cases.split(";")]
-        cases = [(r, z, bool(c)) for r, z, c in cases]
+        cases = [case.split(",") for case in args.cases.split(";")]
+        cases = [(int(r), z if z == "fsdp2" else int(z), bool(int(c))) for r, z, c in cases]
     for ranks, stage, checkpointing in cases:
         row = {"ranks": ranks, "stage": stage, "checkpointing": checkpointing}
         for model in ("tiny", "small"):
@@ -285,7 +287,8 @@ def main(argv=None) -> int:
               f"({row['small']['seconds']:.0f} s)", flush=True)
         rows.append(row)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    command = "python bench/plan_check.py" + (" --quick" if args.quick else "")
+    command = "python bench/plan_check.py" + (" --quick" if args.quick else "") + \
+        (f" --cases '{args.cases}'" if args.cases else "")
     text = render(rows, world, command, load, time.perf_counter() - started)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as handle:

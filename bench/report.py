@@ -416,24 +416,27 @@ def train_section(benchmarks: List[dict]) -> List[str]:
     any_info = next(iter(runs.values()))["extra_info"]
     budget = any_info.get("memory_budget_bytes")
     lines = ["## Train step: `fastdadpo train`, fused kernels against materialized logits", "",
-             f"Objective `{any_info['objective']}`, DeepSpeed ZeRO-3, one rank on {any_info['device']}; tiny Qwen2 "
+             f"Objective `{any_info['objective']}`, one rank on {any_info['device']}, DeepSpeed ZeRO-3 unless the "
+             f"engine column says FSDP2; tiny Qwen2 "
              f"models (student hidden {any_info['student_hidden']}, teacher {any_info['teacher_hidden']}) with "
              f"V={any_info['vocab']:,}, so the LM-head losses dominate. tokens/s: median over the steps after the "
              f"first, at micro-batch {any_info['micro_batch_size']}. Peak memory: {any_info['memory_method']}. "
              + (f"A micro-batch fits if the run's peak stays within {size_bytes(budget)}; " if budget else
                 "A micro-batch fits if the run does not run out of GPU memory; ")
              + f"micro-batches double from 1 up to {any_info['micro_batch_cap']}.", ""]
-    header = ["kernels", "FASTDADPO_KERNEL_BACKEND", "tokens/s", "peak memory", "largest micro-batch that fits",
-              "run time (timed)", "first-step loss"]
+    header = ["kernels", "FASTDADPO_KERNEL_BACKEND", "engine", "tokens/s", "peak memory",
+              "largest micro-batch that fits", "run time (timed)", "first-step loss"]
     rows = []
-    for name in ("fused", "naive"):
+    names = ["fused", "naive"] + sorted(name for name in runs if name not in ("fused", "naive"))
+    for name in names:
         bench = runs.get(name)
         if bench is None:
             continue
         info = bench["extra_info"]
         largest = str(info["largest_micro_batch"]) + (" (the cap)" if info.get("largest_micro_batch_capped") else "")
         tokens_per_s = info.get("tokens_per_s")
-        rows.append([name, info["kernel_backend"], f"{tokens_per_s:,.0f}" if tokens_per_s else EMPTY,
+        rows.append([name, info["kernel_backend"], info.get("engine", "deepspeed"),
+                     f"{tokens_per_s:,.0f}" if tokens_per_s else EMPTY,
                      size_bytes(info.get("peak_memory_bytes")), largest, seconds(bench["stats"]["mean"]),
                      f"{info.get('first_step_loss'):.6f}" if info.get("first_step_loss") is not None else EMPTY])
     lines += table(header, rows) + [""]
@@ -443,9 +446,14 @@ def train_section(benchmarks: List[dict]) -> List[str]:
                   f"(above 1: fused faster), peak memory "
                   f"{ratio(fused.get('peak_memory_bytes'), naive.get('peak_memory_bytes'))} (below 1: fused smaller).",
                   ""]
+        if "fused-fsdp2" in runs:
+            fsdp2 = runs["fused-fsdp2"]["extra_info"]
+            lines += [f"FSDP2 / DeepSpeed ZeRO-3 (fused kernels): tokens/s "
+                      f"{ratio(fsdp2.get('tokens_per_s'), fused.get('tokens_per_s'))}, peak memory "
+                      f"{ratio(fsdp2.get('peak_memory_bytes'), fused.get('peak_memory_bytes'))}.", ""]
         probes = []
-        for name in ("fused", "naive"):
-            for probe in runs[name]["extra_info"].get("search", []):
+        for name in names:
+            for probe in runs.get(name, {"extra_info": {}})["extra_info"].get("search", []):
                 tokens_per_s = probe.get("tokens_per_s")
                 probes.append([name, str(probe["micro_batch_size"]), f"{tokens_per_s:,.0f}" if tokens_per_s else EMPTY,
                                size_bytes(probe.get("peak_memory_bytes")), "yes" if probe["fits"] else "no"])

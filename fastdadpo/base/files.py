@@ -2,8 +2,10 @@
 metrics, configs, generated rows, recipe markers) goes through ``write_file_atomic``."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 
 
 def fsync_path(path: str) -> None:
@@ -39,3 +41,34 @@ def write_text_atomic(path: str, text: str) -> None:
 
 def write_json_atomic(path: str, payload) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2))
+
+
+class DirectoryLock:
+    """An exclusive lock on a directory for as long as this process runs in it: ``.lock`` inside it,
+    locked with ``flock`` (released by the kernel when the process ends, however it ends: no stale
+    lock after a kill), holding the holder's pid and host for the message another process gets."""
+
+    NAME = ".lock"
+
+    def __init__(self, directory: str):
+        self.path = os.path.join(directory, self.NAME)
+        self.fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """None when locked by this process now; else who holds it ("pid N on HOST")."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            return holder
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self.fd = fd
+        return None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

@@ -232,6 +232,43 @@ def load(read_state: Callable[[str], None], path: str, rank: int, world_size: in
     return step
 
 
+class ExportFailed(UserError):
+    pass
+
+
+def run_identity(path: str) -> Optional[dict]:
+    """What defines the run that wrote checkpoint ``path`` (recorded at save), or None for a
+    checkpoint that recorded none."""
+    try:
+        with open(os.path.join(path, COMPLETE), encoding="utf-8") as handle:
+            recorded = json.load(handle).get("run")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def export_agreed(write: Callable[[], str], output_dir: str, is_main: bool, device: torch.device) -> str:
+    """Collective: ``write()`` on rank 0 (``write_final``), its failure (a full disk) ended on every
+    rank together as one paragraph; the checkpoint written at the last step stays, so the export can
+    be run again by resuming."""
+    final, error = os.path.join(output_dir, "final"), None
+    if is_main:
+        try:
+            final = write()
+        except Exception as exc:  # noqa: BLE001 (OSError, safetensors' and transformers' write errors alike)
+            error = exc
+            shutil.rmtree(os.path.join(output_dir, ".final.partial"), ignore_errors=True)
+    if not all_agree(error is None, device):
+        what = f"{type(error).__name__}: {' '.join(str(error).split())[:200]}" if error is not None else \
+            "rank 0 could not write it"
+        raise ExportFailed(f"cannot write the final model to {final} ({what}); nothing partial was left there. The "
+                           f"training itself is complete: its last checkpoint is {latest(output_dir) or 'none'}. "
+                           f"Free space and run the same command with --set train.resume=true: it resumes at the "
+                           f"last step and exports again")
+    barrier()
+    return final
+
+
 def write_final(state: Optional[dict], student_model, tokenizer, output_dir: str, lora=None,
                 base_model: str = "") -> str:
     """Rank 0, with the full state dict (``model.state_dict()`` keys) its engine gathered: ``final/``,

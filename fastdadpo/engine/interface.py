@@ -89,8 +89,9 @@ class TrainedStudent(abc.ABC):
         """The learning rate the next ``optimizer_step`` applies."""
 
     @abc.abstractmethod
-    def save_checkpoint(self, output_dir: str, step: int) -> str:
-        """Collective: ``OUTPUT_DIR/checkpoints/step-N`` (``fastdadpo.engine.checkpoints``), returned."""
+    def save_checkpoint(self, output_dir: str, step: int, run: Optional[dict] = None) -> str:
+        """Collective: ``OUTPUT_DIR/checkpoints/step-N`` (``fastdadpo.engine.checkpoints``), returned;
+        ``run``: what defines the run, recorded for the resume to check."""
 
     @abc.abstractmethod
     def load_checkpoint(self, path: str) -> int:

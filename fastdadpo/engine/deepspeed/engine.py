@@ -11,12 +11,11 @@ ranks), but its head never changes: it is gathered once, at build time, into a p
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Optional
 
 import torch
 
-from fastdadpo.base.collectives import DistInfo, barrier
+from fastdadpo.base.collectives import DistInfo
 from fastdadpo.engine import checkpoints
 from fastdadpo.engine.deepspeed import launch
 from fastdadpo.engine.deepspeed.checkpoint import deepspeed_safe_globals, full_state_dict, read_state, write_state
@@ -111,9 +110,9 @@ class DeepSpeedStudent(TrainedStudent):
     def lr(self) -> float:
         return self.engine.get_lr()[0]
 
-    def save_checkpoint(self, output_dir: str, step: int) -> str:
+    def save_checkpoint(self, output_dir: str, step: int, run: Optional[dict] = None) -> str:
         return checkpoints.save(lambda directory: write_state(self.engine, directory, step), output_dir, step,
-                                self.dist.rank, self.dist.world_size, self.dist.device)
+                                self.dist.rank, self.dist.world_size, self.dist.device, extra={"run": run})
 
     def load_checkpoint(self, path: str) -> int:
         return checkpoints.load(lambda directory: read_state(self.engine, directory), path, self.dist.rank,
@@ -121,11 +120,9 @@ class DeepSpeedStudent(TrainedStudent):
 
     def export(self, tokenizer, output_dir: str, lora=None, base_model: str = "") -> str:
         state = full_state_dict(self.engine, self.zero_stage)  # collective
-        final = os.path.join(output_dir, "final")
-        if self.dist.is_main:
-            final = checkpoints.write_final(state, self.model, tokenizer, output_dir, lora=lora, base_model=base_model)
-        barrier()
-        return final
+        return checkpoints.export_agreed(
+            lambda: checkpoints.write_final(state, self.model, tokenizer, output_dir, lora=lora, base_model=base_model),
+            output_dir, self.dist.is_main, self.dist.device)
 
 
 class ShardedFrozen(FrozenModel):

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from fastdadpo.base.collectives import DistInfo, barrier
+from fastdadpo.base.collectives import DistInfo
 from fastdadpo.base.errors import ConfigError
 from fastdadpo.engine import checkpoints, launch
 from fastdadpo.engine.interface import Engine, FrozenModel, TrainedStudent, warmup_cosine
@@ -172,9 +172,9 @@ class FSDP2Student(TrainedStudent):
         set_optimizer_state_dict(self.module, self.optimizer, full["optimizer"], options=options)
         self.scheduler.load_state_dict(records[0]["scheduler"])
 
-    def save_checkpoint(self, output_dir: str, step: int) -> str:
+    def save_checkpoint(self, output_dir: str, step: int, run: Optional[dict] = None) -> str:
         return checkpoints.save(lambda directory: self._write_state(directory, step), output_dir, step,
-                                self.dist.rank, self.dist.world_size, self.dist.device)
+                                self.dist.rank, self.dist.world_size, self.dist.device, extra={"run": run})
 
     def load_checkpoint(self, path: str) -> int:
         return checkpoints.load(self._read_state, path, self.dist.rank, self.dist.world_size, self.dist.device,
@@ -185,14 +185,12 @@ class FSDP2Student(TrainedStudent):
 
         # Collective: full tensors on rank 0 only (the others get an empty dict).
         state = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        final = os.path.join(output_dir, "final")
-        if self.dist.is_main:
-            prefix = "model."  # the wrapper holds the model as its ``model`` attribute
-            state = {(k[len(prefix):] if k.startswith(prefix) else k): (v.to(self.dtype) if v.is_floating_point() else v)
-                     for k, v in state.items()}
-            final = checkpoints.write_final(state, self.model, tokenizer, output_dir, lora=lora, base_model=base_model)
-        barrier()
-        return final
+        prefix = "model."  # the wrapper holds the model as its ``model`` attribute
+        state = {(k[len(prefix):] if k.startswith(prefix) else k): (v.to(self.dtype) if v.is_floating_point() else v)
+                 for k, v in state.items()}
+        return checkpoints.export_agreed(
+            lambda: checkpoints.write_final(state, self.model, tokenizer, output_dir, lora=lora, base_model=base_model),
+            output_dir, self.dist.is_main, self.dist.device)
 
 
 class ShardedFrozenFSDP2(FrozenModel):
