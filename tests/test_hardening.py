@@ -383,3 +383,54 @@ def test_a_pruned_directory_without_its_marker_is_pruned_again(student_dir, tmp_
     said.clear()
     Runner(load_recipe(str(path)), ["prune"], echo=said.append).run()
     assert said == [f"[run] prune: {pruned} complete, skipped"]
+
+
+# --- one run per output directory, and the end of a run never loses it ----------------------------------------
+
+def test_a_fresh_run_into_an_earlier_runs_checkpoints_is_refused(run_with_checkpoint):
+    root, config, _ = run_with_checkpoint
+    result = _cli(["train", config])  # the fixture's own output_dir, without resume
+    _assert_clear_error(result, f"train.output_dir {root / 'run'} holds an earlier run's checkpoints",
+                        "--set train.resume=true")
+
+
+def test_resuming_another_runs_checkpoint_is_refused(run_with_checkpoint, tmp_path):
+    _, config, step = run_with_checkpoint
+    result = _cli(["train", config, "--set", f"train.output_dir={tmp_path / 'other'}", "--set",
+                   f"train.resume={step}", "--set", "objective.name=kd", "--set", f"model.teacher={step.parents[2]}"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_two_runs_in_one_output_dir_are_refused(run_with_checkpoint, tmp_path):
+    from fastdadpo.base.files import DirectoryLock
+
+    _, config, _ = run_with_checkpoint
+    out = tmp_path / "busy"
+    out.mkdir()
+    lock = DirectoryLock(str(out))
+    assert lock.acquire() is None  # this test process is "the other run"
+    try:
+        result = _cli(["train", config, "--set", f"train.output_dir={out}"])
+        _assert_clear_error(result, f"train.output_dir {out} is in use by another fastdadpo run (pid {os.getpid()}")
+        assert not (out / "metrics.jsonl").exists()
+    finally:
+        lock.release()
+    assert DirectoryLock(str(out)).acquire() is None  # released with its holder
+
+
+def test_a_failed_export_leaves_a_checkpoint_and_exports_on_resume(run_with_checkpoint, tmp_path):
+    """save_every 0 still checkpoints the last step; an export that cannot be written ends in one
+    paragraph, and resuming then only exports."""
+    _, config, _ = run_with_checkpoint
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".final.partial").write_text("in the way")  # the export's directory cannot be made
+    sets = ["--set", f"train.output_dir={out}", "--set", "train.save_every=0", "--set", "train.max_steps=2"]
+    _assert_clear_error(_cli(["train", config, *sets]), f"cannot write the final model to {out / 'final'}",
+                        f"its last checkpoint is {out / 'checkpoints' / 'step-2'}", "train.resume=true")
+    assert sorted(os.listdir(out / "checkpoints")) == ["step-2"] and not (out / "final").exists()
+    os.remove(out / ".final.partial")
+    result = _cli(["train", config, *sets, "--set", "train.resume=true"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "final" / "model.safetensors").exists()
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2]

@@ -72,3 +72,5 @@ class DirectoryLock:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+    __del__ = release  # a run that failed in setup, in a process that goes on (tests, notebooks)

@@ -23,7 +23,7 @@ import yaml
 
 from fastdadpo.base import collectives
 from fastdadpo.base.errors import ConfigError, UserError
-from fastdadpo.base.files import write_text_atomic
+from fastdadpo.base.files import DirectoryLock, write_text_atomic
 from fastdadpo.commands import precompute
 from fastdadpo.commands.config import Config, load_config
 from fastdadpo.commands.metrics import Log, MetricsLog, accumulate, peak_memory_gb, reduce_step_metrics
@@ -73,7 +73,10 @@ def run(args) -> int:
 
 def train(config: Config, precompute_only: bool = False) -> Dict[str, float]:
     trainer = Trainer(config, with_teachers=not precompute_only)
-    return trainer.train() if not precompute_only else {}
+    try:
+        return trainer.train() if not precompute_only else {}
+    finally:
+        trainer.output_lock.release()
 
 
 class Trainer:
@@ -83,11 +86,12 @@ class Trainer:
         self.dist = dist = self.engine.setup_distributed(timeout_s=config.train.timeout_minutes * 60)
         self.log = Log(dist.is_main)
         # Before any load; rank 0 decides, so every node resumes from the same checkpoint (or none).
-        self.resume_from = collectives.decided_by_main(
-            lambda: checkpoints.resolve_resume(config.train.resume, config.train.output_dir))
+        self.resume_from = collectives.decided_by_main(self._resume_point)
         torch.manual_seed(config.train.seed)
         self.dtype = models.resolve_dtype(config.model.dtype, dist.device)
         self._write_output_file()  # the directory alone, before any work: can it be written?
+        self.output_lock = DirectoryLock(config.train.output_dir)
+        collectives.decided_by_main(self._claim_output_dir)  # rank 0 holds it for the run
         # --- data ---
         self.tokenizer = models.load_tokenizer(config.model.student, "model.student")
         self.needs = self.objective.needs()
@@ -133,6 +137,41 @@ class Trainer:
         # Only now that every input has loaded: a run that fails on bad data or a bad model leaves a
         # finished run's config.yaml in the same output_dir as it was.
         self._write_output_file("config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+    def _identity(self) -> dict:
+        """What defines this run, recorded in its checkpoints: a resume must be the same run."""
+        config = self.config
+        return {"student": config.model.student, "objective": config.objective.name, "data.train": config.data.train,
+                "engine": config.engine.name}
+
+    def _resume_point(self) -> Optional[str]:
+        """``train.resume`` resolved (rank 0), refused when the checkpoint is another run's."""
+        config = self.config
+        path = checkpoints.resolve_resume(config.train.resume, config.train.output_dir)
+        recorded = checkpoints.run_identity(path) if path else None
+        if recorded:
+            ours = self._identity()
+            differs = [f"{key} {recorded.get(key)!r} (this config: {ours[key]!r})" for key in ours
+                       if key in recorded and recorded[key] != ours[key]]
+            if differs:
+                raise ConfigError(f"train.resume: {path} was written by another run: its {'; '.join(differs)}. Resume "
+                                  f"it with the config it was trained with, or train into a new train.output_dir")
+        return path
+
+    def _claim_output_dir(self) -> None:
+        """Rank 0: the output directory's lock for the whole run (two runs writing one directory would
+        interleave their metrics and checkpoints), and no fresh run over an earlier run's checkpoints
+        (a later resume would continue that other run)."""
+        output_dir = self.config.train.output_dir
+        holder = self.output_lock.acquire()
+        if holder is not None:
+            raise ConfigError(f"{self.config.source}: train.output_dir {output_dir} is in use by another fastdadpo "
+                              f"run ({holder}); wait for it to finish, or choose another train.output_dir")
+        earlier = checkpoints.latest(output_dir)
+        if not self.config.train.resume and earlier is not None:
+            raise ConfigError(f"{self.config.source}: train.output_dir {output_dir} holds an earlier run's checkpoints "
+                              f"(the latest {earlier}); continue that run with --set train.resume=true, or train into "
+                              f"a new train.output_dir (or delete {os.path.join(output_dir, 'checkpoints')})")
 
     def _write_output_file(self, name: Optional[str] = None, text: str = "") -> None:
         """Rank 0: ``train.output_dir`` created, and ``text`` written to ``name`` in it (no name: the
@@ -188,8 +227,8 @@ class Trainer:
         metrics_log.write(metrics)
         progress.update(metrics)
         save_every = config.train.save_every
-        if stop_requested or (save_every and ((step + 1) % save_every == 0 or at_end)):
-            path = self.student.save_checkpoint(config.train.output_dir, step + 1)
+        if stop_requested or at_end or (save_every and (step + 1) % save_every == 0):
+            path = self.student.save_checkpoint(config.train.output_dir, step + 1, self._identity())
             checkpoints.rotate(config.train.output_dir, config.train.keep_checkpoints, dist.is_main)
             self.log.info(f"checkpoint {path}")
         if stop_requested:

@@ -13,6 +13,7 @@ naming the path and the last good checkpoint; ``rotate`` keeps the newest K comp
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -277,6 +278,8 @@ def write_final(state: Optional[dict], student_model, tokenizer, output_dir: str
     ``final-adapter/``. Returns the path of ``final/``."""
     final, partial = os.path.join(output_dir, "final"), os.path.join(output_dir, ".final.partial")
     shutil.rmtree(partial, ignore_errors=True)
+    # Made here, not by save_pretrained, which only logs a path it cannot use and writes nothing.
+    os.makedirs(partial)
     if lora is not None:
         state, adapter = merge_lora_state(state, lora)
         adapter_dir = os.path.join(output_dir, "final-adapter")
@@ -284,7 +287,12 @@ def write_final(state: Optional[dict], student_model, tokenizer, output_dir: str
         save_lora_adapter(adapter_dir, adapter, lora, base_model)
     student_model.save_pretrained(partial, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(partial)
+    if not any(name.endswith(".safetensors") for name in os.listdir(partial)):
+        raise OSError(errno.EIO, "no weights were written", partial)
+    for name in os.listdir(partial):
+        fsync_path(os.path.join(partial, name))
     if os.path.exists(final):
         shutil.rmtree(final)
     os.replace(partial, final)
+    fsync_path(output_dir)
     return final
