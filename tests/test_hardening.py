@@ -434,3 +434,27 @@ def test_a_failed_export_leaves_a_checkpoint_and_exports_on_resume(run_with_chec
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "final" / "model.safetensors").exists()
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2]
+
+
+# --- values refused where they enter -----------------------------------------------------------------------------
+
+def test_a_fifo_as_data_is_refused_not_read_forever(tmp_path):
+    from fastdadpo.base.errors import DataError
+
+    fifo = tmp_path / "rows.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match="not a regular file"):
+        load_examples(str(fifo))
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["generate", "--teacher", "t", "--student", "s", "--prompts", "p.jsonl", "--out", "o.jsonl", "--temperature",
+      "nan"], "--temperature must be 0 (greedy) or a positive finite number, got nan"),
+    (["generate", "--teacher", "t", "--student", "s", "--prompts", "p.jsonl", "--out", "o.jsonl", "--temperature",
+      "inf"], "--temperature must be 0 (greedy) or a positive finite number, got inf"),
+    (["eval", "--teacher", "t", "--student", "s", "--data", "p.jsonl", "--out", "."], "--out: . cannot be written"),
+    (["eval", "--teacher", "t", "--student", "s", "--data", "p.jsonl", "--device", "meta"],
+     "--device: 'meta' is not a device fastdadpo runs on"),
+])
+def test_bad_command_values_end_in_one_paragraph(args, fragment):
+    _assert_clear_error(_cli(args), fragment)

@@ -126,6 +126,12 @@ def test_bad_recipes_are_clear_errors(tmp_path):
     path.write_text(yaml.safe_dump(dict(base, students={"daDPO": "dadpo"})))
     with pytest.raises(ConfigError, match="students must map display names"):
         load_recipe(str(path))
+    path.write_text(yaml.safe_dump(dict(base, launcher="torchrun 'x")))
+    with pytest.raises(ConfigError, match="launcher \"torchrun 'x\" is not a command line"):
+        load_recipe(str(path))
+    path.write_text(yaml.safe_dump(dict(base, generate={"temperature": float("nan")})))
+    with pytest.raises(ConfigError, match="generate.temperature is nan; numbers must be finite"):
+        load_recipe(str(path))
     result = subprocess.run([sys.executable, "-m", "fastdadpo", "run", str(path), "--stages", "train,polish"],
                             capture_output=True, text=True, timeout=TIMEOUT, env=_env(), cwd=REPO)
     assert result.returncode == 2 and "unknown stage(s) polish" in result.stderr

@@ -34,6 +34,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from fastdadpo.base.errors import ConfigError, DataError
+from fastdadpo.base.files import write_text_atomic
 from fastdadpo.commands.judges import (JUDGES, Judge, JudgeOptions, Pair, build_judge, check_judge_data, is_correct,
                                        pairwise_summary)
 from fastdadpo.core.batch import pad_token_id, padded
@@ -383,6 +384,8 @@ def run(args) -> int:
             raise ConfigError(f"{flag}: {value} must be at least 1")
     if not math.isfinite(args.judge_timeout) or args.judge_timeout <= 0:
         raise ConfigError(f"--judge-timeout: must be a positive number of seconds, got {args.judge_timeout:g}")
+    if args.out:  # checked before the evaluation runs, not after it, when its results would be lost
+        _check_writable(args.out)
     device = resolve_device(args.device)
     judge = build_judge(args.judge, JudgeOptions(model=args.judge_model, url=args.judge_url,
                                                  api_key_env=args.judge_api_key_env, timeout=args.judge_timeout,
@@ -395,7 +398,19 @@ def run(args) -> int:
                               dtype=args.dtype, group_by=args.group_by)
     print(format_table(results))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2)
+        write_text_atomic(args.out, json.dumps(results, indent=2))
     return 0
+
+
+def _check_writable(out: str) -> None:
+    """``--out`` names a file this user can write (its directory made now)."""
+    folder = os.path.dirname(os.path.abspath(out))
+    try:
+        if os.path.isdir(out):
+            raise IsADirectoryError(21, "is a directory")
+        os.makedirs(folder, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(out) and not os.access(out, os.W_OK)):
+            raise PermissionError(13, "permission denied")
+    except OSError as exc:
+        raise ConfigError(f"--out: {out} cannot be written ({exc.strerror or exc}); give a file path in a "
+                          f"directory this user can write") from None

@@ -36,6 +36,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -127,8 +128,8 @@ def _check_arguments(args) -> None:
                         "from the prompt rows")
     if args.max_new_tokens < 1:
         problems.append(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        problems.append(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        problems.append(f"--temperature must be 0 (greedy) or a positive finite number, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         problems.append(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.batch_size < 1:

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shlex
 import shutil
@@ -219,6 +220,12 @@ def load_recipe(path: str, overrides: List[str] = ()) -> Recipe:
             raise ConfigError(f"{path}: {key} must be {allowed}, got {getattr(recipe, key)!r}")
     _check_generate_keys(recipe)
     _check_chains(recipe)
+    if not isinstance(recipe.launcher, str):
+        raise ConfigError(f"{path}: launcher must be a string (a command prefix), got {recipe.launcher!r}")
+    try:
+        shlex.split(recipe.launcher)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: launcher {recipe.launcher!r} is not a command line ({exc})") from None
     # Every training's config is checked now, not when its stage comes hours later.
     for name, overrides, student in recipe.trainings():
         config_from_mapping(recipe.training_config(name, overrides, student), f"{path} (training {name})")
@@ -239,6 +246,9 @@ def _check_generate_keys(recipe: Recipe) -> None:
                           f"student, prompts and out itself")
     if recipe.generate.get("keep_chosen") and "teacher" in recipe.generate:
         raise ConfigError(f"{recipe.source}: generate: keep_chosen never runs a teacher")
+    for key, value in recipe.generate.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{recipe.source}: generate.{key} is {value}; numbers must be finite")
 
 
 def _check_chains(recipe: Recipe) -> None:

@@ -69,6 +69,9 @@ def read_rows(path: str) -> Iterator[tuple[Any, str]]:
         yield from _dataset_dir_rows(dataset_dir, split)
     elif not os.path.exists(path):
         raise DataError(f"{path}: no such file or directory")
+    elif not os.path.isfile(path):
+        raise DataError(f"{path}: not a regular file (a FIFO, a socket or a device would be read forever or "
+                        f"not at all); give a data file or a saved dataset directory")
     elif path.endswith(".jsonl"):
         yield from _jsonl_rows(path)
     elif path.endswith(".json"):

@@ -103,6 +103,8 @@ def resolve_device(name=None) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"--device: {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device: {name!r} is not a device fastdadpo runs on; use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device: {name!r} asked for, but CUDA is not available on this machine")
     return device
