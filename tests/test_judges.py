@@ -207,7 +207,60 @@ def test_http_judge_unparsed_replies_are_ties_and_counted(chat_server):
     server = chat_server(lambda content: "Both have merits.")
     judge = HttpJudge(server.url + "/v1", "m")
     assert judge.judge([Pair("q", None, GOOD, BAD)]) == ["tie"]
-    assert judge.describe()["unparsed_replies"] == 2
+    assert judge.describe()["unparsed_replies"] == 2 and judge.describe()["asked"] == 2
+    with pytest.raises(UserError, match="replies to 2 of 2 comparisons named no verdict"):
+        judge.check_replies()  # every reply unreadable: the figures would be the default's
+    some = chat_server(lambda content: None if "q1" in content else "A")  # "content": null for one prompt
+    judge = HttpJudge(some.url, "m")
+    judge.judge([Pair(f"q{i}", None, GOOD, BAD) for i in range(1, 5)])
+    assert "replies to 2 of 8 comparisons" in judge.check_replies()
+
+
+class TricklingServer(_LocalServer):
+    """Sends a reply's headers, then its body one byte every ``pause`` seconds (or ``size`` bytes at once),
+    or closes the connection mid-body with ``short``."""
+
+    def __init__(self, pause=0.3, size=None, short=False):
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                body = json.dumps({"choices": [{"message": {"content": "A"}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(size or len(body) + (100 if short else 0)))
+                self.end_headers()
+                try:
+                    if size:
+                        self.wfile.write(b" " * size)
+                    elif short:
+                        self.wfile.write(body)
+                    else:
+                        for byte in body:
+                            self.wfile.write(bytes([byte]))
+                            self.wfile.flush()
+                            time.sleep(pause)
+                except OSError:
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self._start(Handler)
+
+
+def test_http_judge_bounds_the_whole_reply_in_time_and_size():
+    servers = [TricklingServer(), TricklingServer(size=2 << 20), TricklingServer(short=True)]
+    try:
+        started = time.monotonic()
+        with pytest.raises(UserError, match="no reply within 1 s, 1 times"):
+            HttpJudge(servers[0].url, "m", timeout=1.0, retries=0).ask(Comparison("q", "a", "b"))
+        assert time.monotonic() - started < 5  # the socket timeout alone would wait for every byte (~20 s)
+        with pytest.raises(UserError, match="a reply of more than 1,048,576 bytes"):
+            HttpJudge(servers[1].url, "m", retries=0).ask(Comparison("q", "a", "b"))
+        with pytest.raises(UserError, match="broke off its reply"):
+            HttpJudge(servers[2].url, "m", retries=0, backoff=0.0).ask(Comparison("q", "a", "b"))
+    finally:
+        for server in servers:
+            server.close()
 
 
 def test_http_judge_retries_busy_server(chat_server):

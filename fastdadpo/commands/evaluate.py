@@ -399,6 +399,9 @@ def run(args) -> int:
     print(format_table(results))
     if args.out:
         write_text_atomic(args.out, json.dumps(results, indent=2))
+    note = judge.check_replies()  # after the results are written: nothing is lost when it fails the run
+    if note:
+        print(f"note: {note}")
     return 0
 
 

@@ -10,6 +10,7 @@ both orders agree (else a tie), which cancels the judge's position bias.
 from __future__ import annotations
 
 import base64
+import http.client
 import ipaddress
 import json
 import math
@@ -77,6 +78,11 @@ class Judge:
 
     def describe(self) -> dict:
         return {"name": self.name}
+
+    def check_replies(self) -> Optional[str]:
+        """After judging: a note on replies the judge could not read (None: nothing to say); raises
+        when too many of them make the figures meaningless."""
+        return None
 
     def close(self) -> None:
         """Release what the judge holds (a model)."""
@@ -281,6 +287,12 @@ class HttpJudge(PreferenceJudge):
     name = "http"
     instruction = "Reply with exactly one of: A, B, or tie."
     retryable_status = (429, 500, 502, 503, 504)
+    # A chat completion naming a verdict is a few hundred bytes; a reply past this is not one (and
+    # would be held whole in memory before its JSON could be refused).
+    max_reply_bytes = 1 << 20
+    # More unreadable replies than this share of the comparisons, and the preference figures are
+    # ties by default, not the judge's: the evaluation fails (its results written first).
+    max_unparsed_share = 0.5
 
     def __init__(self, url: Optional[str], model: Optional[str], *, api_key_env: Optional[str] = None,
                  timeout: float = 60.0, retries: int = 2, backoff: float = 1.0, workers: int = 8, max_tokens: int = 16,
@@ -318,11 +330,23 @@ class HttpJudge(PreferenceJudge):
         self.endpoint = urllib.parse.urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path,
                                                  parts.query, ""))
         self._opener = urllib.request.build_opener(_RefuseRedirects)
-        self.unparsed_replies = 0
+        self.unparsed_replies, self.asked = 0, 0
 
     def describe(self) -> dict:
         return {"name": self.name, "url": self.display, "model": self.model,
-                "unparsed_replies": self.unparsed_replies}
+                "unparsed_replies": self.unparsed_replies, "asked": self.asked}
+
+    def check_replies(self) -> Optional[str]:
+        """A note when replies named no verdict; raises past ``max_unparsed_share`` of them."""
+        if not self.unparsed_replies:
+            return None
+        note = (f"the judge's replies to {self.unparsed_replies} of {self.asked} comparisons named no verdict (A, B or "
+                f"tie) and count as ties")
+        if self.unparsed_replies > self.max_unparsed_share * self.asked:
+            raise UserError(f"{note}: more than {self.max_unparsed_share:.0%}, so the preference figures would be the "
+                            f"default's, not {self.display}'s ({self.model}). Check that the endpoint serves a chat "
+                            f"model that follows the instruction (an empty or null message content is not a reply)")
+        return note
 
     def _redacted(self, text: str) -> str:
         """``text`` (a server's reply, an error) with every credential replaced by ``***``."""
@@ -334,6 +358,7 @@ class HttpJudge(PreferenceJudge):
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             verdicts = [parse_verdict(reply) for reply in pool.map(self.ask, comparisons)]
         self.unparsed_replies += sum(v is None for v in verdicts)
+        self.asked += len(verdicts)
         return [v or "tie" for v in verdicts]
 
     def ask(self, comparison: Comparison) -> str:
@@ -345,7 +370,7 @@ class HttpJudge(PreferenceJudge):
         while True:
             try:
                 with self._opener.open(request, timeout=self.timeout) as response:
-                    return self._reply_text(response.read())
+                    return self._reply_text(self._read_bounded(response))
             except _Redirected as exc:
                 raise UserError(f"the judge endpoint {self.display} answered with a redirect (HTTP {exc.code}) to "
                                 f"{display_url(exc.target)}, which is not followed: the request carries the "
@@ -364,12 +389,35 @@ class HttpJudge(PreferenceJudge):
                 if not isinstance(exc.reason, TimeoutError) or attempt == self.retries:
                     raise UserError(f"cannot reach the judge endpoint {self.display}: "
                                     f"{self._redacted(str(exc.reason))}") from None
+            except (http.client.HTTPException, ConnectionError) as exc:  # closed early, a bad status line, a short body
+                if attempt == self.retries:
+                    raise UserError(f"the judge endpoint {self.display} broke off its reply ({type(exc).__name__}: "
+                                    f"{self._redacted(str(exc))[:160]}), {self.retries + 1} times; check the server")\
+                        from None
             except TimeoutError:
                 if attempt == self.retries:
                     raise UserError(f"the judge endpoint {self.display} sent no reply within {self.timeout:g} s, "
                                     f"{self.retries + 1} times; raise --judge-timeout or check the server") from None
             time.sleep(self.backoff * 2 ** attempt)
             attempt += 1
+
+    def _read_bounded(self, response) -> bytes:
+        """The body, within ``timeout`` seconds for the whole of it (a socket timeout bounds each read
+        only: a server trickling a byte at a time would never end) and ``max_reply_bytes``."""
+        deadline, chunks, size = time.monotonic() + self.timeout, [], 0
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError
+            chunk = response.read1(1 << 16)
+            if not chunk:
+                if getattr(response, "length", None):  # the connection ended before its Content-Length
+                    raise http.client.IncompleteRead(b"".join(chunks), response.length)
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > self.max_reply_bytes:
+                raise UserError(f"the judge endpoint {self.display} sent a reply of more than "
+                                f"{self.max_reply_bytes:,} bytes, which is no chat completion naming a verdict")
+            chunks.append(chunk)
 
     def _reply_text(self, raw: bytes) -> str:
         try:
