@@ -288,6 +288,25 @@ def test_different_tokenizers(tokenizer):
         check_tokenizers_compatible(tokenizer, other, student_head_rows=1000, teacher_head_rows=1000)
 
 
+def test_a_teacher_with_another_chat_template_is_refused(tokenizer, student_dir, teacher_dir, tmp_path):
+    """Same vocabulary, another template: training would score it through the student's template."""
+    import shutil
+
+    from fastdadpo.models.loading import load_tokenizer
+    from fastdadpo.models.vocabulary import shared_vocabulary
+
+    student = load_tokenizer(student_dir, "model.student")
+    assert shared_vocabulary(student, student_dir, {"model.teacher": teacher_dir}) == len(student)
+    other = tmp_path / "teacher"
+    shutil.copytree(teacher_dir, other)
+    templated = load_tokenizer(str(other), "model.teacher")
+    templated.chat_template = student.chat_template.replace("<|end|>", "<|end|>\n")
+    templated.save_pretrained(str(other))
+    with pytest.raises(ConfigError, match="model.teacher: its tokenizer has the student's vocabulary but another chat "
+                                          "template"):
+        shared_vocabulary(student, student_dir, {"model.teacher": str(other)})
+
+
 # --- micro-batches -------------------------------------------------------------------------------------------
 
 # --- collating -----------------------------------------------------------------------------------------------

@@ -53,6 +53,22 @@ def shared_vocabulary(tokenizer, student_path: str, teachers: dict) -> int:
     student_rows = config_vocab_rows(student_path, "model.student")
     for key, path in teachers.items():
         if path:
-            vocab = check_tokenizers_compatible(tokenizer, load_tokenizer(path, key), student_head_rows=student_rows,
+            other = load_tokenizer(path, key)
+            vocab = check_tokenizers_compatible(tokenizer, other, student_head_rows=student_rows,
                                                 teacher_head_rows=config_vocab_rows(path, key))
+            _check_same_template(tokenizer, other, key)
     return vocab
+
+
+def _check_same_template(student_tokenizer, other_tokenizer, key: str) -> None:
+    """Training renders every sequence once, with the student's chat template, and every model scores
+    those tokens: a model whose own template differs would score text in a format it never saw (while
+    ``generate`` and ``eval`` run it with its own)."""
+    ours, theirs = (getattr(t, "chat_template", None) for t in (student_tokenizer, other_tokenizer))
+    if ours != theirs:
+        raise ConfigError(f"{key}: its tokenizer has the student's vocabulary but another chat template "
+                          f"({'none' if theirs is None else f'{len(theirs)} characters'} against the student's "
+                          f"{'none' if ours is None else f'{len(ours)} characters'}); training renders every "
+                          f"sequence with the student's template, which this model would score in a format it was "
+                          f"not trained on. Give both the same template (copy chat_template.jinja, or the "
+                          f"tokenizer_config.json chat_template, from one directory to the other)")
