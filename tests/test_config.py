@@ -194,10 +194,10 @@ def test_only_a_lost_peer_is_reported_as_one():
     info = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
     for error in (torch.OutOfMemoryError("CUDA out of memory"), RuntimeError("mat1 and mat2 shapes cannot be multiplied")):
         with pytest.raises(type(error)):
-            with peers_lost_reported(info, lambda: "at step 3", lambda: None):
+            with peers_lost_reported(info, lambda: "at step 3", lambda: "resume"):
                 raise error
     with pytest.raises(UserError, match="lost contact with rank\\(s\\) 1 at step 3"):
-        with peers_lost_reported(info, lambda: "at step 3", lambda: "ckpt"):
+        with peers_lost_reported(info, lambda: "at step 3", lambda: "Resume from ckpt."):
             raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
 
 

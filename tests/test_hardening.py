@@ -452,6 +452,8 @@ def test_a_fifo_as_data_is_refused_not_read_forever(tmp_path):
       "nan"], "--temperature must be 0 (greedy) or a positive finite number, got nan"),
     (["generate", "--teacher", "t", "--student", "s", "--prompts", "p.jsonl", "--out", "o.jsonl", "--temperature",
       "inf"], "--temperature must be 0 (greedy) or a positive finite number, got inf"),
+    (["generate", "--teacher", "t", "--student", "s", "--prompts", "p.jsonl", "--out", "o.jsonl",
+      "--timeout-minutes", "0"], "--timeout-minutes must be a positive number, got 0.0"),
     (["eval", "--teacher", "t", "--student", "s", "--data", "p.jsonl", "--out", "."], "--out: . cannot be written"),
     (["eval", "--teacher", "t", "--student", "s", "--data", "p.jsonl", "--device", "meta"],
      "--device: 'meta' is not a device fastdadpo runs on"),

@@ -111,10 +111,10 @@ def decided_by_main(decide):
 
 
 @contextlib.contextmanager
-def peers_lost_reported(info: DistInfo, where, last_checkpoint):
+def peers_lost_reported(info: DistInfo, where, how_to_continue):
     """A collective that fails because another rank died (killed, out of memory, a lost node) ends
     this rank with one paragraph instead of the backend's traceback: what happened, ``where()`` (e.g.
-    the step), and ``last_checkpoint()`` to resume from."""
+    the step), and ``how_to_continue()`` (e.g. the checkpoint to resume from)."""
     try:
         yield
     except RuntimeError as exc:
@@ -124,9 +124,7 @@ def peers_lost_reported(info: DistInfo, where, last_checkpoint):
         detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise UserError(f"rank {info.rank} of {info.world_size}: lost contact with rank(s) "
                         f"{', '.join(map(str, others))} {where()} ({detail}). Another rank died or was killed: "
-                        f"the launcher's log names it and its exit status. The last complete checkpoint is "
-                        f"{last_checkpoint() or 'none (none was written yet)'}; continue from it with --set "
-                        f"train.resume=true once every rank can start") from None
+                        f"the launcher's log names it and its exit status. {how_to_continue()}") from None
 
 
 class StopOnSigterm:

@@ -97,13 +97,19 @@ def add_arguments(parser) -> None:
         "keep only the last N tokens of a longer prompt (default: keep it whole)" + NO_DEFAULT_SHOWN))
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help=(
         "weights' dtype (default: bf16 on GPU, fp32 on CPU)" + NO_DEFAULT_SHOWN))
+    parser.add_argument("--timeout-minutes", type=float, default=30.0, metavar="M", help=(
+        "several processes: how long a rank waits for the others in a collective before the run ends with one "
+        "paragraph naming the lost rank (train.timeout_minutes for training)"))
 
 
 def run(args) -> int:
     _check_arguments(args)
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
-        _generate(args, default_engine().setup_distributed() if several else _single_process())
+        info = default_engine().setup_distributed(args.timeout_minutes * 60) if several else _single_process()
+        with collectives.peers_lost_reported(info, lambda: "while generating", lambda: (
+                f"The rows finished so far are in {args.out}: run the same command again to continue")):
+            _generate(args, info)
     finally:
         if several:
             collectives.teardown()
@@ -126,6 +132,8 @@ def _check_arguments(args) -> None:
     if not args.keep_chosen and args.teacher is None:
         problems.append("--teacher is required (its responses become 'chosen'), unless --keep-chosen takes them "
                         "from the prompt rows")
+    if not math.isfinite(args.timeout_minutes) or args.timeout_minutes <= 0:
+        problems.append(f"--timeout-minutes must be a positive number, got {args.timeout_minutes}")
     if args.max_new_tokens < 1:
         problems.append(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if not math.isfinite(args.temperature) or args.temperature < 0:

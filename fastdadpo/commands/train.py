@@ -85,6 +85,13 @@ class Trainer:
         self.engine = config.build_engine()
         self.dist = dist = self.engine.setup_distributed(timeout_s=config.train.timeout_minutes * 60)
         self.log = Log(dist.is_main)
+        with collectives.peers_lost_reported(dist, lambda: "while setting up (loading, precomputing)",
+                                             self._how_to_continue):
+            self._set_up(with_teachers)
+
+    def _set_up(self, with_teachers: bool) -> None:
+        """Data, the student in its engine, what never changes (cached), the frozen teachers."""
+        config, dist = self.config, self.dist
         # Before any load; rank 0 decides, so every node resumes from the same checkpoint (or none).
         self.resume_from = collectives.decided_by_main(self._resume_point)
         torch.manual_seed(config.train.seed)
@@ -137,6 +144,11 @@ class Trainer:
         # Only now that every input has loaded: a run that fails on bad data or a bad model leaves a
         # finished run's config.yaml in the same output_dir as it was.
         self._write_output_file("config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+    def _how_to_continue(self) -> str:
+        last = checkpoints.latest(self.config.train.output_dir)
+        return (f"The last complete checkpoint is {last or 'none (none was written yet)'}; continue from it with --set "
+                f"train.resume=true once every rank can start")
 
     def _identity(self) -> dict:
         """What defines this run, recorded in its checkpoints: a resume must be the same run."""
@@ -201,8 +213,7 @@ class Trainer:
         progress = self.log.progress(plan.total_steps, start_step, config.train.log_every)
         last_metrics: Dict[str, float] = {}
         self.bad_gradients, self.step = 0, start_step
-        with collectives.peers_lost_reported(dist, lambda: f"at step {self.step + 1}",
-                                             lambda: checkpoints.latest(config.train.output_dir)):
+        with collectives.peers_lost_reported(dist, lambda: f"at step {self.step + 1}", self._how_to_continue):
             for step in range(start_step, plan.total_steps):
                 self.step = step
                 last_metrics, stopped = self._step_and_report(step, stop.requested, metrics_log, progress)
