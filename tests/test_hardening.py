@@ -460,3 +460,32 @@ def test_a_fifo_as_data_is_refused_not_read_forever(tmp_path):
 ])
 def test_bad_command_values_end_in_one_paragraph(args, fragment):
     _assert_clear_error(_cli(args), fragment)
+
+
+def _broken_copy(student_dir, tmp_path, how: str):
+    broken = tmp_path / f"student-{how}"
+    shutil.copytree(student_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    if how == "config-list":
+        (broken / "config.json").write_text(json.dumps([config]))
+    elif how == "config-without-hidden-size":
+        config.pop("hidden_size")
+        (broken / "config.json").write_text(json.dumps(config))
+    elif how == "pickled-weights":
+        os.remove(broken / "model.safetensors")
+        (broken / "pytorch_model.bin").write_bytes(_payload_pickle(tmp_path / "payload-ran"))
+    elif how == "corrupt-tokenizer":
+        (broken / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    return broken
+
+
+@pytest.mark.parametrize("how,fragment", [
+    ("config-list", "cannot load"), ("config-without-hidden-size", "cannot load a causal LM"),
+    ("pickled-weights", "unpickling it could run code"), ("corrupt-tokenizer", "cannot load a tokenizer"),
+])
+def test_a_broken_model_directory_ends_in_one_paragraph(run_with_checkpoint, student_dir, tmp_path, how, fragment):
+    _, config, _ = run_with_checkpoint
+    broken = _broken_copy(student_dir, tmp_path, how)
+    result = _cli(["train", config, "--set", f"model.student={broken}", "--set", f"train.output_dir={tmp_path / 'o'}"])
+    _assert_clear_error(result, "model.student", fragment)
+    assert not (tmp_path / "payload-ran").exists()

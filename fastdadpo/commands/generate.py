@@ -300,8 +300,8 @@ def _head_rows(path: str, flag: str) -> int:
 
     try:
         return int(AutoConfig.from_pretrained(path).get_text_config().vocab_size)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{flag} {path}: cannot read its config: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 (see loading_failure)
+        raise models.loading_failure(flag, path, "the model config", exc) from None
 
 
 def _prompt_ids(tokenizer, examples: Sequence[Example], max_prompt_length: Optional[int]

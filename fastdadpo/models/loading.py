@@ -11,6 +11,7 @@ import gc
 import importlib.util
 import math
 import os
+import pickle
 from typing import ContextManager, Optional
 
 import torch
@@ -39,6 +40,22 @@ _DIVIDING_LOGITS_SCALING = ("granite", "minicpm")  # model_type prefixes
 _MULTIPLYING_LOGITS_SCALING = ("hyperclovax",)
 
 
+def loading_failure(key: str, path: str, what: str, exc: BaseException) -> ConfigError:
+    """The one paragraph for a model directory that cannot be loaded: whatever transformers,
+    tokenizers or torch raised for a bad file in it (a ``config.json`` that is a list or lacks a field,
+    a corrupt ``tokenizer.json``, a pickled checkpoint that ``weights_only`` refuses). Out-of-memory
+    errors are not the directory's: the caller re-raises them."""
+    detail = " ".join(str(exc).split())[:240] or type(exc).__name__
+    if isinstance(exc, pickle.UnpicklingError):
+        detail = ("its weights are a pickle that needs more than tensors to load, refused because unpickling it "
+                  "could run code; convert them to safetensors with a tool you trust")
+    return ConfigError(f"{key}: cannot load {what} from {path!r} ({type(exc).__name__}: {detail})")
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError))
+
+
 def resolve_dtype(name: Optional[str], device: torch.device) -> torch.dtype:
     """``model.dtype``: bf16 on GPU, fp32 on CPU by default."""
     if name is None:
@@ -65,8 +82,8 @@ def _attention_for(path: str, device: torch.device, dtype: torch.dtype) -> str:
 
     try:
         model_class = AutoModelForCausalLM._model_mapping.get(type(AutoConfig.from_pretrained(path)), None)
-    except (OSError, ValueError, KeyError):
-        return chosen  # from_pretrained reports the problem with the model itself
+    except Exception:  # noqa: BLE001 (loading the model reports what is wrong with the directory)
+        return chosen
     return "eager" if model_class is not None and not getattr(model_class, "_supports_sdpa", True) else chosen
 
 
@@ -117,8 +134,10 @@ def load_tokenizer(path: str, key: str):
     check_model_dir(path, key)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{key}: cannot load a tokenizer from {path!r}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 (see loading_failure)
+        if _out_of_memory(exc):
+            raise
+        raise loading_failure(key, path, "a tokenizer", exc) from None
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ConfigError(f"{key}: the tokenizer of {path} has neither a pad nor an eos token")
@@ -172,8 +191,10 @@ def load_causal_lm(path: str, *, dtype: torch.dtype, device: torch.device, key: 
             raise ConfigError(f"{key}: the weights in {path!r} cannot be read ({exc}); a .safetensors file there is "
                               f"truncated or corrupt (an interrupted copy or download?): copy or export the model "
                               f"again") from None
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{key}: cannot load a causal LM from {path!r}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 (see loading_failure)
+            if _out_of_memory(exc):
+                raise
+            raise loading_failure(key, path, "a causal LM", exc) from None
     check_fused_head_supported(model, key)
     apply_liger_kernels(model, liger_kernels, key)
     if sharded_loading is None:

@@ -3,7 +3,7 @@ share token for token (LM heads may be padded past it)."""
 from __future__ import annotations
 
 from fastdadpo.base.errors import ConfigError
-from fastdadpo.models.loading import load_tokenizer
+from fastdadpo.models.loading import load_tokenizer, loading_failure
 
 
 def check_tokenizers_compatible(student_tokenizer, teacher_tokenizer, *, student_head_rows: int,
@@ -40,8 +40,8 @@ def config_vocab_rows(path: str, key: str) -> int:
 
     try:
         return int(AutoConfig.from_pretrained(path).vocab_size)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{key}: cannot read the model config of {path!r}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 (see loading_failure)
+        raise loading_failure(key, path, "the model config", exc) from None
 
 
 def shared_vocabulary(tokenizer, student_path: str, teachers: dict) -> int:
