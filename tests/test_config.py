@@ -97,6 +97,11 @@ def test_bad_yaml_names_the_line(tmp_path):
     ({"zero_optimization": {"stage3_prefetch_bucket_size": 1.5}}, "must be an integer"),
     ({"zero_optimization": {"no_such_option": 1}}, "Extra inputs are not permitted"),
     ({"zero_optimization": {"offload_param": {"device": "floppy"}}}, "zero_optimization is invalid"),
+    ({"zero_optimization": 5}, "deepspeed.extra.zero_optimization must be a mapping"),
+    ({"zero_optimization": None}, "deepspeed.extra.zero_optimization must be a mapping"),
+    ({"activation_checkpointing": 5}, "deepspeed.extra.activation_checkpointing must be a mapping"),
+    ({"checkpoint": {"tag_validation": "bogus"}}, "takes Ignore, Warn or Fail"),
+    ({"wall_clock_breakdown": "maybe"}, "deepspeed.extra.wall_clock_breakdown must be true or false"),
 ])
 def test_deepspeed_extra_is_validated(extra, message):
     with pytest.raises(ConfigError) as error:

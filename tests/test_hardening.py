@@ -489,3 +489,22 @@ def test_a_broken_model_directory_ends_in_one_paragraph(run_with_checkpoint, stu
     result = _cli(["train", config, "--set", f"model.student={broken}", "--set", f"train.output_dir={tmp_path / 'o'}"])
     _assert_clear_error(result, "model.student", fragment)
     assert not (tmp_path / "payload-ran").exists()
+
+
+def test_unreadable_and_damaged_data_are_named(tmp_path):
+    import datasets
+
+    from fastdadpo.base.errors import DataError
+
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list([{"prompt": "p", "chosen": "c", "rejected": "r"}]).save_to_disk(str(saved))
+    assert len(load_examples(str(saved))) == 1
+    (saved / "state.json").write_text("{ not json")
+    with pytest.raises(DataError, match="a saved dataset that cannot be read"):
+        load_examples(str(saved))
+    if os.geteuid() != 0:  # root reads anything
+        locked = tmp_path / "locked.jsonl"
+        locked.write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n')
+        locked.chmod(0)
+        with pytest.raises(DataError, match="cannot read it"):
+            load_examples(str(locked))

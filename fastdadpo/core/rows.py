@@ -72,6 +72,8 @@ def read_rows(path: str) -> Iterator[tuple[Any, str]]:
     elif not os.path.isfile(path):
         raise DataError(f"{path}: not a regular file (a FIFO, a socket or a device would be read forever or "
                         f"not at all); give a data file or a saved dataset directory")
+    elif not os.access(path, os.R_OK):
+        raise DataError(f"{path}: this user cannot read it (permission denied)")
     elif path.endswith(".jsonl"):
         yield from _jsonl_rows(path)
     elif path.endswith(".json"):
@@ -101,6 +103,10 @@ def _dataset_dir_rows(directory: str, split: Optional[str]) -> Iterator[tuple[An
     except FileNotFoundError:
         raise DataError(f"{directory}: a directory that is not a dataset saved by datasets' save_to_disk; give a "
                         f"data file (.jsonl, .json, .parquet) or a saved dataset") from None
+    except Exception as exc:  # noqa: BLE001 (datasets, pyarrow and JSON errors alike: a damaged saved dataset)
+        raise DataError(f"{directory}: a saved dataset that cannot be read ({type(exc).__name__}: "
+                        f"{' '.join(str(exc).split())[:200]}); its state.json or .arrow files are damaged: save it "
+                        f"again") from None
     if isinstance(loaded, datasets.DatasetDict):
         if split is None or split not in loaded:
             problem = "names no split" if split is None else f"has no split {split!r}"

@@ -98,12 +98,40 @@ def validate_extra(extra: Dict[str, Any], source: str) -> Dict[str, Any]:
             hint = f" (did you mean {match[0]!r}?)" if match else ""
             raise ConfigError(f"{source}: deepspeed.extra.{key} is not a DeepSpeed config key{hint}; DeepSpeed "
                               f"would silently ignore it")
+    _check_value_types(extra, source)
     zero = extra.get("zero_optimization", {})
     if "stage" in zero:
         raise ConfigError(f"{source}: deepspeed.extra.zero_optimization.stage is set by fastdadpo; use "
                           f"deepspeed.zero_stage")
     _check_zero_section(zero, source)
     return extra
+
+
+# Top-level keys DeepSpeed reads as sections (mappings) and as switches (booleans); a value of
+# another type fails inside DeepSpeed's engine with its traceback, or is taken as truthy.
+SECTION_KEYS = {"zero_optimization", "activation_checkpointing", "checkpoint", "flops_profiler", "tensorboard", "wandb",
+                "csv_monitor", "comet", "comms_logger", "autotuning", "elasticity", "data_efficiency",
+                "curriculum_learning", "compression_training", "aio", "nebula", "data_types", "pipeline", "compile",
+                "timers", "weight_quantization", "hybrid_engine", "sparse_attention", "quantize_training",
+                "eigenvalue", "progressive_layer_drop", "amp", "torch_autocast", "mixed_precision"}
+SWITCH_KEYS = {"wall_clock_breakdown", "memory_breakdown", "dump_state", "prescale_gradients", "sparse_gradients",
+               "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "disable_allgather",
+               "dataloader_drop_last", "load_universal", "use_node_local_storage", "graph_harvesting",
+               "use_data_before_expert_parallelism"}
+TAG_VALIDATION = ("ignore", "warn", "fail")  # checkpoint.tag_validation, as DeepSpeed reads it
+
+
+def _check_value_types(extra: dict, source: str) -> None:
+    for key, value in extra.items():
+        if key in SECTION_KEYS and not isinstance(value, dict):
+            raise ConfigError(f"{source}: deepspeed.extra.{key} must be a mapping of DeepSpeed's {key} settings, got "
+                              f"{value!r}")
+        if key in SWITCH_KEYS and not isinstance(value, bool):
+            raise ConfigError(f"{source}: deepspeed.extra.{key} must be true or false, got {value!r}")
+    tag = extra.get("checkpoint", {}).get("tag_validation")
+    if tag is not None and str(tag).lower() not in TAG_VALIDATION:
+        raise ConfigError(f"{source}: deepspeed.extra.checkpoint.tag_validation is {tag!r}; DeepSpeed takes Ignore, "
+                          f"Warn or Fail")
 
 
 def _check_zero_section(zero: dict, source: str) -> None:
