@@ -508,3 +508,20 @@ def test_unreadable_and_damaged_data_are_named(tmp_path):
         locked.chmod(0)
         with pytest.raises(DataError, match="cannot read it"):
             load_examples(str(locked))
+
+
+def test_a_cache_that_cannot_be_written_is_said_and_skipped(examples, tokenizer, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache's folder should be")
+    expected, _ = _tokenize(examples, tokenizer, tmp_path / "fine")
+    assert _tokenize(examples, tokenizer, blocker / "cache")[0] == expected
+    err = capsys.readouterr().err
+    assert "tokenization cache" in err and "not written" in err and "Traceback" not in err
+
+
+def test_resuming_under_another_zero_stage_is_refused(run_with_checkpoint, tmp_path):
+    _, config, step = run_with_checkpoint
+    result = _cli(["train", config, "--set", f"train.output_dir={tmp_path / 'o'}", "--set", f"train.resume={step}",
+                   "--set", "deepspeed.zero_stage=0"])
+    _assert_clear_error(result, f"train.resume: {step} was written by another run",
+                        "engine 'deepspeed zero 3' (this config: 'deepspeed zero 0')")

@@ -66,7 +66,9 @@ class ContentCache:
             say_once(f"{self.what} {path}: {problem}; {redo}", self.log)
         return entry
 
-    def store(self, key: dict, tensors: Dict[str, torch.Tensor], document=None) -> str:
+    def store(self, key: dict, tensors: Dict[str, torch.Tensor], document=None) -> Optional[str]:
+        """The entry written (its path), or None when it could not be (a full disk, a directory this
+        user cannot write): said once, and the run goes on without it (a cache is only a shortcut)."""
         from safetensors.torch import save
 
         text, document_text = key_text(key), json.dumps(document)
@@ -74,8 +76,13 @@ class ContentCache:
         payload = save(tensors, metadata={"key": text, "document": document_text,
                                           "sha256": _digest(text, document_text, tensors)})
         path = self.path(key)
-        os.makedirs(self.directory, exist_ok=True)
-        write_file_atomic(path, lambda handle: handle.write(payload), binary=True)
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            write_file_atomic(path, lambda handle: handle.write(payload), binary=True)
+        except OSError as exc:
+            say_once(f"{self.what} {path}: not written ({exc.strerror or exc}); this run goes on without it, the next "
+                     f"computes it again (free space, or set data.cache_dir to a writable directory)", self.log)
+            return None
         return path
 
     @staticmethod

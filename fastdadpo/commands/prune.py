@@ -12,7 +12,8 @@ import torch
 from fastdadpo.base.errors import ConfigError, UserError
 from fastdadpo.base.files import fsync_path
 from fastdadpo.core.batch import pad_token_id
-from fastdadpo.models.loading import load_causal_lm, require_model_dir, resolve_device, resolve_dtype
+from fastdadpo.models.loading import (load_causal_lm, loading_failure, require_model_dir, resolve_device,
+                                      resolve_dtype)
 from fastdadpo.models.prune import (REPORT_FILE, apply_pruning, check_amounts, format_report, plan_pruning,
                                     pruning_report, read_calibration)
 
@@ -94,7 +95,10 @@ def run(args) -> int:
     from transformers import AutoTokenizer
 
     device = resolve_device(args.device)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except Exception as exc:  # noqa: BLE001 (see loading_failure)
+        raise loading_failure("--model", args.model, "a tokenizer", exc) from None
     calibration = (read_calibration(args.calibration, tokenizer, samples=args.calibration_samples,
                                     max_length=args.calibration_length, seed=args.seed) if needs_calibration else [])
     dtype = resolve_dtype(args.dtype, device) if args.dtype else checkpoint_dtype(args.model)

@@ -154,7 +154,7 @@ class Trainer:
         """What defines this run, recorded in its checkpoints: a resume must be the same run."""
         config = self.config
         return {"student": config.model.student, "objective": config.objective.name, "data.train": config.data.train,
-                "engine": config.engine.name}
+                "engine": self.engine.checkpoint_format()}
 
     def _resume_point(self) -> Optional[str]:
         """``train.resume`` resolved (rank 0), refused when the checkpoint is another run's."""

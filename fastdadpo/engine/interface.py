@@ -110,6 +110,11 @@ class Engine(abc.ABC):
         """One phrase for the run's log (e.g. "DeepSpeed ZeRO stage 3")."""
 
     @abc.abstractmethod
+    def checkpoint_format(self) -> str:
+        """What a checkpoint of this engine's is readable by (e.g. "deepspeed zero 3"): a resume under
+        another format is refused before any state is read."""
+
+    @abc.abstractmethod
     def setup_distributed(self, timeout_s: float = 1800.0) -> DistInfo:
         """The process group (a one-rank group of its own for a plain process), set up once."""
 

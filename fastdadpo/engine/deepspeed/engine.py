@@ -156,6 +156,9 @@ class DeepSpeedEngine(Engine):
     def describe(self) -> str:
         return f"DeepSpeed ZeRO stage {self.zero_stage}" + (", teachers offloaded" if self.teacher_offload else "")
 
+    def checkpoint_format(self) -> str:
+        return f"deepspeed zero {self.zero_stage}"  # DeepSpeed reads a checkpoint under its own stage only
+
     def setup_distributed(self, timeout_s: float = 1800.0) -> DistInfo:
         return launch.setup(timeout_s)
 

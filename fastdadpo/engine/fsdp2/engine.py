@@ -217,6 +217,9 @@ class FSDP2Engine(Engine):
     def describe(self) -> str:
         return "PyTorch FSDP2 (per decoder layer)" + (", CPU offload" if self.cpu_offload else "")
 
+    def checkpoint_format(self) -> str:
+        return "fsdp2"
+
     def setup_distributed(self, timeout_s: float = 1800.0) -> DistInfo:
         return launch.setup(timeout_s)
 
