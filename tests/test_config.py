@@ -256,3 +256,8 @@ def test_engine_section_picks_the_engine(base):
     assert fsdp2.engine.name == "fsdp2" and isinstance(fsdp2.build_engine(), FSDP2Engine)
     offloaded = load_config(base, ["engine.name=fsdp2", "engine.cpu_offload=true"]).build_engine()
     assert offloaded.cpu_offload and "CPU offload" in offloaded.describe()
+    with open(base, encoding="utf-8") as handle:
+        raw = yaml.safe_load(handle)
+    with open(base, "w", encoding="utf-8") as handle:
+        yaml.safe_dump({**raw, "engine": "fsdp2"}, handle)  # the short form, then a key of the section
+    assert load_config(base, ["engine.cpu_offload=true"]).build_engine().cpu_offload

@@ -91,3 +91,17 @@ def test_pickle_payload_in_an_fsdp2_checkpoint_never_runs(toy, tmp_path):
     result = _train(config, f"train.output_dir={tmp_path / 'again'}", f"train.resume={step2}", check=False)
     assert result.returncode == 2 and "refused to load" in result.stderr and "Traceback" not in result.stderr
     assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_fsdp2_with_lora_activation_checkpointing_and_cpu_offload(toy, tmp_path):
+    """The options a big student needs, together on two ranks: LoRA adapters (everything else frozen,
+    the merged export and the adapter), activation checkpointing, and FSDP2's CPU offload."""
+    config = _engine_config(toy, tmp_path, "dadpo", "fsdp2", train__max_steps=3, train__gradient_checkpointing=True,
+                            model__lora={"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
+    result = _train(config, "engine.cpu_offload=true", ranks=2)
+    assert "CPU offload" in result.stdout
+    rows = _metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["grad_norm"] > 0 for r in rows)
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+    assert (tmp_path / "run" / "final-adapter" / "adapter_model.safetensors").exists()

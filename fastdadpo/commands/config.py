@@ -287,6 +287,8 @@ SECTION_NAMES = ("model", "data", "objective", "train", "engine", "deepspeed", "
 
 def load_config(path: Optional[str], overrides: List[str] = ()) -> Config:
     raw = read_yaml_mapping(path, "config") if path else {}
+    if isinstance(raw.get("engine"), str):  # ``engine: fsdp2``, so that --set engine.cpu_offload=... applies
+        raw["engine"] = {"name": raw["engine"]}
     overridden = {}
     for override in overrides:
         overridden[apply_override(raw, override)] = override
