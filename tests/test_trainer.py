@@ -540,12 +540,15 @@ def test_gemma2_soft_capped_models_train_with_dadpo_token_on_two_ranks(toy, tmp_
 def test_a_failing_run_leaves_a_finished_runs_config(toy, tmp_path):
     """A run that stops on bad input in a finished run's output_dir (exit 2) leaves that run's
     config.yaml as it was: the file is written only once every input has loaded."""
-    config = _config(toy, tmp_path, "sft", train__max_steps=1)
+    data = tmp_path / "data.jsonl"
+    data.write_text(open(toy["train"], encoding="utf-8").read())
+    config = _config(toy, tmp_path, "sft", train__max_steps=1, data__train=str(data))
     _train(config)
     written = (tmp_path / "run" / "config.yaml").read_bytes()
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": \n')
-    failed = _train(config, f"data.train={bad}", "train.lr=1e-4", check=False)
+    # The same run continued (a fresh one over its checkpoints is refused up front), its data file
+    # since damaged: it fails on the data, after the output directory's checks.
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": \n')
+    failed = _train(config, "train.resume=true", "train.lr=1e-4", check=False)
     assert failed.returncode == 2, failed.stderr[-3000:]
-    assert "bad.jsonl line 2: malformed JSON" in " ".join(failed.stderr.split())
+    assert "data.jsonl line 2: malformed JSON" in " ".join(failed.stderr.split())
     assert (tmp_path / "run" / "config.yaml").read_bytes() == written
