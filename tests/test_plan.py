@@ -252,6 +252,25 @@ def test_training_headline_is_one_line(student_dir, tmp_path):
     assert plan.training_headline(broken, 1, torch.device("cpu")).startswith("plan: unavailable")
 
 
+def test_fsdp2_is_planned_with_its_own_terms(student_dir):
+    """Against ZeRO-3 on the same ranks: no reduce bucket, no separate fp32 master, fp32 weights, the
+    gradients out of the forward (freed after each step), and the note saying how it is planned."""
+    from fastdadpo.commands.config import config_from_mapping
+
+    def report(engine):
+        config = config_from_mapping({"model": {"student": student_dir}, "data": {"train": "x.jsonl", "max_length": 32},
+                                      "objective": {"name": "sft"}, "engine": {"name": engine}}, "test")
+        return plan.make_report(config, config_path="test", gpus=2, nodes=1, memory_gb=80.0)
+
+    zero3, fsdp2 = report("deepspeed"), report("fsdp2")
+    terms = {t.name: t.bytes for t in fsdp2.plan.terms}
+    assert terms["student reduce bucket"] == terms["student fp32 master weights"] == 0
+    assert {t.name: t.bytes for t in zero3.plan.terms}["student reduce bucket"] > 0
+    assert "student gradients" not in fsdp2.plan.phases["student forward/backward"]
+    assert "student gradients" in fsdp2.plan.phases["optimizer step"]
+    assert fsdp2.notes == [plan.FSDP2_NOTE] and not zero3.notes and fsdp2.setting.engine == "fsdp2"
+
+
 @pytest.mark.parametrize("config_json, message", [
     ({"hidden_size": -32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
       "vocab_size": 100}, "hidden_size is -32; a model's shape is positive integers"),

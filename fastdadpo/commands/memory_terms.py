@@ -29,6 +29,7 @@ class Setting:
     device: str = "gpu"  # gpu | cpu (host memory, the chunked-torch kernels)
     dtype_bytes: int = 2  # model.dtype: 2 for bf16/fp16, 4 for fp32
     zero_stage: int = 3
+    engine: str = "deepspeed"  # or fsdp2 (planned as stage 3 where they agree; see each term)
     offload_optimizer: bool = False  # deepspeed.extra zero_optimization.offload_optimizer.device cpu|nvme
     offload_param: bool = False  # ... offload_param (stage 3)
     teacher_offload: bool = False  # deepspeed.teacher_offload
@@ -46,6 +47,10 @@ class Setting:
     lora_rank: int = 0  # model.lora.r; 0: every parameter is trained
     lora_targets: Tuple[str, ...] = ()
     lora_dropout: float = 0.0
+
+    @property
+    def fsdp2(self) -> bool:
+        return self.engine == "fsdp2"
 
     @property
     def tokens(self) -> int:
@@ -70,7 +75,7 @@ def trained_params(arch: Architecture, s: Setting) -> int:
 def student_params_bytes(arch: Architecture, s: Setting) -> int:
     """The student's weights in the model dtype: P·b on every rank below stage 3; stage 3 keeps a
     1/W shard (P·b/W), and none on the GPU with offload_param (the shard lives in host memory)."""
-    total = stored_params(arch, s) * s.dtype_bytes
+    total = stored_params(arch, s) * (4 if s.fsdp2 else s.dtype_bytes)  # FSDP2 keeps fp32 masters as the weights
     if s.zero_stage < 3:
         return total
     if s.offload_param and s.on_gpu:
@@ -82,7 +87,7 @@ def student_grads_bytes(arch: Architecture, s: Setting) -> int:
     """The gradients in the model dtype, before the optimizer step. Stages 0-1: every rank holds the
     full P·b (stage 1 partitions the optimizer only). Stage 2: the rank's reduced partition P·b/W.
     Stage 3: its flat partition buffer P·b/W (host memory with offload_optimizer)."""
-    total = trained_params(arch, s) * s.dtype_bytes
+    total = trained_params(arch, s) * (4 if s.fsdp2 else s.dtype_bytes)  # FSDP2 reduces into fp32 shards
     if s.zero_stage <= 1:
         return total
     if s.zero_stage == 3 and s.offload_optimizer and s.on_gpu:
@@ -98,7 +103,7 @@ def student_reduce_bucket_bytes(arch: Architecture, s: Setting) -> int:
     """Stages 2-3 copy gradients into a contiguous reduce bucket of reduce_bucket_size elements in
     the model dtype (allocated whole on a GPU; on a CPU only the pages written count, at most the
     P elements of the model)."""
-    if s.zero_stage < 2:
+    if s.zero_stage < 2 or s.fsdp2:  # FSDP2 reduce-scatters each layer group's gradient as it is formed
         return 0
     return _bucket_elements(arch, s) * s.dtype_bytes
 
@@ -108,7 +113,7 @@ def student_reduce_copy_bytes(arch: Architecture, s: Setting) -> int:
     tensor of the bucket's size while it reduces it. A bucket fills, and is reduced, during backward
     when the gradients outnumber it (P > reduce_bucket_size: then this copy meets the activations);
     otherwise only once, after backward (``bucket_fills_in_backward``)."""
-    if s.zero_stage != 3:
+    if s.zero_stage != 3 or s.fsdp2:
         return 0
     return _bucket_elements(arch, s) * s.dtype_bytes
 
@@ -136,7 +141,7 @@ def student_master_bytes(arch: Architecture, s: Setting) -> int:
 def _fp32_copy_of_trained(arch: Architecture, s: Setting) -> int:
     """An fp32 copy of the trained parameters' size: whole at stage 0 unless they are fp32 already,
     the rank's partition at stages 1-3; none on the GPU with offload_optimizer (it lives in host memory)."""
-    if s.offload_optimizer and s.on_gpu:
+    if (s.offload_optimizer and s.on_gpu) or s.fsdp2:  # FSDP2: the weights are the fp32 master, .grad is fp32
         return 0
     if s.zero_stage == 0:
         return 4 * trained_params(arch, s) if s.dtype_bytes < 4 else 0
@@ -165,7 +170,9 @@ def student_optimizer_temp_bytes(arch: Architecture, s: Setting) -> int:
     one: the flat fp32 partition at stages 1-3 (P/W), the largest parameter at stage 0 (V·H)."""
     if s.on_gpu and not s.offload_optimizer:
         return 0
-    if s.zero_stage:
+    if s.fsdp2:  # per parameter shard: the largest module's
+        largest = _ceil_div(arch.largest_module_params, s.ranks)
+    elif s.zero_stage:
         largest = _ceil_div(trained_params(arch, s), s.ranks)
     else:
         largest = max(s.lora_rank * max(map(sum, arch.linear_shapes().values())), 1) if s.lora_rank \
@@ -181,6 +188,8 @@ def student_gathered_bytes(arch: Architecture, s: Setting) -> int:
     gathered (norms and biases: per layer 2·H plus the q/k/v biases)."""
     if s.zero_stage < 3:
         return 0
+    if s.fsdp2:  # the root group (embeddings, head, norm: gathered for the whole forward) and two layers
+        return (arch.largest_module_params + 2 * arch.layer_params()) * s.dtype_bytes
     live = min(arch.largest_module_params + min(s.prefetch_bucket, arch.params), max(s.max_live, arch.largest_module_params))
     small = arch.layers * (2 * arch.hidden + ((arch.q_dim + 2 * arch.kv_dim) if arch.attention_bias else 0))
     persistent = small if arch.hidden <= s.persistence_threshold else 0
@@ -389,9 +398,11 @@ def build_plan(models: Models, objective, s: Setting) -> Plan:
     ]
     # Gradients already accumulated from earlier micro-batches of the step are alive in the next one's forward.
     persistent = ["student parameters", "student reduce bucket", "student fp32 master weights", "student AdamW moments"]
-    if s.zero_stage == 3:
+    if s.zero_stage == 3 and not s.fsdp2:
         persistent.append("student gradients")  # stage 3's flat partition buffer is allocated once
-    accumulated = ["student gradients"] if s.grad_accum > 1 and s.zero_stage < 3 else []
+    # FSDP2 frees the gradients after each step (zero_grad to None) and forms each layer's shard as its
+    # backward ends, while the activations go: they peak at the step, not in the forward.
+    accumulated = ["student gradients"] if s.grad_accum > 1 and (s.zero_stage < 3 or s.fsdp2) else []
 
     sweeps = kernel_sweeps(objective, s)
     teacher_vocab = min((arch.vocab for _, arch in models.teachers), default=st.vocab)

@@ -35,10 +35,10 @@ from fastdadpo.commands.memory_terms import (DS_MAX_LIVE, DS_PERSISTENCE, DS_PRE
                                              LIGER_ARCHS, Models, Plan, Setting, build_plan)
 
 GIB = 2**30
-FSDP2_NOTE = ("engine fsdp2 is planned with ZeRO-3's terms: both shard parameters, gradients and AdamW states "
-              "over every rank and gather one decoder layer at a time, and engine.cpu_offload stands for ZeRO-3's "
-              "parameter and optimizer offload. FSDP2's own buffers (its all-gather and reduce-scatter copies per "
-              "layer, the fp32 masters and bf16 copies of mixed precision) are not modeled apart yet")
+FSDP2_NOTE = ("engine fsdp2: its terms are ZeRO-3's where they agree (parameters, gradients and AdamW states "
+              "sharded over every rank; engine.cpu_offload as ZeRO-3's parameter and optimizer offload) and its own "
+              "where they differ: fp32 weights that are their own master, fp32 gradient shards freed after each "
+              "step, no reduce bucket, the root group (embeddings, head) and two layers gathered")
 # The largest micro-batch the search tries.
 MAX_MICRO_BATCH = 4096
 
@@ -58,7 +58,7 @@ def setting_from_config(config, *, ranks: int, device: str, micro_batch: Optiona
         offload = "cpu" if config.engine.cpu_offload else "none"
         zero = {"offload_optimizer": {"device": offload}, "offload_param": {"device": offload},
                 "stage3_param_persistence_threshold": 0}
-        changes = {"zero_stage": 3, "teacher_offload": config.engine.cpu_offload, **changes}
+        changes = {"zero_stage": 3, "engine": "fsdp2", "teacher_offload": config.engine.cpu_offload, **changes}
     dtype = config.model.dtype or ("bf16" if device == "gpu" else "fp32")
 
     def offloaded(section: str) -> bool:
