@@ -2,6 +2,7 @@
 tokenizer check, micro-batch splitting, and collated batches (masks, packing equivalence on real
 tiny Qwen2 and Llama models)."""
 import json
+import re
 import os
 
 import pytest
@@ -408,3 +409,21 @@ def test_packing_gives_the_same_log_probs_as_padding(model_fixture, request, tok
     # Sequence sums of ~100 in fp32 differ in the last bits between layouts (other matmul shapes).
     torch.testing.assert_close(packed, padded, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(padded, alone, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("template,message", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "took more than 0.5 s"),
+    ("{{ 1 / 0 }}", "fails on these messages (ZeroDivisionError"),
+])
+def test_a_chat_template_that_hangs_or_crashes_is_one_error(tokenizer, monkeypatch, template, message):
+    import copy
+    import time
+
+    monkeypatch.setattr(chat, "TEMPLATE_SECONDS", 0.5)
+    broken = copy.deepcopy(tokenizer)
+    broken.chat_template = template
+    started = time.monotonic()
+    with pytest.raises(DataError, match=re.escape(message)):
+        chat.prompt_ids(broken, [{"role": "user", "content": "hi"}])
+    assert time.monotonic() - started < 5
+    assert chat.prompt_ids(tokenizer, [{"role": "user", "content": "hi"}])  # the timer is gone, renders go on

@@ -13,6 +13,10 @@ stop is trained on). A tokenizer without a chat template gets this plain format:
 """
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+import time
 from typing import Dict, List, Optional, Sequence, Union
 
 from fastdadpo.base.errors import DataError
@@ -47,13 +51,56 @@ def as_messages(value: Union[str, Sequence[Message]], default_role: str, where: 
     return messages
 
 
+# One rendering of a chat template takes microseconds; a template that loops without end (transformers'
+# sandbox bounds each range(), not nested loops) would hang the run silently. Past this, an error.
+TEMPLATE_SECONDS = 10.0
+
+
+class _TemplateTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """SIGALRM after ``seconds`` (the main thread only; an earlier timer of someone else's, e.g.
+    pytest-timeout's, is left alone when it would ring first, and restored after)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending, interval = signal.getitimer(signal.ITIMER_REAL)
+    if pending and pending <= seconds:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _TemplateTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    started = time.monotonic()
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if pending:
+            signal.setitimer(signal.ITIMER_REAL, max(pending - (time.monotonic() - started), 1e-3), interval)
+
+
 def _apply_template(tokenizer, messages, **kwargs):
     from jinja2 import TemplateError
 
     try:
-        return tokenizer.apply_chat_template(list(messages), tokenize=True, **kwargs)
+        with _time_limit(TEMPLATE_SECONDS):
+            return tokenizer.apply_chat_template(list(messages), tokenize=True, **kwargs)
     except TemplateError as exc:
         raise DataError(f"the tokenizer's chat template rejects these messages: {exc}") from None
+    except _TemplateTimeout:
+        raise DataError(f"the tokenizer's chat template took more than {TEMPLATE_SECONDS:g} s to render one "
+                        f"conversation (a loop without end?); fix the template (chat_template.jinja)") from None
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, ZeroDivisionError) as exc:
+        raise DataError(f"the tokenizer's chat template fails on these messages ({type(exc).__name__}: "
+                        f"{' '.join(str(exc).split())[:200]}); fix the template or the messages") from None
 
 
 def _ids(encoded) -> List[int]:
