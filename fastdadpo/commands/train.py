@@ -134,8 +134,9 @@ class Trainer:
                       f"objective {self.objective.name}, activation checkpointing "
                       f"{'on' if t.gradient_checkpointing else 'off'}")
         # --- what never changes: computed once (before any update), cached on disk ---
-        self.cached = precompute.training_tables(config, self.engine, self.student, {"train": self.train_set, "eval": self.eval_set},
-                                                 self.collate, dist, self.dtype, self.log)
+        self.cached = precompute.training_tables(config, self.engine, self.student,
+                                                 {"train": self.train_set, "eval": self.eval_set}, self.collate, dist,
+                                                 self.dtype, self.log)
         self.log.info(f"cached: {', '.join(f'{name} log-probs of {split}' for name, split in self.cached) or 'nothing'}")
         # --- frozen teachers, sharded over the same ranks ---
         online = self.needs.online if with_teachers else ()
