@@ -525,3 +525,23 @@ def test_resuming_under_another_zero_stage_is_refused(run_with_checkpoint, tmp_p
                    "--set", "deepspeed.zero_stage=0"])
     _assert_clear_error(result, f"train.resume: {step} was written by another run",
                         "engine 'deepspeed zero 3' (this config: 'deepspeed zero 0')")
+
+
+def test_a_full_disk_during_the_export_keeps_the_run_and_exports_on_resume(run_with_checkpoint, tmp_path):
+    """The run's last checkpoint is there; the export alone meets a write limit (EFBIG, as ENOSPC
+    would): one paragraph naming it, nothing partial left; without the limit, resuming exports."""
+    _, config, step = run_with_checkpoint
+    out = tmp_path / "out"
+    shutil.copytree(step.parent, out / "checkpoints")  # steps 2 and 3: step 3 is the run's last
+    sets = ["--set", f"train.output_dir={out}", "--set", "train.resume=true"]
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+    result = _cli(["train", config, *sets], preexec_fn=limit_file_size)
+    _assert_clear_error(result, f"cannot write the final model to {out / 'final'}", "File too large",
+                        f"its last checkpoint is {out / 'checkpoints' / 'step-3'}")
+    assert not (out / "final").exists() and not (out / ".final.partial").exists()
+    result = _cli(["train", config, *sets])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "final" / "model.safetensors").exists()
