@@ -248,14 +248,19 @@ def run_identity(path: str) -> Optional[dict]:
     return recorded if isinstance(recorded, dict) else None
 
 
-def export_agreed(write: Callable[[], str], output_dir: str, is_main: bool, device: torch.device) -> str:
-    """Collective: ``write()`` on rank 0 (``write_final``), its failure (a full disk) ended on every
-    rank together as one paragraph; the checkpoint written at the last step stays, so the export can
-    be run again by resuming."""
+def export_agreed(state: Optional[dict], student_model, tokenizer, output_dir: str, is_main: bool,
+                  device: torch.device, lora=None, base_model: str = "", dtype: Optional[torch.dtype] = None) -> str:
+    """Collective: rank 0 writes ``final/`` (``write_final``) from the wrapped student's full state
+    dict (its keys under the wrapper's ``model.``; floating tensors cast to ``dtype`` when given);
+    a failure (a full disk) ends every rank together as one paragraph; the checkpoint written at the
+    last step stays, so the export can be run again by resuming."""
     final, error = os.path.join(output_dir, "final"), None
     if is_main:
+        prefix = "model."  # fastdadpo.engine.modules.StudentWithObjective holds the model as ``model``
+        state = {(k[len(prefix):] if k.startswith(prefix) else k):
+                 (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state.items()}
         try:
-            final = write()
+            final = write_final(state, student_model, tokenizer, output_dir, lora=lora, base_model=base_model)
         except Exception as exc:  # noqa: BLE001 (OSError, safetensors' and transformers' write errors alike)
             error = exc
             shutil.rmtree(os.path.join(output_dir, ".final.partial"), ignore_errors=True)

@@ -95,13 +95,7 @@ def read_state(engine, directory: str) -> None:
 
 
 def full_state_dict(engine, zero_stage: int) -> Optional[dict]:
-    """Collective: the wrapped model's full state dict, ``model.state_dict()`` keys, on rank 0
-    (under ZeRO-3 the other ranks get None)."""
+    """Collective: the wrapper's full state dict on rank 0 (under ZeRO-3 the other ranks get None)."""
     if zero_stage == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()  # collective; full tensors on rank 0 only
-    else:
-        state = engine.module.state_dict()
-    if state is None:
-        return None
-    prefix = "model."  # the engine wraps the model as its ``model`` attribute
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+        return engine._zero3_consolidated_16bit_state_dict()  # collective; full tensors on rank 0 only
+    return engine.module.state_dict()

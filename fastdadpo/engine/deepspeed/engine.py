@@ -120,9 +120,8 @@ class DeepSpeedStudent(TrainedStudent):
 
     def export(self, tokenizer, output_dir: str, lora=None, base_model: str = "") -> str:
         state = full_state_dict(self.engine, self.zero_stage)  # collective
-        return checkpoints.export_agreed(
-            lambda: checkpoints.write_final(state, self.model, tokenizer, output_dir, lora=lora, base_model=base_model),
-            output_dir, self.dist.is_main, self.dist.device)
+        return checkpoints.export_agreed(state, self.model, tokenizer, output_dir, self.dist.is_main, self.dist.device,
+                                         lora=lora, base_model=base_model)
 
 
 class ShardedFrozen(FrozenModel):

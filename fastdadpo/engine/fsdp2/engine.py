@@ -185,12 +185,8 @@ class FSDP2Student(TrainedStudent):
 
         # Collective: full tensors on rank 0 only (the others get an empty dict).
         state = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        prefix = "model."  # the wrapper holds the model as its ``model`` attribute
-        state = {(k[len(prefix):] if k.startswith(prefix) else k): (v.to(self.dtype) if v.is_floating_point() else v)
-                 for k, v in state.items()}
-        return checkpoints.export_agreed(
-            lambda: checkpoints.write_final(state, self.model, tokenizer, output_dir, lora=lora, base_model=base_model),
-            output_dir, self.dist.is_main, self.dist.device)
+        return checkpoints.export_agreed(state, self.model, tokenizer, output_dir, self.dist.is_main, self.dist.device,
+                                         lora=lora, base_model=base_model, dtype=self.dtype)
 
 
 class ShardedFrozenFSDP2(FrozenModel):
