@@ -31,31 +31,15 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import dataclass
 
-import yaml
 
 from fastdadpo.base.errors import UserError
 from fastdadpo.base.files import write_text_atomic
 from fastdadpo.commands.recipe import Runner, load_recipe
+from fastdadpo.demo import study
 from fastdadpo.demo.report import format_report, load_seed_run, summarize
-from fastdadpo.demo.synthetic import (ALL_TASKS, MULTI_ANSWER_TASKS, build_tokenizer, make_examples, save_model_dir,
-                                      task_corpus, tiny_causal_lm)
-
-
-@dataclass(frozen=True)
-class Sizes:
-    teacher_examples: int
-    prompts: int
-    heldout: int
-    teacher_hidden: int
-    teacher_layers: int
-    teacher_steps: int
-    dsft_steps: int
-    preference_steps: int
-    micro_batch: int
-    seeds: int                 # distillation runs, each with its own prompts, pruning, samples and training
-    beta2_sweep: tuple         # extra daDPO β2 values, trained in the first seed only
+from fastdadpo.demo.world import (DADPO_BETA1, DADPO_BETA2, DEFAULT_THREADS, SHIPPED_TEACHER, Sizes, claim_directory,
+                                  pin_threads, teacher_for, write_seed_recipe, write_task_data, write_teacher_data)
 
 
 # One seed by default: a seed takes ~6 min on 2 cores (dSFT 100 s, each preference training 60 s, each
@@ -66,19 +50,16 @@ FULL = Sizes(teacher_examples=12000, prompts=1536, heldout=200, teacher_hidden=1
 README_RUN = "--seeds 3 --beta2-sweep 0.005,0.05,0.2"
 QUICK = Sizes(teacher_examples=256, prompts=48, heldout=24, teacher_hidden=32, teacher_layers=2, teacher_steps=8,
               dsft_steps=3, preference_steps=2, micro_batch=8, seeds=1, beta2_sweep=())
-MAX_LENGTH, MAX_PROMPT_LENGTH, MAX_NEW_TOKENS = 64, 40, 24
-DADPO_BETA1, DADPO_BETA2 = 0.1, 0.02
-SHIPPED_TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_data", "teacher")
-# The teacher is one fixed model whatever the distillation seed: its training rows come from this
-# seed, and every seed's prompts are drawn from another stream with the teacher's prompts removed.
-TEACHER_SEED = 0
-PROMPT_STREAM = 1_000_003
-DEFAULT_THREADS = 2
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", help="where everything is written (default: runs/demo, runs/demo-quick with --quick)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline runs (CI)")
+    parser.add_argument("--study", action="store_true",
+                        help=f"the method study instead (default --out runs/study, {study.STUDY.seeds} seeds, "
+                             f"~{study.MINUTES} min on 2 cores): a preference stage that visibly trains, daDPO at "
+                             f"β2 spanning β2·|δ_te| {study.SPANS[0]:g} to {study.SPANS[-1]:g} against dDPO, "
+                             f"held-out prompts sized for a paired test's power, per pair type")
     parser.add_argument("--fresh", action="store_true", help="delete --out first and start over")
     parser.add_argument("--seed", type=int, default=0, help="the first distillation seed (prompts, pruning, samples, "
                                                               "training; the teacher is the same for every seed)")
@@ -97,14 +78,18 @@ def add_arguments(parser) -> None:
 
 
 def _settings(args, sizes: Sizes) -> dict:
+    sweep = sizes.beta2_sweep if args.beta2_sweep is None else _beta2_values(args.beta2_sweep)
+    return {**seeds_and_threads(args, sizes), "beta2_sweep": list(sweep)}
+
+
+def seeds_and_threads(args, sizes: Sizes) -> dict:
     seeds = sizes.seeds if args.seeds is None else args.seeds
     if seeds < 1:
         raise UserError(f"--seeds: {seeds} must be at least 1")
     threads = args.threads if args.threads is not None else int(os.environ.get("OMP_NUM_THREADS") or DEFAULT_THREADS)
     if threads < 1:
         raise UserError(f"--threads: {threads} must be at least 1")
-    sweep = sizes.beta2_sweep if args.beta2_sweep is None else _beta2_values(args.beta2_sweep)
-    return {"seeds": list(range(args.seed, args.seed + seeds)), "threads": threads, "beta2_sweep": list(sweep)}
+    return {"seeds": list(range(args.seed, args.seed + seeds)), "threads": threads}
 
 
 def _beta2_values(text: str) -> tuple:
@@ -121,17 +106,18 @@ def _beta2_values(text: str) -> tuple:
 
 
 def run(args) -> int:
+    if args.study:
+        if args.beta2_sweep is not None:
+            raise UserError("--beta2-sweep: the study chooses its β2 values from the measured δ_te (see --help)")
+        return study.run(args, seeds_and_threads(args, study.QUICK_STUDY if args.quick else study.STUDY))
     sizes = QUICK if args.quick else FULL
     out = os.path.abspath(args.out or ("runs/demo-quick" if args.quick else "runs/demo"))
     settings = _settings(args, sizes)
     if args.fresh:
         shutil.rmtree(out, ignore_errors=True)
-    _claim(out, {"mode": "quick" if args.quick else "full", "threads": settings["threads"],
-                 "teacher": "trained" if args.quick or args.train_teacher else "shipped"})
-    # Every stage is a child process: the thread count they inherit fixes the order of floating-point
-    # reductions, so a run is repeatable bit for bit on one machine.
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[name] = str(settings["threads"])
+    claim_directory(out, {"mode": "quick" if args.quick else "full", "threads": settings["threads"],
+                          "teacher": "trained" if args.quick or args.train_teacher else "shipped"})
+    pin_threads(settings["threads"])
     started = time.time()
     teacher_rows = write_teacher_data(out, sizes)
     teacher = None
@@ -144,131 +130,11 @@ def run(args) -> int:
         # and a process start costs ~10 s here.
         runner = Runner(recipe, stages=["prune", "generate", "dsft", "train", "eval"])
         if teacher is None:
-            if args.quick or args.train_teacher or not os.path.exists(os.path.join(SHIPPED_TEACHER, "config.json")):
-                teacher = train_teacher(runner, out, sizes)
-            else:
-                teacher = copy_shipped_teacher(runner, out)
+            teacher = teacher_for(runner, out, sizes, train=args.quick or args.train_teacher)
         runner.echo(f"[demo] seed {seed} ({settings['seeds'].index(seed) + 1} of {len(settings['seeds'])}): {seed_out}")
         runner.run()
     report(out, settings, args, time.time() - started)
     return 0
-
-
-def _claim(out: str, settings: dict) -> None:
-    """Stages skip what exists, so a directory must hold one demo's settings: reusing a quick run's
-    teacher, or stages run with another thread count, under a full run's title would print a wrong
-    table. (Seeds are directories of their own, so another --seed or --seeds adds to a run.)"""
-    stamp = os.path.join(out, "demo.json")
-    if os.path.exists(stamp):
-        with open(stamp, encoding="utf-8") as handle:
-            previous = json.load(handle)
-        if previous != settings:
-            raise UserError(f"{out} holds a demo run with {previous}, and this one asks for {settings}; "
-                            f"add --fresh to start it over, or give another --out")
-        return
-    if os.path.isdir(out) and os.listdir(out):
-        raise UserError(f"{out} exists and is not a demo run of this version (no demo.json); add --fresh to "
-                        f"replace it, or give another --out")
-    os.makedirs(out, exist_ok=True)
-    with open(stamp, "w", encoding="utf-8") as handle:
-        json.dump(settings, handle)
-
-
-# --- 1. the task --------------------------------------------------------------------------------------------
-
-def _unique_prompts(rows):
-    seen = set()
-    for row in rows:
-        if row["prompt"] not in seen:
-            seen.add(row["prompt"])
-            yield row
-
-
-def write_teacher_data(out: str, sizes: Sizes) -> str:
-    """The teacher's training rows (every task family; a multi-answer row's response drawn uniformly
-    from its right answers, so the teacher learns to spread its probability over them)."""
-    path = os.path.join(out, "data", "teacher_train.jsonl")
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        pool = _unique_prompts(make_examples(4 * sizes.teacher_examples, seed=TEACHER_SEED, tasks=ALL_TASKS))
-        rows = [row for _, row in zip(range(sizes.teacher_examples), pool)]
-        _write_jsonl(path, [{"prompt": r["prompt"], "chosen": r["answer"]} for r in rows])
-    return path
-
-
-def write_task_data(out: str, sizes: Sizes, seed: int, teacher_rows: str) -> dict:
-    """One seed's disjoint prompt sets, none of them a prompt the teacher was trained on, written once.
-    Each row's ``answer`` lists every right answer; held-out rows name their task family and kind."""
-    data_dir = os.path.join(out, "data")
-    files = {name: os.path.join(data_dir, f"{name}.jsonl") for name in ("prompts", "heldout")}
-    if all(os.path.exists(path) for path in files.values()):
-        return files
-    os.makedirs(data_dir, exist_ok=True)
-    with open(teacher_rows, encoding="utf-8") as handle:
-        taught = {json.loads(line)["prompt"] for line in handle}
-    wanted = sizes.heldout + sizes.prompts
-    pool = _unique_prompts(row for row in make_examples(8 * wanted, seed=PROMPT_STREAM + seed, tasks=ALL_TASKS)
-                           if row["prompt"] not in taught)
-    rows = [row for _, row in zip(range(wanted), pool)]
-    if len(rows) < wanted:
-        raise UserError(f"the task has too few distinct prompts for {wanted} held-out and training prompts")
-    heldout, prompts = rows[:sizes.heldout], rows[sizes.heldout:]
-    _write_jsonl(files["prompts"], [{"prompt": r["prompt"], "answer": r["answers"]} for r in prompts])
-    _write_jsonl(files["heldout"], [{"prompt": r["prompt"], "answer": r["answers"], "task": r["task"],
-                                     "kind": "multi" if r["task"] in MULTI_ANSWER_TASKS else "single"}
-                                    for r in heldout])
-    return files
-
-
-def _write_jsonl(path: str, rows) -> None:
-    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
-
-
-# --- 2. the teacher ---------------------------------------------------------------------------------------
-
-def _training_defaults(sizes: Sizes, seed: int) -> dict:
-    return {"data": {"max_length": MAX_LENGTH, "max_prompt_length": MAX_PROMPT_LENGTH},
-            "train": {"micro_batch_size": sizes.micro_batch, "seed": seed, "log_every": 20},
-            "deepspeed": {"zero_stage": 3}}
-
-
-def copy_shipped_teacher(runner: Runner, out: str) -> str:
-    final = os.path.join(out, "teacher", "final")
-    if not os.path.exists(os.path.join(final, "config.json")):
-        partial = final + ".partial"  # an interrupted copy must not look like a teacher
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.rmtree(final, ignore_errors=True)
-        shutil.copytree(SHIPPED_TEACHER, partial)
-        os.replace(partial, final)
-        runner.echo(f"[demo] teacher: the shipped one ({SHIPPED_TEACHER}; fastdadpo demo --train-teacher "
-                    f"retrains it)")
-    return final
-
-
-def train_teacher(runner: Runner, out: str, sizes: Sizes) -> str:
-    final = os.path.join(out, "teacher", "final")
-    if os.path.exists(os.path.join(final, "config.json")):
-        runner.echo(f"[demo] teacher: {final} exists, skipped")
-        return final
-    init = os.path.join(out, "teacher-init")
-    if not os.path.exists(os.path.join(init, "config.json")):
-        tokenizer = build_tokenizer(task_corpus(2000, seed=TEACHER_SEED, tasks=ALL_TASKS), vocab_size=512)
-        model = tiny_causal_lm(len(tokenizer), hidden_size=sizes.teacher_hidden, layers=sizes.teacher_layers,
-                               heads=8, kv_heads=2, intermediate_size=4 * sizes.teacher_hidden,
-                               max_positions=2 * MAX_LENGTH, seed=TEACHER_SEED, pad_token_id=tokenizer.pad_token_id,
-                               eos_token_id=tokenizer.eos_token_id)
-        save_model_dir(model, tokenizer, init)
-    config = _training_defaults(sizes, TEACHER_SEED)
-    config["model"] = {"student": init}
-    config["data"]["train"] = os.path.join(out, "data", "teacher_train.jsonl")
-    config["objective"] = {"name": "sft"}
-    config["train"].update(lr=3e-3, max_steps=sizes.teacher_steps, warmup_ratio=0.05,
-                           output_dir=os.path.join(out, "teacher"), resume=True)
-    path = os.path.join(out, "configs", "teacher.yaml")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_text_atomic(path, yaml.safe_dump(config, sort_keys=False))
-    runner.fastdadpo(["train", path], distributed=False, log_name="train-teacher")
-    return final
 
 
 # --- 3. the recipe ------------------------------------------------------------------------------------------
@@ -283,30 +149,14 @@ def write_recipe(out: str, sizes: Sizes, seed: int, files: dict, teacher: str, b
     def dadpo(beta2: float) -> dict:
         return {"objective": {"name": "dadpo", "beta1": DADPO_BETA1, "beta2": beta2}, **preference}
 
-    recipe = {
-        "output_dir": out,
-        "teacher": teacher,
-        "student": teacher,  # pruned below: the paper's 20%-pruned student
-        "prompts": files["prompts"],
-        "eval_prompts": files["heldout"],
-        "prune": {"ratio": 0.2, "calibration_samples": 128, "seed": seed},
-        "generate": {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0, "top_p": 1.0, "seed": seed,
-                     "batch_size": 64},
-        "train_common": _training_defaults(sizes, seed),
-        "dsft": {"train": {"lr": 1e-3, "max_steps": sizes.dsft_steps, "warmup_ratio": 0.05}},
-        "students": {
-            "dDPO": {"objective": {"name": "dpo", "beta": DADPO_BETA1}, **preference},
-            # The teacher's margin log π_te(y^t) − log π_te(y^s) runs to tens of nats when the student's
-            # response is wrong, so β2 must be small for the teacher term not to swamp the others.
-            "daDPO": dadpo(DADPO_BETA2),
-            "daDPO-token": {"objective": {"name": "dadpo_token", "beta": DADPO_BETA1, "alpha": 0.5}, **preference},
-            **{sweep_name(beta2): dadpo(beta2) for beta2 in beta2_sweep if beta2 != DADPO_BETA2},
-        },
-        "eval": {"judge": "exact", "max_new_tokens": MAX_NEW_TOKENS, "batch_size": 64, "group_by": "task"},
-    }
-    path = os.path.join(out, "recipe.yaml")
-    write_text_atomic(path, yaml.safe_dump(recipe, sort_keys=False))
-    return path
+    return write_seed_recipe(out, sizes, seed, files, teacher, {
+        "dDPO": {"objective": {"name": "dpo", "beta": DADPO_BETA1}, **preference},
+        # The teacher's margin log π_te(y^t) − log π_te(y^s) runs to tens of nats when the student's
+        # response is wrong, so β2 must be small for the teacher term not to swamp the others.
+        "daDPO": dadpo(DADPO_BETA2),
+        "daDPO-token": {"objective": {"name": "dadpo_token", "beta": DADPO_BETA1, "alpha": 0.5}, **preference},
+        **{sweep_name(beta2): dadpo(beta2) for beta2 in beta2_sweep if beta2 != DADPO_BETA2},
+    })
 
 
 # --- 4. the report ------------------------------------------------------------------------------------------

@@ -166,7 +166,7 @@ def _kl(stat: dict) -> str:
     return f"{stat['mean']:.4f}" + (f" ± {stat['std']:.4f}" if stat["std"] is not None else "")
 
 
-def _verdict(test: dict) -> str:
+def verdict(test: dict) -> str:
     """"9:1 p=0.021 better": prompts only the model / only the baseline got right, the p-value, and
     the verdict at the significance level (n.s.: no significant difference)."""
     counts = f"{test['only_model']}:{test['only_baseline']} p={test['p']:.2g}"
@@ -200,7 +200,7 @@ def format_report(summary: dict) -> str:
                       "(n.s.: no significant difference)", ""]
         lines += text_table(["model vs baseline"] + [f"{group}" for group in ("all",) + KINDS],
                         [[f"{t['model']} vs {t['baseline']}"] +
-                         [_verdict(t[g]) for g in ("all",) + KINDS]
+                         [verdict(t[g]) for g in ("all",) + KINDS]
                          for t in summary["paired"]])
     if summary["sweep"]:
         lines += ["", f"daDPO β2 sweep (seed {seeds[0]}; β1 0.1; β2 = 0 is dDPO)", ""]
