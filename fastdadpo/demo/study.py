@@ -15,8 +15,8 @@ things, each chosen before any daDPO result was seen:
    training pairs m sets β2 = s/m for s in ``SPANS`` (β2·|δ_te| from ~0.1 to ~3 at the median), the
    same values in every seed; β1 stays 0.1.
 3. Held-out prompts sized for McNemar's test: the pilot's daDPO (β2 0.17) and dDPO disagreed on 5.5%
-   of 200 prompts; at 10% discordance (a margin over it) a 3-point difference needs ~850 pairs for
-   power 0.8 at α 0.05 (``study_report.prompts_needed``), so 600 per seed × 3 seeds = 1,800 pairs; the
+   of 200 prompts; at 10% discordance (a margin over it) a 3-point difference needs 920 pairs for
+   power 0.8 at α 0.05 (``study_report.prompts_needed``: 920), so 600 per seed × 3 seeds = 1,800 pairs; the
    report recomputes the power from the discordance each comparison actually shows.
 
 Per seed it also measures (``study_measures``) δ_te per pair type, every model's implicit reward on the
