@@ -120,6 +120,10 @@ def sweep(spec: SweepSpec, inputs: SweepInputs, budget: int, row_sweep: str = "t
     None entry means that output's gradient is zero; None altogether: no gradients. ``into``:
     gradients to add to. ``lse_lp``: the log-prob normalizers of a log-prob-only sweep, from its forward.
     """
+    if spec.release:
+        # The release's per-row top-k is not in the Triton row kernel: the torch row sweep does it,
+        # on CUDA tensors too (torch ops run on any device; the plan then counts its scratch).
+        row_sweep = "torch"
     s_hidden, s_weight = inputs.student_hidden, inputs.student_weight
     device = s_weight.device
     dtype = _compute_dtype(s_weight)
