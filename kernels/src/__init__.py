@@ -16,7 +16,7 @@ from .naive import naive_linear_advantage, naive_linear_divergence, naive_linear
 from .sweep import APPROXIMATIONS, DIVERGENCE_KINDS, IGNORE_INDEX, RELEASE_TOP_K
 
 __all__ = [
-    "APPROXIMATIONS", "BACKENDS", "DIVERGENCE_KINDS", "IGNORE_INDEX", "KernelSettings", "Reduced", "fused_linear_advantage",
-    "fused_linear_divergence", "fused_linear_logprobs", "naive_linear_advantage", "naive_linear_divergence",
-    "naive_linear_logprobs", "RELEASE_TOP_K", "resolve_backend",
+    "APPROXIMATIONS", "BACKENDS", "DIVERGENCE_KINDS", "IGNORE_INDEX", "KernelSettings", "RELEASE_TOP_K", "Reduced",
+    "fused_linear_advantage", "fused_linear_divergence", "fused_linear_logprobs", "naive_linear_advantage",
+    "naive_linear_divergence", "naive_linear_logprobs", "resolve_backend",
 ]
