@@ -8,6 +8,8 @@ row-wise, the Triton kernel ``triton_rows.row_sweep_kernel`` on CUDA and the tor
 divergence, the target log-probs and, when asked, d(loss)/d(logits) written over the student's
 logits); then, with gradients, two GEMMs: dh[rows] = G·W and dW += Gᵀ·X, into one dW buffer for
 the whole call. The CPU therefore runs the algorithm CUDA runs, with torch in place of one kernel.
+``approximation="release"`` (a per-row top-k the Triton kernel does not have) takes the torch row
+sweep on every device.
 
 FLOPs, F = 2·N·V: for an output the caller reduces with its row weights (``weights=``) the gradient
 is formed in the forward sweep, so the teacher's logits are computed once: F·(Hs + Ht) + F·2·Hs =
