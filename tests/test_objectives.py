@@ -375,7 +375,7 @@ def test_each_objective_declares_only_the_parameters_it_uses():
     names = {name: {f.name for f in cls.parameters()} for name, cls in OBJECTIVES.items()}
     assert names["sft"] == set()
     assert names["dadpo"] == {"beta1", "beta2", "average_logps"}  # not dDPO's beta, loss_type, label_smoothing
-    assert names["adpa"] == {"gamma", "temperature"}
+    assert names["adpa"] == {"gamma", "temperature", "approximation", "top_k"}
     assert {"beta", "alpha", "kind", "temperature", "loss_type"} <= names["dadpo_token"]
     for cls in OBJECTIVES.values():
         for f in cls.parameters():

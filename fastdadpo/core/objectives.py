@@ -32,8 +32,8 @@ import torch
 
 from fastdadpo.core.losses import LOSS_TYPES, dadpo_loss, dpo_loss, sequence_logps
 from fastdadpo.core.step import KernelCall, Needs, ObjectiveOutput, StepInputs
-from fastdadpo.kernels import (DIVERGENCE_KINDS, IGNORE_INDEX, fused_linear_advantage, fused_linear_divergence,
-                               fused_linear_logprobs)
+from fastdadpo.kernels import (APPROXIMATIONS, DIVERGENCE_KINDS, IGNORE_INDEX, RELEASE_TOP_K, fused_linear_advantage,
+                               fused_linear_divergence, fused_linear_logprobs)
 
 
 # Sources of the defaults. Zephyr = Tunstall et al. 2023 (dSFT, dDPO); ADPA = Gao, Wan et al.,
@@ -41,6 +41,7 @@ from fastdadpo.kernels import (DIVERGENCE_KINDS, IGNORE_INDEX, fused_linear_adva
 # at lr 5e-7, cosine, warmup 0.1, one epoch; λ_c = λ_r = 0.1; γ = 1.6).
 ZEPHYR_DSFT, ZEPHYR_DDPO = "Zephyr dSFT", "Zephyr dDPO"
 ADPA_RELEASE, ADPA_PAPER = "ADPA's released recipe", "the ADPA paper's DCKD"
+EXACT = "the paper's formula, over the full vocabulary"
 UNPUBLISHED = "no published value in our sources; tune"
 
 
@@ -156,6 +157,10 @@ class _DivergenceTerm(Objective):
         _check(self.kind == "jsd" or self.jsd_beta == 0.5, "jsd_beta", f"applies to kind jsd only, not {self.kind!r}")
         _positive(self, "temperature")
 
+    def _kernel_options(self) -> dict:
+        """Further keyword arguments of its kernel calls (``_Approximation``'s)."""
+        return {}
+
     def _divergence_call(self, rows: str) -> KernelCall:
         return KernelCall(rows, teachers=1, reduced=True, jsd=self.kind == "jsd")
 
@@ -166,8 +171,29 @@ class _DivergenceTerm(Objective):
         return fused_linear_divergence(
             inputs.student.hidden, inputs.student.weight, inputs.teacher.hidden, inputs.teacher.weight,
             kind=self.kind, beta=self.jsd_beta, temperature=self.temperature, mask=mask, targets=targets,
-            vocab_size=inputs.vocab_size, weights=weights, logp_weights=logp_weights,
+            vocab_size=inputs.vocab_size, weights=weights, logp_weights=logp_weights, **self._kernel_options(),
             **inputs.student_options(), **inputs.teacher.logit_options("teacher_"))
+
+
+@dataclass(frozen=True)
+class _Approximation(Objective):
+    """ADPA's terms exact, or by the released code's top-k formulas (the kernels' ``approximation``)."""
+
+    approximation: str = parameter("exact", "exact (full vocabulary) or release (the released code's top-k "
+                                            "formulas, its clamps included)", EXACT)
+    top_k: int = parameter(RELEASE_TOP_K, "release only: the teacher's tokens kept per position", ADPA_RELEASE)
+
+    def validate(self) -> None:
+        super().validate()
+        _check(self.approximation in APPROXIMATIONS, "approximation",
+               f"is {self.approximation!r}; choose one of {', '.join(APPROXIMATIONS)}")
+        _check(isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k > 0, "top_k",
+               f"must be a positive integer, got {self.top_k!r}")
+        _check(self.approximation == "release" or self.top_k == RELEASE_TOP_K, "top_k",
+               "applies to approximation release only")
+
+    def _kernel_options(self) -> dict:
+        return dict(approximation=self.approximation, top_k=self.top_k)
 
 
 @dataclass(frozen=True)
@@ -344,11 +370,14 @@ class DaDPOToken(DPO, _DivergenceTerm):
 
 
 @dataclass(frozen=True)
-class DCKD(_DivergenceTerm):
-    """Dual-constrained KD (ADPA paper): sft plus the divergence on both responses, one sweep."""
+class DCKD(_Approximation, _DivergenceTerm):
+    """Dual-constrained KD (ADPA paper): sft plus the divergence on both responses, one sweep;
+    exact, or the released code's top-k KL (``approximation: release``, forward_kl only)."""
 
     name = "dckd"
-    formula = "sft + λ_c·mean_t KL(π_te‖π_θ) on chosen + λ_r·mean_t KL on rejected, one sweep"
+    formula = ("sft + λ_c·mean_t KL(π_te‖π_θ) on chosen + λ_r·mean_t KL on rejected, one sweep; `approximation` "
+               "`release`: the released code's KL, Σ_{a∈K∪rest} q̃·log(q̃/p̃), K the teacher's `top_k` tokens, "
+               "rest their complement's mass, probabilities clamped to [1e-8, 1−1e-8]")
     default_lr = 5e-7
     lr_source = ADPA_RELEASE
     kind: str = parameter("forward_kl", "forward_kl = KL(π_te‖π_θ), reverse_kl = KL(π_θ‖π_te), or jsd",
@@ -359,6 +388,8 @@ class DCKD(_DivergenceTerm):
     def validate(self) -> None:
         super().validate()
         _non_negative(self, "lambda_chosen", "lambda_rejected")
+        _check(self.approximation == "exact" or self.kind == "forward_kl", "approximation",
+               f"release is the released code's forward_kl only, not kind {self.kind!r}")
 
     def needs(self) -> Needs:
         return Needs(online=("teacher",), kernel_calls=(self._divergence_call("both"),))
@@ -383,16 +414,17 @@ class DCKD(_DivergenceTerm):
 
 
 @dataclass(frozen=True)
-class ADPA(Objective):
+class ADPA(_Approximation):
     """ADPA: sft on the chosen responses minus the teacher's advantage over its reference, in
-    expectation under the student, on the student's own responses (the rejected field). The
-    advantage is exact, over the full vocabulary; the released code approximates the teacher's
-    distribution by its top-50 tokens (plus a bin for the rest) and clamps the advantage."""
+    expectation under the student, on the student's own responses (the rejected field). Exact over
+    the full vocabulary, or the released code's top-k formula (``approximation: release``)."""
 
     name = "adpa"
     formula = ("sft − γ·mean over the student's own response (`rejected`) of "
-               "Σ_a π_θ(a\\|s_t)·[log π_te(a\\|s_t) − log π_te_ref(a\\|s_t)], exact over the full vocabulary (the "
-               "released code: the teacher's top-50 tokens, clamped)")
+               "Σ_a π_θ(a\\|s_t)·[log π_te(a\\|s_t) − log π_te_ref(a\\|s_t)], exact over the full vocabulary; "
+               "`approximation` `release`: the released code's Σ_{a∈K} clamp(π_θ)·clamp(log π_te − log π̃_te_ref) "
+               "+ clamp(1 − Σ_K π_θ)·1e-8, K the teacher's `top_k` tokens, π̃_te_ref the smallest kept π_te "
+               "where a is not in the reference's own top_k, clamps to [1e-8, 1−1e-8]")
     default_lr = 5e-7
     lr_source = ADPA_RELEASE
     gamma: float = parameter(1.6, "weight γ of the advantage term", ADPA_RELEASE)
@@ -420,7 +452,7 @@ class ADPA(Objective):
             inputs.student.hidden, inputs.student.weight, inputs.teacher.hidden, inputs.teacher.weight,
             inputs.teacher_reference.hidden, inputs.teacher_reference.weight, temperature=self.temperature,
             mask=rejected, vocab_size=inputs.vocab_size, weights=_weights(rejected, -self.gamma * per_rejected),
-            **inputs.student_options(), **inputs.teacher.logit_options("teacher_"),
+            **self._kernel_options(), **inputs.student_options(), **inputs.teacher.logit_options("teacher_"),
             **inputs.teacher_reference.logit_options("ref_"))
         mean_advantage = (advantage * _weights(rejected, per_rejected)).sum()
         loss = sft + advantage_term

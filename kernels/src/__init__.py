@@ -13,10 +13,10 @@ A library of its own: it imports nothing from the trainer.
 from .api import Reduced, fused_linear_advantage, fused_linear_divergence, fused_linear_logprobs
 from .backends import BACKENDS, KernelSettings, resolve_backend
 from .naive import naive_linear_advantage, naive_linear_divergence, naive_linear_logprobs
-from .sweep import DIVERGENCE_KINDS, IGNORE_INDEX
+from .sweep import APPROXIMATIONS, DIVERGENCE_KINDS, IGNORE_INDEX, RELEASE_TOP_K
 
 __all__ = [
-    "BACKENDS", "DIVERGENCE_KINDS", "IGNORE_INDEX", "KernelSettings", "Reduced", "fused_linear_advantage",
-    "fused_linear_divergence", "fused_linear_logprobs", "naive_linear_advantage", "naive_linear_divergence",
-    "naive_linear_logprobs", "resolve_backend",
+    "APPROXIMATIONS", "BACKENDS", "DIVERGENCE_KINDS", "IGNORE_INDEX", "KernelSettings", "RELEASE_TOP_K", "Reduced",
+    "fused_linear_advantage", "fused_linear_divergence", "fused_linear_logprobs", "naive_linear_advantage",
+    "naive_linear_divergence", "naive_linear_logprobs", "resolve_backend",
 ]

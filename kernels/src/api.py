@@ -20,7 +20,8 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 
 from .backends import BACKENDS, build_backend, resolve_backend
-from .sweep import DIVERGENCE_KINDS, IGNORE_INDEX, LogitMap, SweepInputs, SweepSpec, logit_map
+from .sweep import (DIVERGENCE_KINDS, IGNORE_INDEX, RELEASE_TOP_K, LogitMap, SweepInputs, SweepSpec,
+                    check_approximation, logit_map)
 
 _HALF_OR_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -135,13 +136,19 @@ def _inputs(models, bias=None, targets=None) -> SweepInputs:
                        None if ref is None else ref.hidden, None if ref is None else ref.weight, targets)
 
 
-def _backend(device: torch.device, impl: Optional[str], chunk_budget_mb: Optional[float], models):
+def _backend(device: torch.device, impl: Optional[str], chunk_budget_mb: Optional[float], models,
+             approximation: str = "exact"):
     name = resolve_backend(device, impl)
     used = [m.keywords for m in models if not m.logit_map.identity]
     if used and not BACKENDS[name].logit_maps:
         able = ", ".join(n for n, entry in BACKENDS.items() if entry.logit_maps)
         raise ValueError(f"the {name} kernel backend does not apply {', '.join(used)}; the {able} backends do "
                          f"(impl=, kernels.backend or FASTDADPO_KERNEL_BACKEND)")
+    if approximation == "release" and not BACKENDS[name].release_approximation:
+        able = ", ".join(n for n, entry in BACKENDS.items() if entry.release_approximation)
+        raise ValueError(f"the {name} kernel backend does not compute approximation='release' (the released "
+                         f"ADPA code's per-row top-k of the teacher); the {able} backends do (impl=, "
+                         f"kernels.backend or FASTDADPO_KERNEL_BACKEND), or use approximation='exact'")
     return build_backend(name, device, chunk_budget_mb)
 
 
@@ -198,7 +205,8 @@ def fused_linear_divergence(student_hidden: torch.Tensor, student_weight: torch.
                             logp_weights: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
                             logit_scale: float = 1.0, teacher_softcap: Optional[float] = None,
                             teacher_logit_scale: float = 1.0, impl: Optional[str] = None,
-                            chunk_budget_mb: Optional[float] = None
+                            chunk_budget_mb: Optional[float] = None, approximation: str = "exact",
+                            top_k: int = RELEASE_TOP_K
                             ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor], Reduced]:
     """Per-row divergence between the teacher's and the student's next-token distributions,
     computed from hidden states and LM heads without materializing logits.
@@ -218,9 +226,15 @@ def fused_linear_divergence(student_hidden: torch.Tensor, student_weight: torch.
     without ``logp_weights`` the log-probs stay per row and differentiable (DPO's sequence sums).
     ``chunk_budget_mb``, ``softcap`` / ``logit_scale`` (the student's): see ``fused_linear_logprobs``;
     ``teacher_softcap`` / ``teacher_logit_scale``: the teacher's own.
+
+    ``approximation``: ``"exact"`` (the default), or ``"release"``, the released ADPA code's KL
+    (``kind="forward_kl"`` only) over the teacher's ``top_k`` tokens plus a bin for the rest, both
+    distributions clamped to [1e-8, 1 − 1e-8] (``torch_rows._forward_kl_release``); the log-probs
+    stay exact. Not in the tile-fused ``triton`` backend.
     """
     if kind not in DIVERGENCE_KINDS:
         raise ValueError(f"unknown divergence kind {kind!r}; choose one of {', '.join(DIVERGENCE_KINDS)}")
+    check_approximation(approximation, top_k, kind)
     if kind == "jsd" and not 0.0 < beta < 1.0:
         raise ValueError(f"jsd needs 0 < beta < 1, got beta={beta}")
     if logp_weights is not None and (weights is None or targets is None):
@@ -234,12 +248,13 @@ def fused_linear_divergence(student_hidden: torch.Tensor, student_weight: torch.
     vocab = _resolve_vocab(vocab_size, student_weight, teacher_weight)
     n = lead.numel()
     flat_mask = _flat_rows(mask, lead, n, "mask", torch.bool)
-    backend = _backend(student_hidden.device, impl, chunk_budget_mb, models)
+    backend = _backend(student_hidden.device, impl, chunk_budget_mb, models, approximation)
     flat_targets = valid = None
     if targets is not None:
         flat_targets, valid = _flat_targets(targets, lead, n, ignore_index, student_weight.shape[0])
     spec = SweepSpec(kind=kind, beta=beta, temperature=temperature, logp_temperature=logp_temperature,
-                     vocab_size=vocab, with_logps=targets is not None, **_maps(models))
+                     vocab_size=vocab, with_logps=targets is not None, approximation=approximation, top_k=top_k,
+                     **_maps(models))
     loss, div, logp = backend.run(spec, _inputs(models, targets=flat_targets), div_rows=flat_mask, logp_rows=valid,
                                   div_weights=_flat_rows(weights, lead, n, "weights", torch.float32),
                                   logp_weights=_flat_rows(logp_weights, lead, n, "logp_weights", torch.float32))
@@ -254,12 +269,21 @@ def fused_linear_advantage(student_hidden: torch.Tensor, student_weight: torch.T
                            logit_scale: float = 1.0, teacher_softcap: Optional[float] = None,
                            teacher_logit_scale: float = 1.0, ref_softcap: Optional[float] = None,
                            ref_logit_scale: float = 1.0, impl: Optional[str] = None,
-                           chunk_budget_mb: Optional[float] = None) -> Union[torch.Tensor, Reduced]:
+                           chunk_budget_mb: Optional[float] = None, approximation: str = "exact",
+                           top_k: int = RELEASE_TOP_K) -> Union[torch.Tensor, Reduced]:
     """ADPA's per-row advantage Σ_a p_s(a)·(log p_t(a) − log p_r(a)) of the student's distribution
     under the teacher's log-ratio to its reference (the teacher before alignment). float32, 0
     where ``mask`` is False; gradient to the student only. ``weights``, ``chunk_budget_mb``,
     ``softcap`` / ``logit_scale``: see ``fused_linear_logprobs``; ``teacher_...`` / ``ref_...``: the
-    teacher's and the reference's own."""
+    teacher's and the reference's own.
+
+    ``approximation``: ``"exact"`` (the default), or ``"release"``, the released ADPA code's
+    advantage: Σ over the teacher's ``top_k`` tokens of clamp(p_s)·clamp(log p_t − log p̃_r), plus
+    clamp(1 − Σ p_s)·1e-8 for the rest, clamp to [1e-8, 1 − 1e-8]; the reference's probability
+    p̃_r is replaced by the smallest kept teacher probability where the token is not among the
+    reference's own top_k (``torch_rows._advantage_release``). Not in the tile-fused ``triton``
+    backend."""
+    check_approximation(approximation, top_k, "advantage")
     _check_temperature(temperature)
     lead = student_hidden.shape[:-1]
     models = [_model("student", student_hidden, student_weight, softcap, logit_scale),
@@ -268,8 +292,9 @@ def fused_linear_advantage(student_hidden: torch.Tensor, student_weight: torch.T
     vocab = _resolve_vocab(vocab_size, student_weight, teacher_weight, ref_weight)
     n = lead.numel()
     flat_mask = _flat_rows(mask, lead, n, "mask", torch.bool)
-    backend = _backend(student_hidden.device, impl, chunk_budget_mb, models)
-    spec = SweepSpec(kind="advantage", temperature=temperature, vocab_size=vocab, **_maps(models))
+    backend = _backend(student_hidden.device, impl, chunk_budget_mb, models, approximation)
+    spec = SweepSpec(kind="advantage", temperature=temperature, vocab_size=vocab, approximation=approximation,
+                     top_k=top_k, **_maps(models))
     loss, adv, _ = backend.run(spec, _inputs(models), div_rows=flat_mask,
                                div_weights=_flat_rows(weights, lead, n, "weights", torch.float32))
     return _result(loss, adv, lead, reduced=weights is not None)

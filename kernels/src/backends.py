@@ -69,7 +69,8 @@ class Naive:
 
     def run(self, spec: SweepSpec, inputs: SweepInputs, *, div_rows=None, logp_rows=None, div_weights=None,
             logp_weights=None):
-        maps = dict(student_map=spec.student_map, teacher_map=spec.teacher_map)
+        maps = dict(student_map=spec.student_map, teacher_map=spec.teacher_map, approximation=spec.approximation,
+                    top_k=spec.top_k)
         targets = None
         if spec.with_logps:
             targets = inputs.targets if logp_rows is None else torch.where(logp_rows, inputs.targets, -1)
@@ -105,6 +106,8 @@ class Registered:
     uses_triton: Callable[[torch.device], bool]  # whether it launches Triton kernels on that device
     summary: str
     logit_maps: bool = True  # applies soft caps and logit scales
+    # computes approximation="release" (the released ADPA code's per-row top-k of the teacher)
+    release_approximation: bool = True
 
 
 def _on_cuda(device: torch.device) -> bool:
@@ -116,12 +119,13 @@ BACKENDS: Dict[str, Registered] = {
                           _on_cuda, "the default: budgeted row chunks, GEMMs per chunk, the row sweep a Triton "
                                     "kernel on CUDA and torch elsewhere"),
     "chunked_triton": Registered(lambda budget, device: ChunkedBackend(budget, "triton"), lambda device: True,
-                                 "the chunked algorithm with the Triton row kernel forced (CPU: TRITON_INTERPRET=1)"),
+                                 "the chunked algorithm with the Triton row kernel forced (CPU: TRITON_INTERPRET=1; "
+                                 "approximation='release' still takes the torch row sweep)"),
     "torch": Registered(lambda budget, device: ChunkedBackend(budget, "torch"), lambda device: False,
                         "the chunked algorithm with the torch row sweep forced (no Triton anywhere)"),
     "triton": Registered(lambda budget, device: TileFused(), lambda device: True,
                          "the tile-fused Triton kernels (logits never leave the chip; recompute in backward)",
-                         logit_maps=False),
+                         logit_maps=False, release_approximation=False),
     "naive": Registered(lambda budget, device: Naive(), lambda device: False,
                         "materialized logits and autograd: the reference"),
 }

@@ -75,11 +75,12 @@ def shares_student_normalizer(spec: SweepSpec, vocab_student: int) -> bool:
 
 def torch_row_scratch(spec: SweepSpec, vocab_student: int) -> int:
     """Scratch columns per row of a block the torch row sweep (``torch_rows``) needs beside the
-    logit buffers, in the logits' dtype: a work buffer for a divergence (two for JSD), the log-prob
+    logit buffers, in the logits' dtype: a work buffer for an exact divergence (two for JSD; none for
+    ``approximation="release"``, which works in place and in [rows, top_k] gathers), the log-prob
     softmax when it cannot share the divergence's, the soft cap's slope."""
     vocab_div = spec.vocab_size if spec.has_div else 0
     student_cols = vocab_student if spec.with_logps else vocab_div
-    cols = vocab_div * (2 if spec.kind == "jsd" else 1 if spec.has_div else 0)
+    cols = 0 if spec.release else vocab_div * (2 if spec.kind == "jsd" else 1 if spec.has_div else 0)
     if spec.has_div and spec.with_logps and not shares_student_normalizer(spec, vocab_student):
         cols += student_cols
     if spec.student_map.softcap is not None:

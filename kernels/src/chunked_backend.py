@@ -8,6 +8,8 @@ row-wise, the Triton kernel ``triton_rows.row_sweep_kernel`` on CUDA and the tor
 divergence, the target log-probs and, when asked, d(loss)/d(logits) written over the student's
 logits); then, with gradients, two GEMMs: dh[rows] = G·W and dW += Gᵀ·X, into one dW buffer for
 the whole call. The CPU therefore runs the algorithm CUDA runs, with torch in place of one kernel.
+``approximation="release"`` (a per-row top-k the Triton kernel does not have) takes the torch row
+sweep on every device.
 
 FLOPs, F = 2·N·V: for an output the caller reduces with its row weights (``weights=``) the gradient
 is formed in the forward sweep, so the teacher's logits are computed once: F·(Hs + Ht) + F·2·Hs =
@@ -120,6 +122,10 @@ def sweep(spec: SweepSpec, inputs: SweepInputs, budget: int, row_sweep: str = "t
     None entry means that output's gradient is zero; None altogether: no gradients. ``into``:
     gradients to add to. ``lse_lp``: the log-prob normalizers of a log-prob-only sweep, from its forward.
     """
+    if spec.release:
+        # The release's per-row top-k is not in the Triton row kernel: the torch row sweep does it,
+        # on CUDA tensors too (torch ops run on any device; the plan then counts its scratch).
+        row_sweep = "torch"
     s_hidden, s_weight = inputs.student_hidden, inputs.student_weight
     device = s_weight.device
     dtype = _compute_dtype(s_weight)

@@ -25,6 +25,16 @@ DIVERGENCE_KINDS = ("forward_kl", "reverse_kl", "jsd")
 # "advantage" is ADPA's Σ_a p_s(a)·(log p_t(a) − log p_r(a)); "none" is a log-prob-only sweep.
 SWEEP_KINDS = ("none",) + DIVERGENCE_KINDS + ("advantage",)
 
+# How the divergence (forward_kl only) and the advantage are computed: "exact", over the full
+# vocabulary; or "release", the formulas of the ADPA authors' released code (Gao, Wan et al., ICLR
+# 2025, arXiv 2502.17927: scripts/run_distill_dpo.py, utils/merge_logits_adpa_dataset.py,
+# utils/compress_logits.py), over the aligned teacher's top_k tokens plus one bin for the rest, with
+# their clamps (``torch_rows._forward_kl_release`` and ``_advantage_release`` give the formulas).
+APPROXIMATIONS = ("exact", "release")
+RELEASE_TOP_K = 50  # the release keeps the teacher's top 50 tokens per position
+RELEASE_EPS = 1e-8  # the release's probability clamp [ε, 1 − ε]
+RELEASE_LOG_FLOOR = 1e-7  # the release floors probabilities at this before their logs (the advantage)
+
 
 @dataclass(frozen=True)
 class LogitMap:
@@ -83,6 +93,10 @@ class SweepSpec:
     # and no weight-gradient GEMM.
     weight_grad: bool = True
     bias_grad: bool = True
+    # "exact" or "release" (``APPROXIMATIONS``); ``top_k``: the release's kept teacher tokens per row
+    # (the whole vocabulary where it has fewer: ``release_k``).
+    approximation: str = "exact"
+    top_k: int = RELEASE_TOP_K
 
     @property
     def has_div(self) -> bool:
@@ -95,6 +109,32 @@ class SweepSpec:
     @property
     def needs_ref(self) -> bool:
         return self.kind == "advantage"
+
+    @property
+    def release(self) -> bool:
+        """Whether the divergence (or advantage) follows the released code's top-k formulas."""
+        return self.has_div and self.approximation == "release"
+
+
+def release_k(top_k: int, vocab: int) -> int:
+    """The tokens the release keeps per row: ``top_k``, or the whole vocabulary where it is smaller
+    (the release's ``torch.topk`` would refuse that; we keep every token and the rest bin is empty)."""
+    return min(top_k, vocab)
+
+
+def check_approximation(approximation: str, top_k: int, kind: str) -> None:
+    """Refuses an unknown approximation, a top_k that is not a positive integer, a top_k other than the
+    default without ``approximation="release"``, and the release with a divergence it does not define."""
+    if approximation not in APPROXIMATIONS:
+        raise ValueError(f"unknown approximation {approximation!r}; choose one of {', '.join(APPROXIMATIONS)}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+    if approximation == "exact" and top_k != RELEASE_TOP_K:
+        raise ValueError(f"top_k={top_k} applies to approximation='release' only (exact sums over the full "
+                         f"vocabulary)")
+    if approximation == "release" and kind not in ("forward_kl", "advantage"):
+        raise ValueError(f"approximation='release' is defined for kind='forward_kl' only (the released code's "
+                         f"KL), not kind={kind!r}; use approximation='exact' for {kind}")
 
 
 @dataclass

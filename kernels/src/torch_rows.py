@@ -23,6 +23,8 @@ d/d(student logit z), per output, before the 1/T of the temperature (as in ``tri
   reverse KL     g·p·(log p − log q − KL(p‖q))
   JSD(β)         g·(1−β)·p·(log p − log m − KL(p‖m))
   advantage      g·p·(a − A),  a = log p_t − log p_r,  A = Σ p·a
+  release        g·p·(d − Σ_w p_w·d_w),  d = ∂value/∂p, nonzero on the teacher's top-k only
+                 (``approximation="release"``: ``_forward_kl_release``, ``_advantage_release``)
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import torch
 
 from .chunk_plan import TORCH_ROW_BLOCK as ROW_BLOCK
 from .chunk_plan import shares_student_normalizer
-from .sweep import SweepSpec
+from .sweep import RELEASE_EPS, RELEASE_LOG_FLOOR, SweepSpec, release_k
 
 _LOG2E = 1.0 / math.log(2.0)
 _LN2 = math.log(2.0)
@@ -115,7 +117,8 @@ def _block(spec, student, teacher, ref, targets, g_div, g_logp, div_out, logp_ou
         inv_t = 1.0 / spec.temperature
         g = g_div * inv_t if with_grad else None
         g_shared = (g_logp * inv_lp if shared else torch.zeros_like(g)) if with_grad else None
-        div, lse_s = _DIVERGENCES[spec.kind](spec, s, teacher, ref, g, g_shared, _LOG2E * inv_t, scratch)
+        divergence = _RELEASE[spec.kind] if spec.release else _DIVERGENCES[spec.kind]
+        div, lse_s = divergence(spec, s, teacher, ref, g, g_shared, _LOG2E * inv_t, scratch)
         div_out.copy_(div)
         if shared:
             logp_out.copy_(picked - lse_s)
@@ -247,3 +250,95 @@ def _advantage(spec, s, t, r, g, g_logp, scale, scratch):
 
 
 _DIVERGENCES = {"forward_kl": _forward_kl, "reverse_kl": _reverse_kl, "jsd": _jsd, "advantage": _advantage}
+
+
+# --- approximation="release": the ADPA authors' released formulas ----------------------------------------
+# Per row: p, q, r the student's, the (aligned) teacher's and the reference teacher's softmax(z/T)
+# over the vocabulary; K the indices of q's top_k probabilities (``torch.topk``: ties broken as it
+# breaks them; the whole vocabulary where it has fewer than top_k tokens); ε = RELEASE_EPS;
+# clamp(x) = min(max(x, ε), 1 − ε). Gradients follow torch.clamp's: zero where a clamp is active
+# (x outside [ε, 1 − ε]), passed on at the bounds. Everything is in place in the logit buffers, plus
+# [R, top_k] gathers: no scratch.
+
+def _probs_(x: torch.Tensor, scale: float):
+    """x ← softmax(x/T) in place (scale = log2(e)/T); returns the row max and the shifted base-2
+    sum, for ``_student_lse``."""
+    top = _to_base2(x, scale)
+    total = x.exp2_().sum(dim=1)
+    x.mul_(_col(1.0 / total))
+    return top, total
+
+
+def _passes(x: torch.Tensor) -> torch.Tensor:
+    """Where torch.clamp(x, ε, 1 − ε) passes the gradient on (1.0) and where it stops it (0.0)."""
+    return ((x >= RELEASE_EPS) & (x <= 1.0 - RELEASE_EPS)).to(x.dtype)
+
+
+def _clamped_with_rest(x_k: torch.Tensor):
+    """clamp(x_k) and clamp(1 − Σ_K x): the release's kept probabilities and its bin for the rest,
+    with the unclamped rest (for its gradient mask)."""
+    rest = 1.0 - x_k.sum(dim=1)
+    return x_k.clamp(RELEASE_EPS, 1.0 - RELEASE_EPS), rest.clamp(RELEASE_EPS, 1.0 - RELEASE_EPS), rest
+
+
+def _release_grad_(p: torch.Tensor, top: torch.Tensor, d_k: torch.Tensor, g: torch.Tensor, g_logp: torch.Tensor):
+    """p ← d(Σ g·value − Σ g_logp·softmax)/dz in place, from the student's probabilities p and
+    d_k = ∂value/∂p at the kept tokens ``top`` (0 elsewhere): g·p_u·(d_u − Σ_w p_w·d_w) − g_logp·p_u,
+    i.e. p ← −(g·Σ p_K·d_K + g_logp)·p, then g·p_K·d_K added at K."""
+    weighted = p.gather(1, top).mul_(d_k)
+    p.mul_(_col(-(g * weighted.sum(dim=1) + g_logp)))
+    p.scatter_add_(1, top, weighted.mul_(_col(g)))
+
+
+def _forward_kl_release(spec, s, t, r, g, g_logp, scale, scratch):
+    """DCKD's KL as released: q̃_v = clamp(q_v), p̃_v = clamp(p_v) for v ∈ K (the teacher's top-k,
+    the student gathered at the same tokens), q̃_rest = clamp(1 − Σ_K q), p̃_rest = clamp(1 − Σ_K p);
+    value = Σ_{v ∈ K ∪ rest} q̃·(log q̃ − log p̃).
+    ∂value/∂p_v = −q̃_v/p̃_v·[p_v unclamped] + q̃_rest/p̃_rest·[1 − Σ_K p unclamped], v ∈ K."""
+    s_top, z_s = _probs_(s, scale)
+    _probs_(t, scale)
+    q_k, top = t.topk(release_k(spec.top_k, t.shape[1]), dim=1)
+    q_c, q_rest, _ = _clamped_with_rest(q_k)
+    p_k = s.gather(1, top)
+    p_c, p_rest, p_rest_raw = _clamped_with_rest(p_k)
+    div = (q_c * (q_c.log() - p_c.log())).sum(dim=1) + q_rest * (q_rest.log() - p_rest.log())
+    if g is not None:
+        d_k = (q_c / p_c).mul_(_passes(p_k)).neg_().add_(_col(q_rest / p_rest * _passes(p_rest_raw)))
+        _release_grad_(s, top, d_k, g, g_logp)
+    return div, _student_lse(s_top, z_s.log2(), scale)
+
+
+def _release_ref_probs(q_k: torch.Tensor, top: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """r̃ at the teacher's top-k tokens, as the release fills it: r_v where v is among the reference's
+    own top-k tokens, else the smallest of the teacher's top-k probabilities, min_K q."""
+    k = top.shape[1]
+    ref_top = r.topk(k, dim=1).indices.sort(dim=1).values
+    # Membership by binary search in the reference's sorted top-k indices: [R, k], no [R, k, k].
+    at = torch.searchsorted(ref_top, top.contiguous()).clamp_(max=k - 1)
+    found = ref_top.gather(1, at) == top
+    return torch.where(found, r.gather(1, top), q_k.amin(dim=1, keepdim=True))
+
+
+def _advantage_release(spec, s, t, r, g, g_logp, scale, scratch):
+    """ADPA's advantage as released: A_v = log(max(q_v, 1e-7)/max(r̃_v, 1e-7)) for v ∈ K (r̃:
+    ``_release_ref_probs``), Â = clamp(A) (the release's probability clamp applied to the target too:
+    negative advantages become ε, those above 1 become 1 − ε); s_v = clamp(p_v), s_rest =
+    clamp(1 − Σ_K p); value = Σ_K s·Â + s_rest·ε.
+    ∂value/∂p_v = Â_v·[p_v unclamped] − ε·[1 − Σ_K p unclamped], v ∈ K (the teachers get none)."""
+    s_top, z_s = _probs_(s, scale)
+    _probs_(t, scale)
+    _probs_(r, scale)
+    q_k, top = t.topk(release_k(spec.top_k, t.shape[1]), dim=1)
+    floor = RELEASE_LOG_FLOOR
+    adv = q_k.clamp_min(floor).log_().sub_(_release_ref_probs(q_k, top, r).clamp_min_(floor).log_())
+    adv.clamp_(RELEASE_EPS, 1.0 - RELEASE_EPS)
+    p_k = s.gather(1, top)
+    p_c, p_rest, p_rest_raw = _clamped_with_rest(p_k)
+    value = (p_c * adv).sum(dim=1) + p_rest * RELEASE_EPS
+    if g is not None:
+        d_k = adv.mul_(_passes(p_k)).sub_(_col(RELEASE_EPS * _passes(p_rest_raw)))
+        _release_grad_(s, top, d_k, g, g_logp)
+    return value, _student_lse(s_top, z_s.log2(), scale)
+
+
+_RELEASE = {"forward_kl": _forward_kl_release, "advantage": _advantage_release}
