@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 import textwrap
+import warnings
 
 from fastdadpo.base.errors import UserError
 
@@ -65,6 +66,18 @@ def take_launcher_local_rank(argv: list) -> list:
     return kept
 
 
+def quiet_third_party() -> None:
+    """Noise a user cannot act on, off for every command: DeepSpeed's "Setting accelerator to CPU"
+    warning (it guesses when ``DS_ACCELERATOR`` is unset, and on a machine without CUDA the guess is
+    the CPU anyway) and torch's FutureWarnings about the collectives DeepSpeed itself calls (hundreds
+    per training). Other warnings stay."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+
+
 def main(argv=None) -> int:
     argv = take_launcher_local_rank(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
@@ -74,6 +87,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0 if argv else 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_third_party()
     try:
         module, parser = _command_parser(argv[0])
         args = parser.parse_args(argv[1:])
