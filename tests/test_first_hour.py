@@ -36,3 +36,29 @@ def test_commands_print_no_third_party_noise(toy, tmp_path):
     assert "Setting accelerator to CPU" not in output
     assert "FutureWarning: `torch.distributed" not in output
     assert "done: 2 steps" in output
+
+
+def test_training_curves_keep_each_runs_colour_and_label_every_panel(tmp_path):
+    """dSFT logs no reward accuracy: the preference runs keep their own colours in that panel (before
+    the fix the cycle shifted, so daDPO's line there took dSFT's colour), and every panel says whose
+    line is whose."""
+    import json
+
+    from fastdadpo.commands.plots import training_curves_figure
+
+    runs = {}
+    for name, keys in (("dSFT", {"loss": 1.0}), ("dDPO", {"loss": 0.7, "rewards/accuracy": 0.5}),
+                       ("daDPO", {"loss": 0.6, "rewards/accuracy": 0.6, "kd/divergence": 0.1})):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, **keys}) + "\n" for s in (1, 2)))
+        runs[name] = str(run)
+    figure = training_curves_figure(runs)
+    colour = {}
+    for axis in figure.axes:
+        assert axis.get_legend() is not None, axis.get_title()
+        for line in axis.get_lines():
+            colour.setdefault(line.get_label(), set()).add(line.get_color())
+    assert all(len(seen) == 1 for seen in colour.values()), colour
+    assert len({next(iter(seen)) for seen in colour.values()}) == 3
+    assert [len(axis.get_lines()) for axis in figure.axes] == [3, 2, 1]
