@@ -62,3 +62,23 @@ def test_training_curves_keep_each_runs_colour_and_label_every_panel(tmp_path):
     assert all(len(seen) == 1 for seen in colour.values()), colour
     assert len({next(iter(seen)) for seen in colour.values()}) == 3
     assert [len(axis.get_lines()) for axis in figure.axes] == [3, 2, 1]
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "prune", "eval", "run", "plan", "demo"])
+def test_help_shows_each_default_once_and_none_for_required_options(command):
+    """Required options and unset ones say no "(default: None)"; an option whose help gives its own
+    default is not given a second one; eval's --max-new-tokens and --batch-size say what they are."""
+    import re
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "fastdadpo", command, "--help"], capture_output=True, text=True,
+                            timeout=120, env=_env(COLUMNS="200"))
+    assert result.returncode == 0, result.stderr
+    assert "(default: None)" not in result.stdout and "(default: False)" not in result.stdout
+    for line in result.stdout.splitlines():
+        assert len(re.findall(r"default", line)) <= 1, line
+    if command == "eval":
+        text = " ".join(result.stdout.split())
+        assert "--max-new-tokens MAX_NEW_TOKENS longest response generated per prompt" in text
+        assert "(default: 128)" in text and "(default: 8)" in text
