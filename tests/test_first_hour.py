@@ -82,3 +82,89 @@ def test_help_shows_each_default_once_and_none_for_required_options(command):
         text = " ".join(result.stdout.split())
         assert "--max-new-tokens MAX_NEW_TOKENS longest response generated per prompt" in text
         assert "(default: 128)" in text and "(default: 8)" in text
+
+
+# --- TRL's names ---------------------------------------------------------------------------------------
+
+TRL_TRAIN = {"learning_rate": 3e-3, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
+             "num_train_epochs": 2.0, "save_steps": 3, "logging_steps": 1, "eval_steps": 2, "save_total_limit": 1,
+             "resume_from_checkpoint": False}
+OURS_TRAIN = {"lr": 3e-3, "micro_batch_size": 2, "grad_accum": 2, "epochs": 2.0, "save_every": 3, "log_every": 1,
+              "eval_every": 2, "keep_checkpoints": 1, "resume": False}
+
+
+def _write(tmp_path, name, train):
+    import yaml
+
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump({"model": {"student": "s"}, "data": {"train": "t.jsonl"}, "objective": {"name": "dpo"},
+                                    "train": train}))
+    return str(path)
+
+
+def test_trl_names_load_as_ours(tmp_path):
+    from fastdadpo.commands.config import load_config
+
+    theirs = load_config(_write(tmp_path, "trl.yaml", TRL_TRAIN)).train
+    ours = load_config(_write(tmp_path, "ours.yaml", OURS_TRAIN)).train
+    assert theirs == ours and theirs.save_every == 3 and theirs.keep_checkpoints == 1
+
+
+def test_both_spellings_refused_and_a_set_of_either_wins(tmp_path):
+    from fastdadpo.base.errors import ConfigError
+    from fastdadpo.commands.config import load_config
+
+    both = _write(tmp_path, "both.yaml", {"lr": 1e-4, "learning_rate": 2e-4})
+    with pytest.raises(ConfigError, match=r"both.yaml: train.(lr and train.learning_rate|learning_rate and train.lr) are the same setting"):
+        load_config(both)
+    ours = _write(tmp_path, "ours.yaml", {"lr": 1e-4})
+    assert load_config(ours, ["train.learning_rate=5e-5"]).train.lr == 5e-5
+    trl = _write(tmp_path, "trl.yaml", {"learning_rate": 1e-4})
+    assert load_config(trl, ["train.lr=7e-5"]).train.lr == 7e-5
+    with pytest.raises(ConfigError, match=r"--set train.learning_rate: train.lr must be > 0"):
+        load_config(ours, ["train.learning_rate=-1"])
+
+
+@pytest.mark.parametrize("key,hint", [
+    ("save_step", "did you mean 'train.save_steps', TRL's name for 'train.save_every'?"),
+    ("resume_from_checkpont", "did you mean 'train.resume_from_checkpoint', TRL's name for 'train.resume'?"),
+    ("learning_rat", "did you mean 'train.learning_rate', TRL's name for 'train.lr'?"),
+    ("max_step", "did you mean 'train.max_steps'?"),
+])
+def test_hints_know_trl_names(tmp_path, key, hint):
+    from fastdadpo.base.errors import ConfigError
+    from fastdadpo.commands.config import load_config
+
+    with pytest.raises(ConfigError) as error:
+        load_config(_write(tmp_path, "c.yaml", {key: 1}))
+    assert hint in str(error.value)
+
+
+def test_trl_metric_names_logged_beside_ours():
+    from fastdadpo.commands.trl_names import with_trl_metric_names
+
+    row = with_trl_metric_names({"step": 1, "rewards/accuracy": 0.5, "rewards/margin": 0.2,
+                                 "eval/rewards/margin": 0.1, "loss": 0.6})
+    assert row["rewards/accuracies"] == 0.5 and row["rewards/margins"] == 0.2 and row["eval/rewards/margins"] == 0.1
+    assert row["rewards/accuracy"] == 0.5 and row["loss"] == 0.6
+
+
+@pytest.mark.slow
+def test_a_trl_named_config_trains_identically_to_ours(toy, tmp_path):
+    import yaml
+
+    runs = {}
+    for name, train in (("ours", OURS_TRAIN), ("trl", TRL_TRAIN)):
+        config = yaml.safe_load(open(_config(toy, tmp_path, "dpo", train__max_steps=4)))
+        config["train"] = {k: v for k, v in config["train"].items()
+                           if k not in ("lr", "micro_batch_size", "grad_accum")}
+        config["train"].update(train, output_dir=str(tmp_path / name))
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        _train(str(path))
+        runs[name] = _metrics(tmp_path / name)
+    assert len(runs["trl"]) == 4
+    for a, b in zip(runs["ours"], runs["trl"]):
+        assert {k: v for k, v in a.items() if k not in ("tokens_per_s", "peak_mem_gb")} == \
+            {k: v for k, v in b.items() if k not in ("tokens_per_s", "peak_mem_gb")}
+    assert "rewards/accuracies" in runs["trl"][-1] and "rewards/margins" in runs["trl"][-1]
