@@ -23,6 +23,7 @@ COMMANDS = {
     "prune": ("fastdadpo.commands.prune", "structurally prune a causal LM (MLP channels, attention heads, layers)"),
     "eval": ("fastdadpo.commands.evaluate", "compare a student with its teacher: divergence, win/preference rate, accuracy"),
     "run": ("fastdadpo.commands.recipe", "run a whole recipe: prune, generate, dsft, precompute, train, eval"),
+    "export": ("fastdadpo.commands.export", "a training checkpoint (either engine) as a Hugging Face model directory"),
     "plan": ("fastdadpo.commands.plan", "the memory a training config needs per GPU (no weights loaded), and the largest micro-batch"),
     "demo": ("fastdadpo.demo.command", "the embedded end-to-end demo: a tiny distillation on CPU, nothing downloaded"),
 }

@@ -168,3 +168,55 @@ def test_a_trl_named_config_trains_identically_to_ours(toy, tmp_path):
         assert {k: v for k, v in a.items() if k not in ("tokens_per_s", "peak_mem_gb")} == \
             {k: v for k, v in b.items() if k not in ("tokens_per_s", "peak_mem_gb")}
     assert "rewards/accuracies" in runs["trl"][-1] and "rewards/margins" in runs["trl"][-1]
+
+
+# --- fastdadpo export ------------------------------------------------------------------------------------
+
+def _export(checkpoint, out, *extra, env=None):
+    import subprocess
+    import sys
+
+    from test_trainer import REPO, TIMEOUT
+
+    return subprocess.run([sys.executable, "-m", "fastdadpo", "export", str(checkpoint), "--out", str(out), *extra],
+                          capture_output=True, text=True, timeout=TIMEOUT, env=env or _env(), cwd=REPO)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine,ranks", [("deepspeed", 1), ("deepspeed", 2), ("fsdp2", 2)])
+def test_export_a_checkpoint_loads_with_from_pretrained(toy, tmp_path, engine, ranks):
+    """A mid-run checkpoint of either engine (written by one or two ranks) exported alone: the
+    directory from_pretrained loads holds the weights the run had at that step."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = _engine_config(toy, tmp_path, "dpo", engine, train__max_steps=3, train__save_every=2)
+    run = tmp_path / "run"
+    _train(config, f"train.output_dir={run}", ranks=ranks)
+    # The reference: the run resumed at its step-2 checkpoint with nothing left to train, which exports
+    # the step-2 weights as final/.
+    stopped = tmp_path / "stopped"
+    _train(config, f"train.output_dir={stopped}", f"train.resume={run / 'checkpoints' / 'step-2'}",
+           "train.max_steps=2", ranks=ranks)
+    out = tmp_path / "exported"
+    result = _export(run / "checkpoints" / "step-2", out)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "step 2" in result.stdout
+    exported = AutoModelForCausalLM.from_pretrained(str(out))
+    reference = AutoModelForCausalLM.from_pretrained(str(stopped / "final"))
+    final = AutoModelForCausalLM.from_pretrained(str(run / "final"))
+    moved = False
+    for (name, a), b, c in zip(exported.state_dict().items(), reference.state_dict().values(),
+                               final.state_dict().values()):
+        assert torch.equal(a, b), name
+        moved |= not torch.equal(a, c)
+    assert moved  # step 2 is not step 3
+    assert (out / "tokenizer.json").exists() or (out / "tokenizer_config.json").exists()
+    again = _export(run / "checkpoints" / "step-2", out)
+    assert again.returncode == 2 and "exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_export_refuses_what_is_not_a_checkpoint(tmp_path):
+    result = _export(tmp_path, tmp_path / "out")
+    assert result.returncode == 2 and "not a complete fastdadpo checkpoint" in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
