@@ -220,3 +220,42 @@ def test_export_refuses_what_is_not_a_checkpoint(tmp_path):
     result = _export(tmp_path, tmp_path / "out")
     assert result.returncode == 2 and "not a complete fastdadpo checkpoint" in " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr
+
+
+def test_plan_json_is_json_on_a_cpu_machine():
+    """`fastdadpo plan ... --json | python -m json.tool` on a machine without CUDA: nothing but the
+    JSON on stdout (DeepSpeed's accelerator warning once came first)."""
+    import json
+    import subprocess
+    import sys
+
+    from test_trainer import REPO
+
+    env = {k: v for k, v in _env().items() if k != "DS_ACCELERATOR"}
+    result = subprocess.run([sys.executable, "-m", "fastdadpo", "plan", "configs/qwen2.5-7b-to-1.5b-dadpo.yaml",
+                             "--json"], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["objective"] == "dadpo"
+    tool = subprocess.run([sys.executable, "-m", "json.tool"], input=result.stdout, capture_output=True, text=True)
+    assert tool.returncode == 0
+
+
+@pytest.mark.slow
+def test_export_a_lora_checkpoint_merged_and_adapter(toy, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    config = _config(toy, tmp_path, "sft", train__max_steps=2, train__save_every=2)
+    run = tmp_path / "run"
+    _train(config, f"train.output_dir={run}", "model.lora={r: 4, alpha: 8}", "train.lr=1e-2")
+    out = tmp_path / "exported"
+    result = _export(run / "checkpoints" / "step-2", out)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    import torch
+
+    merged = AutoModelForCausalLM.from_pretrained(str(out)).state_dict()
+    final = AutoModelForCausalLM.from_pretrained(str(run / "final")).state_dict()
+    assert all(torch.equal(merged[k], final[k]) for k in final)
+    assert (tmp_path / "exported-adapter" / "adapter_config.json").exists()
+    assert sorted(p.name for p in (tmp_path / "exported-adapter").iterdir()) == \
+        sorted(p.name for p in (run / "final-adapter").iterdir())
