@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 import textwrap
+import warnings
 
 from fastdadpo.base.errors import UserError
 
@@ -22,6 +23,7 @@ COMMANDS = {
     "prune": ("fastdadpo.commands.prune", "structurally prune a causal LM (MLP channels, attention heads, layers)"),
     "eval": ("fastdadpo.commands.evaluate", "compare a student with its teacher: divergence, win/preference rate, accuracy"),
     "run": ("fastdadpo.commands.recipe", "run a whole recipe: prune, generate, dsft, precompute, train, eval"),
+    "export": ("fastdadpo.commands.export", "a training checkpoint (either engine) as a Hugging Face model directory"),
     "plan": ("fastdadpo.commands.plan", "the memory a training config needs per GPU (no weights loaded), and the largest micro-batch"),
     "demo": ("fastdadpo.demo.command", "the embedded end-to-end demo: a tiny distillation on CPU, nothing downloaded"),
 }
@@ -36,10 +38,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown where they say something: not for required options, unset ones (None) or flags
+    (False), and not twice where the help text already gives its own "default: ..."."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.required or action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def _command_parser(name: str):
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"fastdadpo {name}", description=COMMANDS[name][1],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     module.add_arguments(parser)
     return module, parser
 
@@ -65,6 +78,18 @@ def take_launcher_local_rank(argv: list) -> list:
     return kept
 
 
+def quiet_third_party() -> None:
+    """Noise a user cannot act on, off for every command: DeepSpeed's "Setting accelerator to CPU"
+    warning (it guesses when ``DS_ACCELERATOR`` is unset, and on a machine without CUDA the guess is
+    the CPU anyway) and torch's FutureWarnings about the collectives DeepSpeed itself calls (hundreds
+    per training). Other warnings stay."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+
+
 def main(argv=None) -> int:
     argv = take_launcher_local_rank(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
@@ -74,6 +99,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0 if argv else 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_third_party()
     try:
         module, parser = _command_parser(argv[0])
         args = parser.parse_args(argv[1:])

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional
 
 from fastdadpo.base.errors import ConfigError
 from fastdadpo.base.yaml_files import apply_override, check_shape, read_yaml_mapping
+from fastdadpo.commands.trl_names import aliases_of, canonical_key, translate_section
 from fastdadpo.core.objectives import DEFAULT_OBJECTIVE, OBJECTIVES, Objective, ParameterError
 from fastdadpo.engine.deepspeed.config import validate_extra
 from fastdadpo.engine.deepspeed.engine import DeepSpeedEngine
@@ -313,7 +314,9 @@ class _Where:
     overridden: Dict[str, str]
 
     def __call__(self, key: str) -> str:
-        for path, override in self.overridden.items():
+        for given, override in self.overridden.items():
+            section, _, name = given.partition(".")
+            path = f"{section}.{canonical_key(section, name)}" if name else given  # TRL's name given
             if key == path or key.startswith(path + ".") or path.startswith(key + "."):
                 return f"--set {override.split('=', 1)[0]}"
         return self.source
@@ -343,7 +346,7 @@ def _section_values(section_type, values: dict, section: str, where: _Where) -> 
     hints = typing.get_type_hints(section_type)
     known = [f.name for f in dataclasses.fields(section_type)]
     kwargs = {}
-    for key, value in values.items():
+    for key, value in translate_section(section, values, where.overridden, where.fail).items():
         path = f"{section}.{key}"
         if key not in known:
             raise ConfigError(f"{where(path)}: unknown config key {path!r}{_suggest(key, known, section)}")
@@ -371,10 +374,17 @@ def _build_objective(values: dict, where: _Where) -> Objective:
 
 
 def _suggest(key: str, options, section: str = "") -> str:
+    """A near name among ``options`` and TRL's names for them (said as such)."""
     if not isinstance(key, str):
         return ""
-    match = difflib.get_close_matches(key, list(options), n=1)
-    return f" (did you mean {(section + '.' if section else '') + match[0]!r}?)" if match else ""
+    trl = {alias: ours for alias, ours in aliases_of(section).items() if ours in options}
+    match = difflib.get_close_matches(key, list(options) + list(trl), n=1)
+    if not match:
+        return ""
+    prefix = section + "." if section else ""
+    if match[0] in trl:
+        return f" (did you mean {prefix + match[0]!r}, TRL's name for {prefix + trl[match[0]]!r}?)"
+    return f" (did you mean {prefix + match[0]!r}?)"
 
 
 def _coerce(value, annotation, path: str, where: _Where):

@@ -349,8 +349,10 @@ def add_arguments(parser) -> None:
                         help="http judge: allow plain http:// to a host other than this machine (the prompts and "
                              "the API key then cross the network unencrypted)")
     parser.add_argument("--judge-workers", type=int, default=8, help="http judge: requests in flight")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=128,
+                        help="longest response generated per prompt (greedy), for the teacher and every student")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="prompts generated and scored together (more: faster, more memory)")
     parser.add_argument("--limit", type=int, help="evaluate on the first N rows only")
     parser.add_argument("--group-by", metavar="FIELD",
                         help="also summarize per value of this row field (e.g. a task family); every row needs it")

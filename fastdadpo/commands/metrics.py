@@ -13,6 +13,7 @@ import torch
 
 from fastdadpo.base import collectives
 from fastdadpo.base.files import write_text_atomic
+from fastdadpo.commands.trl_names import with_trl_metric_names
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -80,6 +81,7 @@ class MetricsLog:
     def write(self, row: dict) -> None:
         if not self.active:
             return
+        row = with_trl_metric_names(row)
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
         if self.writer is not None:

@@ -27,24 +27,34 @@ def _rows(metrics_path: str) -> List[dict]:
         return [row for row in (json.loads(line) for line in handle if line.strip()) if "loss" in row]
 
 
-def plot_training_curves(runs: Dict[str, str], out_png: str) -> str:
-    """One panel per metric in CURVES that some run logged; one line per run (its metrics.jsonl)."""
+def training_curves_figure(runs: Dict[str, str]):
+    """The curves' figure: one panel per metric in CURVES that some run logged, one line per run (its
+    metrics.jsonl), each run in one colour in every panel (its place in ``runs``: a run that did not
+    log a panel's metric leaves its colour unused there rather than shifting the others'), a legend
+    in every panel."""
     plt = _pyplot()
     logged = {name: _rows(os.path.join(run_dir, "metrics.jsonl")) for name, run_dir in runs.items()}
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour_of = {name: colours[i % len(colours)] for i, name in enumerate(runs)}
     panels = [(key, title) for key, title in CURVES if any(key in row for rows in logged.values() for row in rows)]
-    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    figure, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 3.6), squeeze=False)
     for axis, (key, title) in zip(axes[0], panels):
         for name, rows in logged.items():
             points = [(row["step"], row[key]) for row in rows if key in row]
             if points:
-                axis.plot(*zip(*points), label=name, linewidth=1.2)
+                axis.plot(*zip(*points), label=name, linewidth=1.2, color=colour_of[name])
         axis.set_title(title)
         axis.set_xlabel("optimizer step")
         axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+        axis.legend(fontsize=8)
     figure.tight_layout()
+    return figure
+
+
+def plot_training_curves(runs: Dict[str, str], out_png: str) -> str:
+    figure = training_curves_figure(runs)
     figure.savefig(out_png, dpi=120)
-    plt.close(figure)
+    _pyplot().close(figure)
     return out_png
 
 

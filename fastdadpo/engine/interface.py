@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -151,3 +151,15 @@ def warmup_cosine(total_steps: int, warmup_ratio: float) -> Callable[[int], floa
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+def restart_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, base_lrs: Sequence[float]) -> None:
+    """After a checkpoint's state is loaded: this run's schedule at the restored step. The checkpoint
+    holds the writing run's rates (0 at the end of its cosine) and base rates, and a resume may change
+    train.max_steps or train.warmup_ratio (the schedule's length): the step resumed must take this
+    run's rate, not the last one the old schedule set."""
+    scheduler.base_lrs = list(base_lrs)
+    rates = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = rates  # what get_last_lr() reports; LambdaLR keeps it there

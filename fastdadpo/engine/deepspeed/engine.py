@@ -20,7 +20,8 @@ from fastdadpo.engine import checkpoints
 from fastdadpo.engine.deepspeed import launch
 from fastdadpo.engine.deepspeed.checkpoint import deepspeed_safe_globals, full_state_dict, read_state, write_state
 from fastdadpo.engine.deepspeed.config import inference_config, student_config, teacher_extra
-from fastdadpo.engine.interface import Engine, FrozenModel, OptimizerSettings, TrainedStudent, warmup_cosine
+from fastdadpo.engine.interface import (Engine, FrozenModel, OptimizerSettings, TrainedStudent, restart_schedule,
+                                        warmup_cosine)
 from fastdadpo.engine.modules import HiddenStates, StudentWithObjective
 from fastdadpo.models.loading import head_logit_options, head_weight, load_causal_lm, release_memory
 
@@ -115,8 +116,11 @@ class DeepSpeedStudent(TrainedStudent):
                                 self.dist.rank, self.dist.world_size, self.dist.device, extra={"run": run})
 
     def load_checkpoint(self, path: str) -> int:
-        return checkpoints.load(lambda directory: read_state(self.engine, directory), path, self.dist.rank,
+        base_lrs = list(self.engine.lr_scheduler.base_lrs)  # this run's train.lr, before the checkpoint's
+        step = checkpoints.load(lambda directory: read_state(self.engine, directory), path, self.dist.rank,
                                 self.dist.world_size, self.dist.device, deepspeed_safe_globals())
+        restart_schedule(self.engine.lr_scheduler, base_lrs)
+        return step
 
     def export(self, tokenizer, output_dir: str, lora=None, base_model: str = "") -> str:
         state = full_state_dict(self.engine, self.zero_stage)  # collective

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from fastdadpo.base.collectives import DistInfo
 from fastdadpo.base.errors import ConfigError
 from fastdadpo.engine import checkpoints, launch
-from fastdadpo.engine.interface import Engine, FrozenModel, TrainedStudent, warmup_cosine
+from fastdadpo.engine.interface import Engine, FrozenModel, TrainedStudent, restart_schedule, warmup_cosine
 from fastdadpo.engine.modules import HiddenStates, StudentWithObjective
 from fastdadpo.engine.state import UnsafeState, load_state, save_state
 from fastdadpo.models.loading import decoder, head_logit_options, head_weight, load_causal_lm, release_memory
@@ -170,7 +170,9 @@ class FSDP2Student(TrainedStudent):
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.module, full["model"], options=options)
         set_optimizer_state_dict(self.module, self.optimizer, full["optimizer"], options=options)
+        base_lrs = list(self.scheduler.base_lrs)  # this run's train.lr, before the checkpoint's
         self.scheduler.load_state_dict(records[0]["scheduler"])
+        restart_schedule(self.scheduler, base_lrs)
 
     def save_checkpoint(self, output_dir: str, step: int, run: Optional[dict] = None) -> str:
         return checkpoints.save(lambda directory: self._write_state(directory, step), output_dir, step,

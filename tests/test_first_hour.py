@@ -1,0 +1,261 @@
+"""A TRL user's first hour (issue 24): the bugs a new user hits, each with a test that failed before
+its fix."""
+import pytest
+
+from test_fsdp2 import _engine_config
+from test_trainer import _config, _env, _metrics, _train, toy  # noqa: F401 (toy: a fixture)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["deepspeed", "fsdp2"])
+def test_resume_with_more_steps_follows_the_new_schedule(toy, tmp_path, engine):
+    """A 5-step run resumed to 8 steps steps on the 8-step schedule from the step it resumes: its rates
+    are a fresh 8-step run's (before the fix the checkpoint's last rate, 0 at the end of the old
+    cosine, was applied to the resumed step)."""
+    fresh = tmp_path / "fresh"
+    config = _engine_config(toy, tmp_path, "dpo", engine, train__max_steps=8, train__warmup_ratio=0.25)
+    _train(config, f"train.output_dir={fresh}")
+    extended = tmp_path / "extended"
+    _train(config, f"train.output_dir={extended}", "train.max_steps=5")
+    _train(config, f"train.output_dir={extended}", "train.resume=true")
+    expected = {r["step"]: r["lr"] for r in _metrics(fresh)}
+    got = {r["step"]: r["lr"] for r in _metrics(extended)}
+    assert sorted(got) == list(range(1, 9))
+    assert got[6] > 0
+    for step in (6, 7, 8):
+        assert got[step] == pytest.approx(expected[step], rel=1e-9), (step, got, expected)
+
+
+def test_commands_print_no_third_party_noise(toy, tmp_path):
+    """DeepSpeed's accelerator guess and torch's FutureWarnings about the collectives DeepSpeed calls
+    (hundreds per ZeRO-3 training) are gone from a command's output; a run on the CPU still works."""
+    env = {k: v for k, v in _env().items() if k != "DS_ACCELERATOR"}
+    config = _config(toy, tmp_path, "dpo", train__max_steps=2)
+    result = _train(config, env=env)
+    output = result.stdout + result.stderr
+    assert "Setting accelerator to CPU" not in output
+    assert "FutureWarning: `torch.distributed" not in output
+    assert "done: 2 steps" in output
+
+
+def test_training_curves_keep_each_runs_colour_and_label_every_panel(tmp_path):
+    """dSFT logs no reward accuracy: the preference runs keep their own colours in that panel (before
+    the fix the cycle shifted, so daDPO's line there took dSFT's colour), and every panel says whose
+    line is whose."""
+    import json
+
+    from fastdadpo.commands.plots import training_curves_figure
+
+    runs = {}
+    for name, keys in (("dSFT", {"loss": 1.0}), ("dDPO", {"loss": 0.7, "rewards/accuracy": 0.5}),
+                       ("daDPO", {"loss": 0.6, "rewards/accuracy": 0.6, "kd/divergence": 0.1})):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, **keys}) + "\n" for s in (1, 2)))
+        runs[name] = str(run)
+    figure = training_curves_figure(runs)
+    colour = {}
+    for axis in figure.axes:
+        assert axis.get_legend() is not None, axis.get_title()
+        for line in axis.get_lines():
+            colour.setdefault(line.get_label(), set()).add(line.get_color())
+    assert all(len(seen) == 1 for seen in colour.values()), colour
+    assert len({next(iter(seen)) for seen in colour.values()}) == 3
+    assert [len(axis.get_lines()) for axis in figure.axes] == [3, 2, 1]
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "prune", "eval", "run", "plan", "demo"])
+def test_help_shows_each_default_once_and_none_for_required_options(command):
+    """Required options and unset ones say no "(default: None)"; an option whose help gives its own
+    default is not given a second one; eval's --max-new-tokens and --batch-size say what they are."""
+    import re
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "fastdadpo", command, "--help"], capture_output=True, text=True,
+                            timeout=120, env=_env(COLUMNS="200"))
+    assert result.returncode == 0, result.stderr
+    assert "(default: None)" not in result.stdout and "(default: False)" not in result.stdout
+    for line in result.stdout.splitlines():
+        assert len(re.findall(r"default", line)) <= 1, line
+    if command == "eval":
+        text = " ".join(result.stdout.split())
+        assert "--max-new-tokens MAX_NEW_TOKENS longest response generated per prompt" in text
+        assert "(default: 128)" in text and "(default: 8)" in text
+
+
+# --- TRL's names ---------------------------------------------------------------------------------------
+
+TRL_TRAIN = {"learning_rate": 3e-3, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
+             "num_train_epochs": 2.0, "save_steps": 3, "logging_steps": 1, "eval_steps": 2, "save_total_limit": 1,
+             "resume_from_checkpoint": False}
+OURS_TRAIN = {"lr": 3e-3, "micro_batch_size": 2, "grad_accum": 2, "epochs": 2.0, "save_every": 3, "log_every": 1,
+              "eval_every": 2, "keep_checkpoints": 1, "resume": False}
+
+
+def _write(tmp_path, name, train):
+    import yaml
+
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump({"model": {"student": "s"}, "data": {"train": "t.jsonl"}, "objective": {"name": "dpo"},
+                                    "train": train}))
+    return str(path)
+
+
+def test_trl_names_load_as_ours(tmp_path):
+    from fastdadpo.commands.config import load_config
+
+    theirs = load_config(_write(tmp_path, "trl.yaml", TRL_TRAIN)).train
+    ours = load_config(_write(tmp_path, "ours.yaml", OURS_TRAIN)).train
+    assert theirs == ours and theirs.save_every == 3 and theirs.keep_checkpoints == 1
+
+
+def test_both_spellings_refused_and_a_set_of_either_wins(tmp_path):
+    from fastdadpo.base.errors import ConfigError
+    from fastdadpo.commands.config import load_config
+
+    both = _write(tmp_path, "both.yaml", {"lr": 1e-4, "learning_rate": 2e-4})
+    with pytest.raises(ConfigError, match=r"both.yaml: train.(lr and train.learning_rate|learning_rate and train.lr) are the same setting"):
+        load_config(both)
+    ours = _write(tmp_path, "ours.yaml", {"lr": 1e-4})
+    assert load_config(ours, ["train.learning_rate=5e-5"]).train.lr == 5e-5
+    trl = _write(tmp_path, "trl.yaml", {"learning_rate": 1e-4})
+    assert load_config(trl, ["train.lr=7e-5"]).train.lr == 7e-5
+    with pytest.raises(ConfigError, match=r"--set train.learning_rate: train.lr must be > 0"):
+        load_config(ours, ["train.learning_rate=-1"])
+
+
+@pytest.mark.parametrize("key,hint", [
+    ("save_step", "did you mean 'train.save_steps', TRL's name for 'train.save_every'?"),
+    ("resume_from_checkpont", "did you mean 'train.resume_from_checkpoint', TRL's name for 'train.resume'?"),
+    ("learning_rat", "did you mean 'train.learning_rate', TRL's name for 'train.lr'?"),
+    ("max_step", "did you mean 'train.max_steps'?"),
+])
+def test_hints_know_trl_names(tmp_path, key, hint):
+    from fastdadpo.base.errors import ConfigError
+    from fastdadpo.commands.config import load_config
+
+    with pytest.raises(ConfigError) as error:
+        load_config(_write(tmp_path, "c.yaml", {key: 1}))
+    assert hint in str(error.value)
+
+
+def test_trl_metric_names_logged_beside_ours():
+    from fastdadpo.commands.trl_names import with_trl_metric_names
+
+    row = with_trl_metric_names({"step": 1, "rewards/accuracy": 0.5, "rewards/margin": 0.2,
+                                 "eval/rewards/margin": 0.1, "loss": 0.6})
+    assert row["rewards/accuracies"] == 0.5 and row["rewards/margins"] == 0.2 and row["eval/rewards/margins"] == 0.1
+    assert row["rewards/accuracy"] == 0.5 and row["loss"] == 0.6
+
+
+@pytest.mark.slow
+def test_a_trl_named_config_trains_identically_to_ours(toy, tmp_path):
+    import yaml
+
+    runs = {}
+    for name, train in (("ours", OURS_TRAIN), ("trl", TRL_TRAIN)):
+        config = yaml.safe_load(open(_config(toy, tmp_path, "dpo", train__max_steps=4)))
+        config["train"] = {k: v for k, v in config["train"].items()
+                           if k not in ("lr", "micro_batch_size", "grad_accum")}
+        config["train"].update(train, output_dir=str(tmp_path / name))
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        _train(str(path))
+        runs[name] = _metrics(tmp_path / name)
+    assert len(runs["trl"]) == 4
+    for a, b in zip(runs["ours"], runs["trl"]):
+        assert {k: v for k, v in a.items() if k not in ("tokens_per_s", "peak_mem_gb")} == \
+            {k: v for k, v in b.items() if k not in ("tokens_per_s", "peak_mem_gb")}
+    assert "rewards/accuracies" in runs["trl"][-1] and "rewards/margins" in runs["trl"][-1]
+
+
+# --- fastdadpo export ------------------------------------------------------------------------------------
+
+def _export(checkpoint, out, *extra, env=None):
+    import subprocess
+    import sys
+
+    from test_trainer import REPO, TIMEOUT
+
+    return subprocess.run([sys.executable, "-m", "fastdadpo", "export", str(checkpoint), "--out", str(out), *extra],
+                          capture_output=True, text=True, timeout=TIMEOUT, env=env or _env(), cwd=REPO)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine,ranks", [("deepspeed", 1), ("deepspeed", 2), ("fsdp2", 2)])
+def test_export_a_checkpoint_loads_with_from_pretrained(toy, tmp_path, engine, ranks):
+    """A mid-run checkpoint of either engine (written by one or two ranks) exported alone: the
+    directory from_pretrained loads holds the weights the run had at that step."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = _engine_config(toy, tmp_path, "dpo", engine, train__max_steps=3, train__save_every=2)
+    run = tmp_path / "run"
+    _train(config, f"train.output_dir={run}", ranks=ranks)
+    # The reference: the run resumed at its step-2 checkpoint with nothing left to train, which exports
+    # the step-2 weights as final/.
+    stopped = tmp_path / "stopped"
+    _train(config, f"train.output_dir={stopped}", f"train.resume={run / 'checkpoints' / 'step-2'}",
+           "train.max_steps=2", ranks=ranks)
+    out = tmp_path / "exported"
+    result = _export(run / "checkpoints" / "step-2", out)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "step 2" in result.stdout
+    exported = AutoModelForCausalLM.from_pretrained(str(out))
+    reference = AutoModelForCausalLM.from_pretrained(str(stopped / "final"))
+    final = AutoModelForCausalLM.from_pretrained(str(run / "final"))
+    moved = False
+    for (name, a), b, c in zip(exported.state_dict().items(), reference.state_dict().values(),
+                               final.state_dict().values()):
+        assert torch.equal(a, b), name
+        moved |= not torch.equal(a, c)
+    assert moved  # step 2 is not step 3
+    assert (out / "tokenizer.json").exists() or (out / "tokenizer_config.json").exists()
+    again = _export(run / "checkpoints" / "step-2", out)
+    assert again.returncode == 2 and "exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_export_refuses_what_is_not_a_checkpoint(tmp_path):
+    result = _export(tmp_path, tmp_path / "out")
+    assert result.returncode == 2 and "not a complete fastdadpo checkpoint" in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
+
+
+def test_plan_json_is_json_on_a_cpu_machine():
+    """`fastdadpo plan ... --json | python -m json.tool` on a machine without CUDA: nothing but the
+    JSON on stdout (DeepSpeed's accelerator warning once came first)."""
+    import json
+    import subprocess
+    import sys
+
+    from test_trainer import REPO
+
+    env = {k: v for k, v in _env().items() if k != "DS_ACCELERATOR"}
+    result = subprocess.run([sys.executable, "-m", "fastdadpo", "plan", "configs/qwen2.5-7b-to-1.5b-dadpo.yaml",
+                             "--json"], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["objective"] == "dadpo"
+    tool = subprocess.run([sys.executable, "-m", "json.tool"], input=result.stdout, capture_output=True, text=True)
+    assert tool.returncode == 0
+
+
+@pytest.mark.slow
+def test_export_a_lora_checkpoint_merged_and_adapter(toy, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    config = _config(toy, tmp_path, "sft", train__max_steps=2, train__save_every=2)
+    run = tmp_path / "run"
+    _train(config, f"train.output_dir={run}", "model.lora={r: 4, alpha: 8}", "train.lr=1e-2")
+    out = tmp_path / "exported"
+    result = _export(run / "checkpoints" / "step-2", out)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    import torch
+
+    merged = AutoModelForCausalLM.from_pretrained(str(out)).state_dict()
+    final = AutoModelForCausalLM.from_pretrained(str(run / "final")).state_dict()
+    assert all(torch.equal(merged[k], final[k]) for k in final)
+    assert (tmp_path / "exported-adapter" / "adapter_config.json").exists()
+    assert sorted(p.name for p in (tmp_path / "exported-adapter").iterdir()) == \
+        sorted(p.name for p in (run / "final-adapter").iterdir())
