@@ -209,7 +209,7 @@ def format_study(summary: dict) -> str:
                           _cell(m["accuracy multi"]), _cell(m["KL multi"], False, 4), _cell(m["coverage"]),
                           _cell(m["validity"])] for name, m in models.items()])
     lines += ["", "3. paired tests (McNemar, exact, seeds pooled): only the model : only the baseline right, p; "
-                  f"held-out pair types from the teacher's and dSFT's greedy answers", ""]
+                  "held-out pair types from the teacher's and dSFT's greedy answers", ""]
     groups = ["all", "single", "multi"] + list(PAIR_TYPES)
     lines += text_table(["model vs baseline"] + groups,
                         [[(name if " vs " in name else f"{_label(name, summary)} vs dDPO")]
