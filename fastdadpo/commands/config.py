@@ -59,8 +59,8 @@ class LoraSettings:
 
 @dataclass
 class ModelConfig:
-    student: str = ""
-    teacher: Optional[str] = None
+    student: str = ""  # required: a Hugging Face model directory or Hub name
+    teacher: Optional[str] = None  # the objectives that need one: a model sharing the student's tokenizer
     reference: Optional[str] = None  # π_ref; default: the starting student
     teacher_reference: Optional[str] = None  # ADPA: the teacher before its alignment
     dtype: Optional[str] = None  # bf16 | fp16 | fp32; default bf16 on GPU, fp32 on CPU
@@ -102,10 +102,10 @@ def _check_directory(fail, key: str, path: str) -> None:
 
 @dataclass
 class DataConfig:
-    train: str = ""
-    eval: Optional[str] = None
+    train: str = ""  # required: JSONL, JSON, Parquet or a datasets.save_to_disk directory (DIR:split)
+    eval: Optional[str] = None  # held-out rows in the same format, evaluated every train.eval_every steps
     max_length: int = 1024  # prompt + response tokens per sequence (TRL's DPO default)
-    max_prompt_length: Optional[int] = None  # default: PROMPT_SHARE of max_length
+    max_prompt_length: Optional[int] = None  # default: PROMPT_SHARE (half) of max_length
     packing: bool = False  # padding-free batches (sequences concatenated, positions restarting)
     cache_dir: Optional[str] = None  # tokenization and log-prob caches; default $FASTDADPO_CACHE or ~/.cache/fastdadpo
 
@@ -135,19 +135,19 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     micro_batch_size: int = 1  # pairs (or sequences, for chosen-only objectives) per rank per micro-step
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-steps per optimizer step
     lr: Optional[float] = None  # default: the objective's default_lr
-    epochs: float = 1.0
+    epochs: float = 1.0  # passes over data.train
     max_steps: Optional[int] = None  # optimizer steps; wins over epochs
     warmup_ratio: float = 0.1  # Zephyr
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW's
     max_grad_norm: float = 1.0  # gradient clipping; 0 turns it off
-    seed: int = 42
+    seed: int = 42  # initialization, data order, dropout
     save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end (and on SIGTERM)
     keep_checkpoints: int = 0  # the newest K complete checkpoints are kept, older ones deleted; 0 keeps all
     eval_every: int = 0  # optimizer steps between evaluations on data.eval; 0: only at the end
-    log_every: int = 1
-    output_dir: str = "runs/fastdadpo"
+    log_every: int = 1  # optimizer steps between log lines
+    output_dir: str = "runs/fastdadpo"  # metrics.jsonl, config.yaml, checkpoints/, final/
     resume: Any = False  # true: the latest complete checkpoint in output_dir; a path: that checkpoint
     timeout_minutes: float = 30.0  # collectives; a rank that diverges fails loudly after this
     # Recompute the student's layer activations in backward instead of keeping them (non-reentrant, as
@@ -184,7 +184,7 @@ class TrainConfig:
 
 @dataclass
 class DeepSpeedSection:
-    zero_stage: int = 3
+    zero_stage: int = 3  # the student's ZeRO stage: 0, 1, 2 or 3
     teacher_offload: bool = False  # teachers' ZeRO-3 shards live in CPU memory
     extra: Dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed config
 
@@ -206,7 +206,7 @@ class EngineSection:
     set in the ``deepspeed:`` section. ``fsdp2``: PyTorch's ``fully_shard`` per decoder layer, set
     here. ``engine: fsdp2`` is short for ``engine: {name: fsdp2}``."""
 
-    name: str = "deepspeed"
+    name: str = "deepspeed"  # deepspeed | fsdp2
     # fsdp2: parameters, gradients and optimizer states in host memory (FSDP2's CPUOffloadPolicy), the
     # step on the CPU: for a student that does not fit the GPUs otherwise, at the speed of host memory.
     cpu_offload: bool = False
