@@ -259,3 +259,63 @@ def test_export_a_lora_checkpoint_merged_and_adapter(toy, tmp_path):
     assert (tmp_path / "exported-adapter" / "adapter_config.json").exists()
     assert sorted(p.name for p in (tmp_path / "exported-adapter").iterdir()) == \
         sorted(p.name for p in (run / "final-adapter").iterdir())
+
+
+# --- TRL's SFT data formats ------------------------------------------------------------------------------
+
+def _rows_file(tmp_path, rows, name="rows.jsonl"):
+    import json
+
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_sft_formats_read_as_prompt_and_chosen(tmp_path):
+    from fastdadpo.core.rows import load_examples
+
+    system = {"role": "system", "content": "Be brief."}
+    forms = [
+        {"prompt": "Echo: cat", "chosen": "cat"},
+        {"prompt": "Echo: cat", "completion": "cat"},
+        {"messages": [{"role": "user", "content": "Echo: cat"}, {"role": "assistant", "content": "cat"}]},
+    ]
+    examples = load_examples(_rows_file(tmp_path, forms), require=("prompt", "chosen"))
+    assert [e.prompt for e in examples] == [[{"role": "user", "content": "Echo: cat"}]] * 3
+    assert [e.chosen for e in examples] == [[{"role": "assistant", "content": "cat"}]] * 3
+    assert all(e.extra == {} for e in examples)
+    multi = load_examples(_rows_file(tmp_path, [{"messages": [
+        system, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}], "multi.jsonl"),
+        require=("prompt", "chosen"))[0]
+    assert [m["content"] for m in multi.prompt] == ["Be brief.", "a", "b", "c"] and multi.chosen[0]["content"] == "d"
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"prompt": "p", "completion": "c", "chosen": "c"}, "both 'completion' and 'chosen'"),
+    ({"messages": [{"role": "user", "content": "p"}], "prompt": "p"}, "'messages' and also 'prompt'"),
+    ({"messages": [{"role": "user", "content": "only a prompt"}]}, "needs a prompt message followed by an assistant"),
+    ({"text": "raw text"}, "a 'text' row (TRL's language-modeling format)"),
+])
+def test_sft_format_mistakes_are_one_paragraph(tmp_path, row, message):
+    from fastdadpo.base.errors import DataError
+    from fastdadpo.core.rows import load_examples
+
+    with pytest.raises(DataError, match="rows.jsonl line 1: ") as error:
+        load_examples(_rows_file(tmp_path, [row]), require=("prompt", "chosen"))
+    assert message in str(error.value)
+
+
+@pytest.mark.slow
+def test_sft_trains_on_messages_rows_as_on_prompt_chosen_rows(toy, tmp_path):
+    import json
+
+    rows = [json.loads(line) for line in open(toy["train"])]
+    as_messages = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}]}
+                   for r in rows]
+    runs = {}
+    for name, data in (("pairs", toy["train"]), ("messages", _rows_file(tmp_path, as_messages, "messages.jsonl"))):
+        config = _config(toy, tmp_path, "sft", train__max_steps=3, data__train=data)
+        _train(config, f"train.output_dir={tmp_path / name}")
+        runs[name] = [r["loss"] for r in _metrics(tmp_path / name)]
+    assert runs["messages"] == runs["pairs"]

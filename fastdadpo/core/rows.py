@@ -10,6 +10,9 @@ Rows follow TRL's preference format: ``prompt``, ``chosen``, ``rejected``, each 
 of ``{"role", "content"}`` messages. A string prompt is one user message, a string response one
 assistant message. TRL's implicit-prompt rows (no ``prompt``; ``chosen`` and ``rejected`` are whole
 conversations that share their opening messages) are split at the last shared message.
+TRL's SFT formats serve the chosen-only objectives (sft, kd, ...): ``prompt`` and ``completion``
+(the completion is the chosen response), and conversational ``messages`` (the messages before the
+last assistant message are the prompt, that message and any after it the response).
 ``answer`` (a reference answer, or a list of right answers) and every other field pass through untouched.
 """
 from __future__ import annotations
@@ -26,7 +29,7 @@ from fastdadpo.core import chat
 RESPONSE_FIELDS = ("chosen", "rejected")
 
 
-KNOWN_FIELDS = ("prompt", *RESPONSE_FIELDS, "answer")
+KNOWN_FIELDS = ("prompt", *RESPONSE_FIELDS, "answer", "completion", "messages")
 
 
 @dataclass
@@ -216,8 +219,13 @@ def _example(row: Any, source: str, require: Sequence[str]) -> Example:
                         f"{type(row).__name__}")
     # Tabular formats store a field absent from some rows as null: null means missing.
     present = {key: value for key, value in row.items() if value is not None}
+    present = _from_sft_form(present, source)
     if "prompt" not in present and _has_implicit_prompt(present):
         present = _split_implicit_prompt(present, source)
+    if "text" in present and "prompt" not in present:
+        raise DataError(f"{source}: a 'text' row (TRL's language-modeling format) has no prompt and response; "
+                        f"fastdadpo trains on responses to prompts: give prompt/completion, prompt/chosen or "
+                        f"messages rows")
     for name in require:
         if name not in present:
             raise DataError(f"{source}: missing field {name!r} (rows need {', '.join(require)}); found fields "
@@ -257,6 +265,26 @@ def _answer(value: Any, source: str) -> Union[None, str, Tuple[str, ...]]:
         return tuple(_answer(item, source) for item in value)
     raise DataError(f"{source}: field 'answer' must be a string, a number or a list of them (every one a right "
                     f"answer), got {type(value).__name__}")
+
+
+def _from_sft_form(row: dict, source: str) -> dict:
+    """TRL's SFT rows as prompt and chosen: ``completion`` is the chosen response; ``messages`` is
+    split before its last assistant message. Given beside ``chosen`` (or ``messages`` beside
+    ``prompt``), which one is meant cannot be known: an error."""
+    if "completion" in row:
+        if "chosen" in row:
+            raise DataError(f"{source}: has both 'completion' and 'chosen'; give the response once")
+        row = {**row, "chosen": row["completion"]}
+    if "messages" in row:
+        if "prompt" in row or "chosen" in row:
+            raise DataError(f"{source}: has 'messages' and also 'prompt' or 'chosen'; give the conversation one way")
+        messages = chat.as_messages(row["messages"], "user", source, "messages")
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is None or last == 0:
+            raise DataError(f"{source}: field 'messages' needs a prompt message followed by an assistant message "
+                            f"(the response trained on); found roles {[m['role'] for m in messages]}")
+        row = {**row, "prompt": messages[:last], "chosen": messages[last:]}
+    return row
 
 
 def _has_implicit_prompt(row: dict) -> bool:
