@@ -141,9 +141,9 @@ def test_bad_rows_name_file_line_and_field(tmp_path, rows, message):
 def test_bad_files(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         load_examples(str(tmp_path / "missing.jsonl"))
-    (tmp_path / "d.csv").write_text("prompt,chosen\n")
-    with pytest.raises(DataError, match=r"d\.csv: unknown data format; use \.jsonl"):
-        load_examples(str(tmp_path / "d.csv"))
+    (tmp_path / "d.xlsx").write_text("prompt,chosen\n")
+    with pytest.raises(DataError, match=r"d\.xlsx: unknown data format; use \.jsonl"):
+        load_examples(str(tmp_path / "d.xlsx"))
     (tmp_path / "broken.json").write_text('[\n  {"prompt": "a",\n   "chosen": }\n]')
     with pytest.raises(DataError, match=r"broken\.json line 3: malformed JSON"):
         load_examples(str(tmp_path / "broken.json"))
@@ -157,7 +157,7 @@ def test_bad_files(tmp_path):
     with pytest.raises(DataError, match="no rows"):
         load_examples(str(tmp_path / "empty.jsonl"))
     (tmp_path / "not_a_dataset").mkdir()
-    with pytest.raises(DataError, match="not a dataset saved by datasets' save_to_disk"):
+    with pytest.raises(DataError, match="not_a_dataset: cannot be read through datasets.load_dataset"):
         load_examples(str(tmp_path / "not_a_dataset"))
 
 

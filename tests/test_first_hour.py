@@ -319,3 +319,61 @@ def test_sft_trains_on_messages_rows_as_on_prompt_chosen_rows(toy, tmp_path):
         _train(config, f"train.output_dir={tmp_path / name}")
         runs[name] = [r["loss"] for r in _metrics(tmp_path / name)]
     assert runs["messages"] == runs["pairs"]
+
+
+# --- data through datasets.load_dataset -------------------------------------------------------------------
+
+PAIRS = [{"prompt": f"Echo: w{i}", "chosen": f"w{i}", "rejected": "no"} for i in range(5)]
+
+
+def test_data_paths_datasets_reads(tmp_path):
+    """CSV, TSV, gzipped JSON Lines, a glob of files, a folder laid out as a Hub dataset (with a split):
+    the same rows as the JSON Lines file."""
+    import csv
+    import gzip
+    import json
+
+    from fastdadpo.core.rows import load_examples
+
+    expected = load_examples(_rows_file(tmp_path, PAIRS, "pairs.jsonl"))
+    for name, delimiter in (("pairs.csv", ","), ("pairs.tsv", "\t")):
+        with open(tmp_path / name, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["prompt", "chosen", "rejected"], delimiter=delimiter)
+            writer.writeheader()
+            writer.writerows(PAIRS)
+    with gzip.open(tmp_path / "pairs.jsonl.gz", "wt") as handle:
+        handle.write("".join(json.dumps(r) + "\n" for r in PAIRS))
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    _rows_file(parts, PAIRS[:2], "a.jsonl"), _rows_file(parts, PAIRS[2:], "b.jsonl")
+    hub = tmp_path / "hub-like" / "data"
+    hub.mkdir(parents=True)
+    _rows_file(hub, PAIRS, "train.jsonl"), _rows_file(hub, PAIRS[:1], "test.jsonl")
+
+    def same(path):
+        got = load_examples(path)
+        return [(e.prompt, e.chosen, e.rejected) for e in got] == [(e.prompt, e.chosen, e.rejected) for e in expected]
+
+    for path in ("pairs.csv", "pairs.tsv", "pairs.jsonl.gz", "parts/*.jsonl", "hub-like"):
+        assert same(str(tmp_path / path)), path
+    assert len(load_examples(str(tmp_path / "hub-like") + ":test")) == 1
+
+
+def test_data_path_errors_are_one_paragraph(tmp_path, monkeypatch):
+    from fastdadpo.base.errors import DataError
+    from fastdadpo.core.rows import load_examples
+
+    with pytest.raises(DataError, match=r"nothing-\*\.jsonl: matches no file"):
+        load_examples(str(tmp_path / "nothing-*.jsonl"))
+    _rows_file(tmp_path, PAIRS, "x.jsonl"), (tmp_path / "x.xlsx").write_text("")
+    with pytest.raises(DataError, match="matches files of unknown formats"):
+        load_examples(str(tmp_path / "x.*"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError) as error:
+        load_examples("no-such-owner/no-such-dataset")
+    text = str(error.value)
+    assert text.startswith("no-such-owner/no-such-dataset: cannot be read through datasets.load_dataset")
+    assert "looked up as a Hugging Face Hub dataset" in text and "\n" not in text
+    with pytest.raises(DataError, match="no such file or directory"):
+        load_examples(str(tmp_path / "typo.jsonl"))  # a missing local file is not looked up on the Hub

@@ -17,8 +17,10 @@ last assistant message are the prompt, that message and any after it the respons
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence, Tuple, Union
 
@@ -70,6 +72,11 @@ def read_rows(path: str) -> Iterator[tuple[Any, str]]:
     dataset_dir, split = _split_dataset_path(path)
     if dataset_dir is not None:
         yield from _dataset_dir_rows(dataset_dir, split)
+    elif any(char in path for char in "*?[") or (os.path.isfile(path) and _builder(path) not in (None, "native")):
+        yield from _local_files_rows(path)
+    elif not os.path.exists(path) and _builder(path) is None and _HUB_NAME.match(path):
+        name, _, split = path.partition(":")
+        yield from _load_dataset_rows(path, name, split=split or "train")
     elif not os.path.exists(path):
         raise DataError(f"{path}: no such file or directory")
     elif not os.path.isfile(path):
@@ -84,8 +91,68 @@ def read_rows(path: str) -> Iterator[tuple[Any, str]]:
     elif path.endswith(".parquet"):
         yield from _parquet_rows(path)
     else:
-        raise DataError(f"{path}: unknown data format; use .jsonl, .json (an array of objects), .parquet, or a "
-                        f"directory saved by datasets' save_to_disk")
+        raise DataError(f"{path}: unknown data format; use .jsonl, .json (an array of objects), .parquet, .csv, "
+                        f".tsv, .arrow (each optionally compressed: .gz, .bz2, .xz, .zst), a glob of such files, "
+                        f"a dataset directory (save_to_disk's, or data files laid out as on the Hub) or a Hub "
+                        f"dataset name")
+
+
+# Formats read through datasets.load_dataset (its cache, its offline mode): its builder per extension,
+# compressed or not. "native": read here, with line numbers in errors.
+_BUILDERS = {".jsonl": "native", ".json": "native", ".parquet": "native", ".csv": "csv", ".tsv": "csv",
+             ".arrow": "arrow"}
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
+
+
+def _uncompressed(path: str) -> str:
+    name = path.lower()
+    return name[:name.rindex(".")] if name.endswith(_COMPRESSED) else name
+
+
+def _builder(path: str) -> Optional[str]:
+    """datasets' builder for ``path`` ("native" for the formats read here), None for an unknown one."""
+    name = _uncompressed(path)
+    builder = next((b for ext, b in _BUILDERS.items() if name.endswith(ext)), None)
+    if builder == "native" and name != path.lower():  # compressed: datasets decompresses it
+        return "parquet" if name.endswith(".parquet") else "json"
+    return builder
+
+
+def _local_files_rows(pattern: str) -> Iterator[tuple[Any, str]]:
+    """Local files datasets reads (CSV, TSV, compressed JSON Lines, Arrow; a glob of data files)."""
+    files = sorted(glob.glob(pattern)) if any(char in pattern for char in "*?[") else [pattern]
+    if not files:
+        raise DataError(f"{pattern}: matches no file")
+    builders = {_builder(f) for f in files}
+    if len(builders) != 1 or None in builders:
+        raise DataError(f"{pattern}: matches files of {'unknown' if None in builders else 'different'} formats "
+                        f"({', '.join(os.path.basename(f) for f in files[:5])}); one format per data path")
+    for file in files:
+        if not os.access(file, os.R_OK):
+            raise DataError(f"{file}: this user cannot read it (permission denied)")
+    builder = builders.pop()
+    if builder == "native":
+        builder = "parquet" if files[0].endswith(".parquet") else "json"
+    options = {"delimiter": "\t"} if _uncompressed(files[0]).endswith(".tsv") else {}
+    yield from _load_dataset_rows(pattern, builder, data_files=files, split="train", **options)
+
+
+def _load_dataset_rows(where: str, name: str, **kwargs) -> Iterator[tuple[Any, str]]:
+    """Rows through ``datasets.load_dataset(name, **kwargs)``: a Hub dataset (cached; offline with
+    HF_HUB_OFFLINE=1), a local folder laid out as one, or local files with a builder."""
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(name, **kwargs)
+    except Exception as exc:  # noqa: BLE001 (datasets raises many types: not found, offline, bad split, parse)
+        hint = ("" if "data_files" in kwargs else
+                "; it is not a local file or directory, so it was looked up as a Hugging Face Hub dataset "
+                "(NAME or OWNER/NAME, :SPLIT for a split other than train)")
+        raise DataError(f"{where}: cannot be read through datasets.load_dataset ({type(exc).__name__}: "
+                        f"{' '.join(str(exc).split())[:300]}){hint}") from None
+    for number, row in enumerate(loaded):
+        yield row, f"{where} row {number}"
 
 
 def _split_dataset_path(path: str) -> tuple[Optional[str], Optional[str]]:
@@ -103,9 +170,10 @@ def _dataset_dir_rows(directory: str, split: Optional[str]) -> Iterator[tuple[An
 
     try:
         loaded = datasets.load_from_disk(directory)
-    except FileNotFoundError:
-        raise DataError(f"{directory}: a directory that is not a dataset saved by datasets' save_to_disk; give a "
-                        f"data file (.jsonl, .json, .parquet) or a saved dataset") from None
+    except FileNotFoundError:  # not save_to_disk's layout: a folder of data files, as a Hub dataset is
+        yield from _load_dataset_rows(directory if split is None else f"{directory}:{split}", directory,
+                                      split=split or "train")
+        return
     except Exception as exc:  # noqa: BLE001 (datasets, pyarrow and JSON errors alike: a damaged saved dataset)
         raise DataError(f"{directory}: a saved dataset that cannot be read ({type(exc).__name__}: "
                         f"{' '.join(str(exc).split())[:200]}); its state.json or .arrow files are damaged: save it "
