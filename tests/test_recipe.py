@@ -120,8 +120,8 @@ def test_bad_recipes_are_clear_errors(tmp_path):
     path.write_text(yaml.safe_dump(dict(base, students={"daDPO": {"objective": {"name": "dadpo", "beta1": -1}}})))
     with pytest.raises(ConfigError, match=r"training daDPO.*beta1"):
         load_recipe(str(path))
-    path.write_text(yaml.safe_dump(dict(base, train_common={"train": {"learning_rate": 1e-5}})))
-    with pytest.raises(ConfigError, match=r"training dSFT.*learning_rate"):
+    path.write_text(yaml.safe_dump(dict(base, train_common={"train": {"learnin_rate": 1e-5}})))
+    with pytest.raises(ConfigError, match=r"training dSFT.*learnin_rate"):
         load_recipe(str(path))
     path.write_text(yaml.safe_dump(dict(base, students={"daDPO": "dadpo"})))
     with pytest.raises(ConfigError, match="students must map display names"):
