@@ -377,3 +377,71 @@ def test_data_path_errors_are_one_paragraph(tmp_path, monkeypatch):
     assert "looked up as a Hugging Face Hub dataset" in text and "\n" not in text
     with pytest.raises(DataError, match="no such file or directory"):
         load_examples(str(tmp_path / "typo.jsonl"))  # a missing local file is not looked up on the Hub
+
+
+# --- progress with ETA in every long stage ----------------------------------------------------------------
+
+def _in_pty(command, columns, env, cwd):
+    """The combined output of ``command`` run with stdout and stderr on a pseudo-terminal ``columns`` wide."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=follower, stderr=follower, env=env, cwd=cwd)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    process.wait(timeout=600)
+    os.close(leader)
+    return process.returncode, b"".join(chunks).decode("utf-8", "replace")
+
+
+@pytest.mark.slow
+def test_every_long_stage_shows_progress_with_eta_on_a_terminal(toy, tmp_path):
+    """Under a pseudo-terminal: tqdm bars with their ETA ("<" between elapsed and remaining) for
+    tokenization, the cached log-probs, training, and eval's generation; a zero-width terminal gets the
+    plain lines with their ETA instead of nothing; a pipe gets the plain lines."""
+    import json
+    import re
+    import subprocess
+    import sys
+
+    from test_trainer import REPO
+
+    env = {k: v for k, v in _env().items() if k not in ("COLUMNS", "LINES")}
+    config = _config(toy, tmp_path, "dpo", train__max_steps=3, data__cache_dir=str(tmp_path / "fresh-cache"))
+    code, wide = _in_pty([sys.executable, "-m", "fastdadpo", "train", config, "--set",
+                          f"train.output_dir={tmp_path / 'wide'}"], 120, env, REPO)
+    assert code == 0, wide[-3000:]
+    for stage in ("tokenize", "log-probs", "train"):
+        assert re.search(stage + r":.*\|.*\[\d\d:\d\d<\d\d:\d\d", wide), (stage, wide[-3000:])
+    code, narrow = _in_pty([sys.executable, "-m", "fastdadpo", "train", config, "--set",
+                            f"train.output_dir={tmp_path / 'narrow'}", "--set",
+                            f"data.cache_dir={tmp_path / 'other-cache'}"], 0, env, REPO)
+    assert code == 0, narrow[-3000:]
+    assert re.search(r"\[tokenize\] \d+/\d+ rows \(100%\), .* eta \d+s", narrow), narrow[-3000:]
+    assert re.search(r"\[fastdadpo\] step 3/3 loss \S+ tok/s \d+ eta \d+s", narrow)
+    students = tmp_path / "students.json"
+    students.write_text(json.dumps({"trained": str(tmp_path / "wide" / "final")}))
+    prompts = _rows_file(tmp_path, [{k: json.loads(line)[k] for k in ("prompt", "answer")} for line in open(toy["eval"])],
+                         "prompts.jsonl")  # no chosen: the teacher generates too
+    evaluate = [sys.executable, "-m", "fastdadpo", "eval", "--teacher", toy["teacher"], "--students", str(students),
+                "--data", prompts, "--max-new-tokens", "4", "--batch-size", "2"]
+    code, shown = _in_pty(evaluate, 120, env, REPO)
+    assert code == 0, shown[-3000:]
+    for stage in ("eval teacher", "eval trained"):
+        assert re.search(stage + r":.*\[\d\d:\d\d<\d\d:\d\d", shown), (stage, shown[-3000:])
+    piped = subprocess.run(evaluate, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert re.search(r"\[eval trained\] 6/6 prompts \(100%\), \S+ prompts/s, eta 0s", piped.stderr), piped.stderr

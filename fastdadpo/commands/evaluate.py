@@ -107,10 +107,10 @@ def _response_hidden_states(model, sequences, rows: Sequence[int], pad_id: int, 
 
 
 def _generate(model, tokenizer, examples: Sequence[Example], *, max_new_tokens: int, batch_size: int,
-              device) -> List[str]:
+              device, name: str) -> List[str]:
     prompts = [prompt_ids(tokenizer, e.prompt) for e in examples]
     return generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
-                          batch_size=batch_size, device=device)
+                          batch_size=batch_size, device=device, progress=f"eval {name}")
 
 
 def teacher_pass(path: str, examples: Sequence[Example], *, max_new_tokens: int, batch_size: int,
@@ -121,7 +121,7 @@ def teacher_pass(path: str, examples: Sequence[Example], *, max_new_tokens: int,
     model = load_causal_lm(path, dtype=dtype, device=device, key="--teacher")
     missing = [e for e in examples if e.chosen is None]
     generated = iter(_generate(model, tokenizer, missing, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                               device=device) if missing else [])
+                               device=device, name="teacher") if missing else [])
     # A generated response is kept as it came out, even when empty (as_messages would refuse that).
     responses = [e.chosen or [{"role": "assistant", "content": next(generated)}] for e in examples]
     sequences = []
@@ -178,7 +178,7 @@ def student_pass(name: str, path: str, examples: Sequence[Example], teacher: Tea
     vocab_size = check_tokenizers_compatible(tokenizer, teacher.tokenizer, student_head_rows=head_rows(model),
                                              teacher_head_rows=teacher.head.shape[0])
     responses = _generate(model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                          device=device)
+                          device=device, name=name)
     correct = correctness(responses, examples)
     return {"path": path, "parameters": count_parameters(model), "accuracy": _mean_of_known(correct),
             **divergences(model, teacher, vocab_size=vocab_size, batch_size=batch_size, device=device),

@@ -45,6 +45,7 @@ from typing import Optional, Sequence
 from fastdadpo.base import collectives
 from fastdadpo.base.errors import ConfigError, DataError, UserError
 from fastdadpo.base.files import write_text_atomic
+from fastdadpo.base.progress import StageProgress
 from fastdadpo.core import chat
 from fastdadpo.core.batch import pad_token_id
 from fastdadpo.core.rows import Example, load_prompts
@@ -176,7 +177,7 @@ def _generate(args, info: collectives.DistInfo) -> None:
         f"to {args.batch_size} to generate on {info.world_size} process(es)")
     loaded = {role: _load_model(getattr(args, role), f"--{role}", job.tokenizers[role], job.vocab_size,
                                 job.head_rows[role], job.dtype, info) for role in job.roles}
-    empty_responses = _run_steps(args, job, loaded, pending, done, info, log)
+    empty_responses = _run_steps(args, job, loaded, pending, done, info)
     collectives.barrier()
     if info.is_main:
         _finish(args.out, len(job.examples))
@@ -235,12 +236,14 @@ def _rows_done(out: str, job: _Job, info: collectives.DistInfo) -> set[int]:
     return done
 
 
-def _run_steps(args, job: _Job, loaded: dict, pending: list[int], done: set[int], info, log) -> int:
+def _run_steps(args, job: _Job, loaded: dict, pending: list[int], done: set[int], info) -> int:
     """Generate the pending batches, ``world_size`` at a time; rank 0 appends each step's rows.
     Returns how many written rows have an empty response."""
     empty_responses = 0
     steps = -(-len(pending) // info.world_size)
-    with open(args.out, "a", encoding="utf-8") if info.is_main else contextlib.nullcontext() as out:
+    rows_pending = sum(len([i for i in job.batches[b] if i not in done]) for b in pending)
+    with open(args.out, "a", encoding="utf-8") if info.is_main else contextlib.nullcontext() as out, \
+            StageProgress(rows_pending, "generate", "rows", active=info.is_main) as progress:
         for step in range(steps):
             slot = step * info.world_size + info.rank
             batch_id = pending[slot] if slot < len(pending) else None
@@ -259,7 +262,7 @@ def _run_steps(args, job: _Job, loaded: dict, pending: list[int], done: set[int]
                 _append(out, gathered)
                 # A kept chosen was checked non-empty: only generated responses can be.
                 empty_responses += sum(1 for row in gathered if not row["rejected"] or not row["chosen"])
-                log(f"generate: step {step + 1}/{steps}, {len(gathered)} rows written")
+                progress.update(len(gathered), step=f"{step + 1}/{steps}")
     return empty_responses
 
 

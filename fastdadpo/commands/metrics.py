@@ -13,6 +13,7 @@ import torch
 
 from fastdadpo.base import collectives
 from fastdadpo.base.files import write_text_atomic
+from fastdadpo.base.progress import bar_columns, format_seconds
 from fastdadpo.commands.trl_names import with_trl_metric_names
 
 
@@ -119,10 +120,11 @@ class Progress:
         self.total, self.step, self.active, self.every = total, initial, active, every
         self.started, self.first = time.perf_counter(), initial
         self.bar = None
-        if active and sys.stderr.isatty():
+        columns = bar_columns(sys.stderr) if active else None
+        if columns is not None:  # a terminal too narrow to draw a bar (or 0 columns) gets the plain lines
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", ncols=columns)
 
     def update(self, metrics: dict) -> None:
         self.step += 1
@@ -135,7 +137,7 @@ class Progress:
             rate = (self.step - self.first) / max(time.perf_counter() - self.started, 1e-9)
             eta = (self.total - self.step) / max(rate, 1e-9)
             print(f"[fastdadpo] step {self.step}/{self.total} loss {metrics['loss']:.4f} "
-                  f"tok/s {metrics['tokens_per_s']:.0f} eta {eta:.0f}s", flush=True)
+                  f"tok/s {metrics['tokens_per_s']:.0f} eta {format_seconds(eta)}", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

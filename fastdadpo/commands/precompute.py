@@ -18,6 +18,7 @@ import torch
 
 from fastdadpo.base import collectives
 from fastdadpo.base.cache import ContentCache
+from fastdadpo.base.progress import StageProgress
 from fastdadpo.core.losses import sequence_logps
 from fastdadpo.core.sampler import shard_rounds
 from fastdadpo.kernels import fused_linear_logprobs
@@ -50,14 +51,17 @@ def data_fingerprint(examples: Sequence) -> str:
 
 def sequence_logps_table(token_logps_fn: Callable, examples: List, *, collate: Callable,
                          micro_batch_size: int, rank: int, world_size: int, gather: Callable,
-                         device: torch.device) -> torch.Tensor:
+                         device: torch.device, show_progress: bool = True) -> torch.Tensor:
     """[rows, 2] float32, indexed by each example's ``index`` (its row in the loaded data, which
     counts rows tokenization dropped): Σ log π of its chosen and rejected response (rejected
     column 0 for chosen-only data). ``token_logps_fn(batch)`` gives a batch's [R, T] token log-probs
     of its targets (0 off the responses). Collective: every rank runs the same number of micro-batches
     (``sampler.shard_rounds``; a rank out of examples runs example 0 and drops it), so ZeRO-3 ranks stay in step."""
     rows, values = [], []
-    for indices in shard_rounds(len(examples), micro_batch_size, rank, world_size):
+    rounds = list(shard_rounds(len(examples), micro_batch_size, rank, world_size))
+    progress = StageProgress(len(rounds), "log-probs", "batches", active=rank == 0 and show_progress)
+    for indices in rounds:
+        progress.update()
         batch = collate([examples[i] for i in indices or [0]]).to(device)
         with torch.no_grad():
             sums = sequence_logps(token_logps_fn(batch), batch.target_sequence, batch.num_sequences)
@@ -66,6 +70,7 @@ def sequence_logps_table(token_logps_fn: Callable, examples: List, *, collate: C
         for j, index in enumerate(indices):
             rows.append(examples[index].index)
             values.append((float(chosen[j]), float(rejected[j])))
+    progress.close()
     table = torch.zeros(max((example.index for example in examples), default=-1) + 1, 2)
     for part_rows, part_values in gather((rows, values)):
         for index, pair in zip(part_rows, part_values):

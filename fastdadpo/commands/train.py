@@ -328,7 +328,8 @@ class Trainer:
         d = self.config.data
         tokenized, report = tokenize_examples(
             examples, self.tokenizer, max_length=d.max_length, max_prompt_length=d.prompt_length, fields=fields,
-            cache_dir=os.path.join(d.resolved_cache_dir(), "tokenized"), log=self.log.info)
+            cache_dir=os.path.join(d.resolved_cache_dir(), "tokenized"), log=self.log.info,
+            show_progress=self.dist.is_main)
         self.log.info(f"{key}: {report.summary()}")
         if not tokenized:
             raise ConfigError(f"{key}: no usable examples in {path} after tokenization ({report.summary()})")

@@ -12,6 +12,7 @@ import torch
 
 from fastdadpo.base.cache import ContentCache
 from fastdadpo.base.errors import ConfigError, DataError
+from fastdadpo.base.progress import StageProgress
 from fastdadpo.core import chat
 from fastdadpo.core.rows import Example, RESPONSE_FIELDS
 
@@ -55,13 +56,14 @@ class TokenizationReport:
 
 
 def tokenize_examples(examples: Sequence[Example], tokenizer, *, max_length: int, max_prompt_length: int,
-                      fields: Sequence[str] = RESPONSE_FIELDS, cache_dir: Optional[str] = None, log=None
-                      ) -> tuple[list[TokenizedExample], TokenizationReport]:
+                      fields: Sequence[str] = RESPONSE_FIELDS, cache_dir: Optional[str] = None, log=None,
+                      show_progress: bool = False) -> tuple[list[TokenizedExample], TokenizationReport]:
     """Token ids of every example under the truncation policy: the prompt keeps its last
     ``max_prompt_length`` tokens, then each response keeps its first ``max_length - len(prompt)``.
     A row with an empty response is dropped and counted. With ``cache_dir``, results are stored
     there keyed by a fingerprint of the examples, the tokenizer, the lengths and the fields, with a
-    digest of their contents; an entry that is unreadable or fails its digest is said and rebuilt."""
+    digest of their contents; an entry that is unreadable or fails its digest is said and rebuilt.
+    ``show_progress``: this process reports the tokenization's progress (``base.progress``)."""
     _check_lengths(max_length, max_prompt_length)
     unknown = set(fields) - set(RESPONSE_FIELDS)
     if unknown:
@@ -73,7 +75,8 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, *, max_length: int
         entry = cache.load(key, "tokenizing again")
         if entry is not None:
             return _from_cache_entry(*entry, fields)
-    tokenized, report = _tokenize_all(examples, tokenizer, max_length, max_prompt_length, fields)
+    with StageProgress(len(examples), "tokenize", "rows", active=show_progress) as progress:
+        tokenized, report = _tokenize_all(examples, tokenizer, max_length, max_prompt_length, fields, progress)
     if cache is not None:
         cache.store(key, _cache_entry(tokenized, report, fields), report.__dict__)  # several ranks may write it at once
     return tokenized, report
@@ -89,11 +92,13 @@ def _check_lengths(max_length: int, max_prompt_length: int) -> None:
                           f"({max_length}), or no response token would fit")
 
 
-def _tokenize_all(examples, tokenizer, max_length, max_prompt_length, fields):
+def _tokenize_all(examples, tokenizer, max_length, max_prompt_length, fields, progress=None):
     report = TokenizationReport(rows=len(examples), max_length=max_length, max_prompt_length=max_prompt_length,
                                 response_truncated={name: 0 for name in fields})
     tokenized = []
     for index, example in enumerate(examples):
+        if progress is not None:
+            progress.update()
         prompt_ids, responses = _tokenize_one(example, tokenizer, fields)
         if len(prompt_ids) > max_prompt_length:
             prompt_ids = prompt_ids[-max_prompt_length:]

@@ -10,6 +10,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from fastdadpo.base.progress import StageProgress
 from fastdadpo.core.batch import pad_token_id, padded
 
 
@@ -48,15 +49,24 @@ def decode_response(tokenizer, ids: List[int]) -> str:
 
 def generate_texts(model, tokenizer, prompts: Sequence[List[int]], *, max_new_tokens: int, temperature: float = 0.0,
                    top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
-                   device: Optional[torch.device] = None) -> List[str]:
+                   device: Optional[torch.device] = None, progress: Optional[str] = None) -> List[str]:
     """Responses (decoded text) for many prompts in one process: batches sorted by prompt length
-    (little padding), results in the prompts' order; batch k is seeded with ``seed + k``."""
+    (little padding), results in the prompts' order; batch k is seeded with ``seed + k``.
+    ``progress``: the stage's name, to report its progress under (``base.progress``)."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     texts: List[Optional[str]] = [None] * len(prompts)
+    with StageProgress(len(prompts), progress or "", "prompts", active=progress is not None) as bar:
+        _generate_in_batches(model, tokenizer, prompts, order, texts, bar, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, device=device)
+    return texts
+
+
+def _generate_in_batches(model, tokenizer, prompts, order, texts, bar, *, max_new_tokens, temperature, top_p, seed,
+                         batch_size, device) -> None:
     for k, start in enumerate(range(0, len(order), batch_size)):
         chunk = order[start:start + batch_size]
         outs = generate_batch(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens=max_new_tokens,
                               temperature=temperature, top_p=top_p, seed=seed + k, device=device)
         for i, ids in zip(chunk, outs):
             texts[i] = decode_response(tokenizer, ids)
-    return texts
+        bar.update(len(chunk))
