@@ -445,3 +445,87 @@ def test_every_long_stage_shows_progress_with_eta_on_a_terminal(toy, tmp_path):
         assert re.search(stage + r":.*\[\d\d:\d\d<\d\d:\d\d", shown), (stage, shown[-3000:])
     piped = subprocess.run(evaluate, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert re.search(r"\[eval trained\] 6/6 prompts \(100%\), \S+ prompts/s, eta 0s", piped.stderr), piped.stderr
+
+
+# --- trackers: train.report_to ------------------------------------------------------------------------------
+
+WANDB_STAND_IN = '''
+"""A recording stand-in for wandb: every call our trainer makes, appended to $WANDB_RECORD as JSON."""
+import json, os, uuid
+
+def _record(kind, **payload):
+    with open(os.environ["WANDB_RECORD"], "a") as handle:
+        handle.write(json.dumps({"call": kind, **payload}) + "\\n")
+
+class util:
+    @staticmethod
+    def generate_id():
+        return uuid.uuid4().hex[:8]
+
+class _Run:
+    def log(self, data, step=None):
+        _record("log", data=data, step=step)
+    def finish(self):
+        _record("finish")
+
+def init(**kwargs):
+    _record("init", mode=os.environ.get("WANDB_MODE"), **{k: v for k, v in kwargs.items() if k != "config"},
+            config_keys=sorted(kwargs.get("config") or {}))
+    return _Run()
+'''
+
+
+def test_report_to_names_and_missing_packages(tmp_path):
+    from fastdadpo.base.errors import ConfigError
+    from fastdadpo.commands.config import load_config
+
+    path = _write(tmp_path, "c.yaml", {"report_to": "tensorboard"})
+    assert load_config(path).train.report_to == ["tensorboard"]
+    assert load_config(path, ["train.report_to=none"]).train.report_to == ["none"]
+    with pytest.raises(ConfigError, match=r"train.report_to names \['comet'\]; choose from jsonl, tensorboard, wandb"):
+        load_config(path, ["train.report_to=[comet]"])
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(ConfigError, match=r"asks for wandb, which is not installed: pip install 'fastdadpo\[wandb\]'"):
+            load_config(path, ["train.report_to=[wandb]"])
+
+
+@pytest.mark.slow
+def test_tensorboard_and_wandb_receive_every_step(toy, tmp_path):
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    stand_in = tmp_path / "stand-in" / "wandb"
+    stand_in.mkdir(parents=True)
+    (stand_in / "__init__.py").write_text(WANDB_STAND_IN)
+    record = tmp_path / "wandb.jsonl"
+    env = _env(PYTHONPATH=str(stand_in.parent), WANDB_MODE="offline", WANDB_RECORD=str(record))
+    config = _config(toy, tmp_path, "dpo", train__max_steps=3, train__save_every=2)
+    run = tmp_path / "run"
+    _train(config, f"train.output_dir={run}", "train.report_to=[tensorboard, wandb]", env=env)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+    assert [e.step for e in events.Scalars("rewards/accuracies")] == [1, 2, 3]
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    init = calls[0]
+    assert init["call"] == "init" and init["mode"] == "offline" and init["resume"] == "allow"
+    assert init["project"] == "fastdadpo" and init["name"] == "run" and "train" in init["config_keys"]
+    assert (run / "wandb-run-id").read_text() == init["id"]
+    logged = [c for c in calls if c["call"] == "log"]
+    assert [c["step"] for c in logged] == [1, 2, 3] and all("loss" in c["data"] for c in logged)
+    assert calls[-1]["call"] == "finish"
+    # A resume continues the same W&B run, from the resumed step.
+    record.unlink()
+    _train(config, f"train.output_dir={run}", "train.report_to=[tensorboard, wandb]", "train.max_steps=4",
+           f"train.resume={run / 'checkpoints' / 'step-2'}", env=env)
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    assert calls[0]["id"] == init["id"] and [c["step"] for c in calls if c["call"] == "log"] == [3, 4]
+
+
+def test_default_report_writes_no_tensorboard(toy, tmp_path):
+    run = tmp_path / "plain"
+    _train(_config(toy, tmp_path, "dpo", train__max_steps=1), f"train.output_dir={run}")
+    assert (run / "metrics.jsonl").exists() and not (run / "tensorboard").exists()

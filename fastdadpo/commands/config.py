@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import os
 import re
@@ -31,6 +32,7 @@ from fastdadpo.engine.interface import Engine
 from fastdadpo.kernels import BACKENDS, KernelSettings
 from fastdadpo.models.loading import liger_unavailable_reason
 
+REPORTERS = ("jsonl", "tensorboard", "wandb", "none")  # none: metrics.jsonl alone, as TRL's "none"
 PROMPT_SHARE = 0.5  # data.max_prompt_length when unset: this share of data.max_length (TRL's 1024/512 ratio)
 
 
@@ -147,6 +149,9 @@ class TrainConfig:
     keep_checkpoints: int = 0  # the newest K complete checkpoints are kept, older ones deleted; 0 keeps all
     eval_every: int = 0  # optimizer steps between evaluations on data.eval; 0: only at the end
     log_every: int = 1  # optimizer steps between log lines
+    # where metrics go besides metrics.jsonl (always written): tensorboard (output_dir/tensorboard; the
+    # [tensorboard] extra), wandb (the [wandb] extra; WANDB_MODE=offline runs without a network)
+    report_to: List[str] = field(default_factory=lambda: ["jsonl"])
     output_dir: str = "runs/fastdadpo"  # metrics.jsonl, config.yaml, checkpoints/, final/
     resume: Any = False  # true: the latest complete checkpoint in output_dir; a path: that checkpoint
     timeout_minutes: float = 30.0  # collectives; a rank that diverges fails loudly after this
@@ -175,6 +180,12 @@ class TrainConfig:
                 fail(f"train.{key}", f"must be >= 0 (0: off), got {getattr(self, key)}")
         if not 0 <= self.warmup_ratio < 1:
             fail("train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        unknown = [name for name in self.report_to if name not in REPORTERS]
+        if unknown:
+            fail("train.report_to", f"names {unknown}; choose from {', '.join(REPORTERS)}")
+        for name in sorted(set(self.report_to) - {"jsonl", "none"}):
+            if importlib.util.find_spec(name) is None:
+                fail("train.report_to", f"asks for {name}, which is not installed: pip install 'fastdadpo[{name}]'")
         if not isinstance(self.resume, (bool, str)):
             fail("train.resume", f"must be true, false or a checkpoint path, got {self.resume!r}")
         if isinstance(self.resume, str) and not os.path.isdir(self.resume):
@@ -427,6 +438,8 @@ def _coerce(value, annotation, path: str, where: _Where):
         if isinstance(value, dict):
             return value
     elif origin in (list, typing.List):
+        if isinstance(value, str):  # one item, as TRL's report_to takes "tensorboard"
+            return [value]
         if isinstance(value, list) and all(isinstance(item, str) for item in value):
             return list(value)
         where.fail(path, f"must be a list of strings, got {value!r}")

@@ -7,7 +7,7 @@ import os
 import resource
 import sys
 import time
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -48,21 +48,34 @@ class MetricsLog:
     step (from the interrupted run) are dropped so the file tells one consistent story, and so is a
     torn last line (what a kill or a full disk during an append leaves), said once in the log."""
 
-    def __init__(self, path: str, active: bool, keep_until: int, log=None):
+    def __init__(self, path: str, active: bool, keep_until: int, log=None, report_to=("jsonl",),
+                 run_config: Optional[dict] = None):
         self.path, self.active = path, active
-        self.writer = None
+        self.writer = self.wandb = None
         if not active:
             return
         kept, torn = (self._rows_until(keep_until) if keep_until and os.path.exists(path) else ([], 0))
         if torn and log is not None:
             log.info(f"{path}: dropped {torn} unreadable line(s) (a torn append from the interrupted run)")
         write_text_atomic(path, "".join(kept))
-        try:
+        output_dir = os.path.dirname(path)
+        if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(os.path.dirname(path), "tensorboard"))
-        except ImportError:
-            self.writer = None
+            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+        if "wandb" in report_to:
+            import wandb
+
+            # One W&B run per output directory, continued on resume: its id is kept beside metrics.jsonl.
+            id_path = os.path.join(output_dir, "wandb-run-id")
+            run_id = wandb.util.generate_id()
+            if os.path.exists(id_path):
+                with open(id_path, encoding="utf-8") as handle:
+                    run_id = handle.read().strip() or run_id
+            write_text_atomic(id_path, run_id)
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "fastdadpo"), id=run_id, resume="allow",
+                                    name=os.path.basename(os.path.abspath(output_dir)), dir=output_dir,
+                                    config=run_config or {})
 
     def _rows_until(self, step: int):
         kept, torn = [], 0
@@ -85,11 +98,19 @@ class MetricsLog:
         row = with_trl_metric_names(row)
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
+        scalars = {key: value for key, value in row.items() if isinstance(value, (int, float)) and key != "step"}
         if self.writer is not None:
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.writer.add_scalar(key, value, row["step"])
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, row["step"])
             self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=row["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 class Log:

@@ -209,7 +209,8 @@ class Trainer:
         if self.resume_from:
             self.log.info(f"resumed from {self.resume_from} (step {start_step})")
         metrics_log = MetricsLog(os.path.join(config.train.output_dir, "metrics.jsonl"), dist.is_main,
-                                 keep_until=start_step, log=self.log)
+                                 keep_until=start_step, log=self.log, report_to=config.train.report_to,
+                                 run_config=config.to_dict())
         stop = collectives.StopOnSigterm()
         progress = self.log.progress(plan.total_steps, start_step, config.train.log_every)
         last_metrics: Dict[str, float] = {}
@@ -220,8 +221,10 @@ class Trainer:
                 last_metrics, stopped = self._step_and_report(step, stop.requested, metrics_log, progress)
                 if stopped:
                     progress.close()
+                    metrics_log.close()
                     return last_metrics
             progress.close()
+            metrics_log.close()
             final = self.student.export(self.tokenizer, config.train.output_dir, lora=config.model.lora,
                                         base_model=config.model.student)
         self.log.info(f"done: {plan.total_steps} steps; model in {final}")
