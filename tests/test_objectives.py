@@ -171,6 +171,14 @@ def reference_loss(name, params, p, hidden, weight):
             loss = (-(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)).mean()
         elif loss_type == "ipo":
             loss = ((h - 1 / (2 * beta)) ** 2).mean()
+        elif loss_type == "robust":  # TRL 1.16's formulas, written out
+            loss = ((-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)).mean()
+        elif loss_type == "exo_pair":
+            q_w, q_l = torch.sigmoid(beta * h), torch.sigmoid(-beta * h)
+            loss = (q_w * (torch.log(q_w) - math.log(1 - eps)) + q_l * (torch.log(q_l) - math.log(eps))).mean()
+        elif loss_type == "discopop":
+            m = torch.sigmoid(beta * h / 0.05)
+            loss = (-F.logsigmoid(beta * h) * (1 - m) + torch.exp(-beta * h) * m).mean()
         else:
             loss = torch.relu(1 - beta * h).mean()
         reward_c, reward_r = beta * (policy_c - ref_c), beta * (policy_r - ref_r)
@@ -194,6 +202,9 @@ CASES = [
     ("dpo", dict(beta=0.3, label_smoothing=0.2)),
     ("dpo", dict(beta=0.5, loss_type="ipo")),
     ("dpo", dict(beta=0.2, loss_type="hinge")),
+    ("dpo", dict(beta=0.3, loss_type="robust", label_smoothing=0.1)),
+    ("dpo", dict(beta=0.05, loss_type="exo_pair", label_smoothing=0.1)),
+    ("dpo", dict(beta=0.4, loss_type="discopop")),
     ("dadpo", dict(beta1=0.1, beta2=0.2)),
     ("dadpo_token", dict(beta=0.1, alpha=0.5, kind="forward_kl", temperature=1.0)),
     ("dadpo_token", dict(beta=0.2, alpha=0.1, kind="reverse_kl", temperature=2.0)),
@@ -278,12 +289,12 @@ def test_dadpo_with_beta2_zero_is_dpo():
         torch.testing.assert_close(a[0].metrics[key], b[0].metrics[key])
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "robust", "exo_pair", "discopop"])
 def test_pair_losses_are_stable_for_any_margin(loss_type):
     huge = torch.tensor([1e4, -1e4, 0.0, 3e4], dtype=torch.float32, requires_grad=True)
     zeros = torch.zeros(4)
     loss = dpo_loss(huge, zeros, zeros, zeros, beta=1.0, loss_type=loss_type,
-                    label_smoothing=0.1 if loss_type == "sigmoid" else 0.0)
+                    label_smoothing={"sigmoid": 0.1, "robust": 0.1, "exo_pair": 1e-3}.get(loss_type, 0.0))
     loss.sum().backward()
     assert torch.isfinite(loss).all() and torch.isfinite(huge.grad).all()
     da = dadpo_loss(huge, zeros, zeros, zeros, zeros, -huge.detach(), beta1=1.0, beta2=2.0)

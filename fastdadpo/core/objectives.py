@@ -30,7 +30,7 @@ from typing import ClassVar, Dict, Tuple
 
 import torch
 
-from fastdadpo.core.losses import LOSS_TYPES, dadpo_loss, dpo_loss, sequence_logps
+from fastdadpo.core.losses import LOSS_TYPES, dadpo_loss, dpo_loss, loss_type_problem, sequence_logps
 from fastdadpo.core.step import KernelCall, Needs, ObjectiveOutput, StepInputs
 from fastdadpo.kernels import (APPROXIMATIONS, DIVERGENCE_KINDS, IGNORE_INDEX, RELEASE_TOP_K, fused_linear_advantage,
                                fused_linear_divergence, fused_linear_logprobs)
@@ -292,21 +292,18 @@ class DPO(_Preference):
 
     name = "dpo"
     formula = ("dDPO: −log σ(β·h), h = [log π_θ(y^t) − log π_ref(y^t)] − [log π_θ(y^s) − log π_ref(y^s)]; "
-               "`loss_type` `sigmoid`, `ipo` (h − 1/(2β))², `hinge` relu(1 − β·h); `label_smoothing` ε: "
-               "−(1−ε)·log σ(β·h) − ε·log σ(−β·h)")
+               "`loss_type` `ipo` (h − 1/(2β))², `hinge` relu(1 − β·h), `robust`, `exo_pair`, `discopop` (TRL's); "
+               "`label_smoothing` ε: −(1−ε)·log σ(β·h) − ε·log σ(−β·h)")
     beta: float = parameter(0.1, "the KL weight β (inverse temperature of the implicit reward)", ZEPHYR_DDPO)
-    loss_type: str = parameter("sigmoid", "sigmoid, ipo or hinge", "sigmoid, as in DPO")
-    label_smoothing: float = parameter(0.0, "sigmoid only: the assumed share ε of flipped preferences",
+    loss_type: str = parameter("sigmoid", ", ".join(LOSS_TYPES) + " (TRL 1.16's, on h)", "sigmoid, as in DPO")
+    label_smoothing: float = parameter(0.0, "sigmoid, robust, exo_pair: the assumed share ε of flipped preferences",
                                        "off, as in DPO")
 
     def validate(self) -> None:
         super().validate()
         _positive(self, "beta")
-        _check(self.loss_type in LOSS_TYPES, "loss_type", f"is {self.loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
-        _check(math.isfinite(self.label_smoothing) and 0 <= self.label_smoothing < 0.5, "label_smoothing",
-               f"must be in [0, 0.5), got {self.label_smoothing}")
-        _check(not self.label_smoothing or self.loss_type == "sigmoid", "label_smoothing",
-               f"applies to loss_type sigmoid only, not {self.loss_type!r}")
+        problem = loss_type_problem(self.loss_type, self.label_smoothing)
+        _check(problem is None, *(problem or ("", "")))
 
     def _pair_loss(self, inputs: StepInputs, policy: torch.Tensor):
         split = inputs.batch.split_pairs
