@@ -178,8 +178,33 @@ def test_known_tables_by_name_and_by_path():
     pruned = architectures.load_architecture("runs/vicuna-7b-pruned20-dsft/final", "model.student")
     assert pruned.intermediate == 7712  # the longer hint wins over vicuna-7b
     assert architectures.load_architecture("lmsys/vicuna-7b-v1.5", "model.teacher").intermediate == 11008
-    with pytest.raises(plan.ConfigError, match="model.student.*--arch"):
-        architectures.load_architecture("org/unknown-model", "model.student")
+    from huggingface_hub import constants
+
+    with pytest.MonkeyPatch.context() as patch:  # no download attempt: the error at once
+        patch.setattr(constants, "HF_HUB_OFFLINE", True)
+        with pytest.raises(plan.ConfigError, match="model.student.*--arch"):
+            architectures.load_architecture("org/unknown-model", "model.student")
+
+
+def test_any_hub_model_plans_from_its_cached_config(student_dir, tmp_path, monkeypatch):
+    """A Hub name no table knows plans from its config.json in the Hugging Face cache, offline; a
+    cached config wins over a table's guess for the same name."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "hub" / "models--acme--tiny-qwen" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    shutil.copy(os.path.join(student_dir, "config.json"), snapshot / "config.json")
+    (tmp_path / "hub" / "models--acme--tiny-qwen" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny-qwen" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    cached = architectures.load_architecture("acme/tiny-qwen", "model.student")
+    local = architectures.load_architecture(student_dir, "model.student")
+    assert (cached.hidden, cached.layers, cached.vocab, cached.params) == (local.hidden, local.layers, local.vocab,
+                                                                          local.params)
+    assert cached.source == str(snapshot / "config.json")
 
 
 def _main(capsys, *argv):

@@ -1,16 +1,19 @@
 """What the planner knows of a model without loading it: its architecture (``Architecture``), from a
-model directory's ``config.json``, or from the tables shipped in ``plan_data/`` for models too large
-to keep here (``--arch``)."""
+model directory's ``config.json``; for a Hub name, from its ``config.json`` in the Hugging Face cache,
+else from the tables shipped in ``plan_data/`` (``--arch``), else downloaded from the Hub (unless
+``HF_HUB_OFFLINE`` is set): so any Hub model plans, and the common ones plan offline."""
 from __future__ import annotations
 
 import glob
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 from fastdadpo.base.errors import ConfigError
 
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # OWNER/NAME
 PLAN_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plan_data")
 
 
@@ -145,27 +148,56 @@ def load_architecture(path: str, key: str, table: Optional[str] = None) -> Archi
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
             raise ConfigError(f"{key}: {path} is a directory without config.json; give a Hugging Face model directory")
-        try:
-            with open(config_path, encoding="utf-8") as handle:
-                values = json.load(handle)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{key}: cannot read {config_path}: {exc}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{key}: {config_path} must hold a JSON object, found a {type(values).__name__}")
-        values = values.get("text_config", values) if "hidden_size" not in values else values
-        return architecture_from_config(values, name=path, source=f"{config_path}")
+        return _from_config_file(config_path, key, path)
+    cached = _hub_config(path, download=False) if table is None and path else None
+    if cached is not None:
+        return _from_config_file(cached, key, path)
     if table is not None:
         if table not in tables:
             raise ConfigError(f"--arch {key}={table}: no such architecture table; known: {', '.join(tables)}")
         why = "given by --arch"
     else:
         match = _known_match(path or "")
+        downloaded = _hub_config(path, download=True) if match is None and path else None
+        if downloaded is not None:
+            return _from_config_file(downloaded, key, path)
         if match is None:
-            raise ConfigError(f"{key}: {path!r} is not a local model directory and not a known architecture "
-                              f"(tables: {', '.join(tables)}); give a local Hugging Face directory, or name a table "
-                              f"with --arch {key}=NAME")
+            raise ConfigError(f"{key}: {path!r} is not a local model directory, not a Hub model whose config.json "
+                              f"is cached or can be downloaded, and not a known architecture (tables: "
+                              f"{', '.join(tables)}); give a local Hugging Face directory, or name a table with "
+                              f"--arch {key}=NAME")
         table, why = match
     entry = tables[table]
     return architecture_from_config(
         entry["config"], name=entry.get("title", table),
         source=f"known architecture table {table} ({why}; shapes from {entry.get('source', 'its config')})")
+
+
+def _hub_config(name: str, download: bool) -> Optional[str]:
+    """The path of Hub model ``name``'s config.json: from the local Hugging Face cache (no network),
+    or with ``download`` fetched (not when HF_HUB_OFFLINE is set); None when neither works."""
+    if not _HUB_NAME.match(name):
+        return None
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+
+    if not download:
+        found = try_to_load_from_cache(name, "config.json")
+        return found if isinstance(found, str) else None
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        return hf_hub_download(name, "config.json", etag_timeout=10)
+    except Exception:  # noqa: BLE001 (not found, gated, no network: the caller's error says what to do)
+        return None
+
+
+def _from_config_file(config_path: str, key: str, path: str) -> Architecture:
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            values = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{key}: cannot read {config_path}: {exc}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{key}: {config_path} must hold a JSON object, found a {type(values).__name__}")
+    values = values.get("text_config", values) if "hidden_size" not in values else values
+    return architecture_from_config(values, name=path, source=f"{config_path}")
