@@ -54,7 +54,7 @@ def test_defaults_and_overrides(base):
     (["objective.name=kd", "objective.kind=jsd", "objective.jsd_beta=1.0"], "objective.jsd_beta must be in (0, 1)"),
     (["objective.name=dpo", "objective.loss_type=kto"], "objective.loss_type is 'kto'"),
     (["objective.name=dpo", "objective.label_smoothing=0.1", "objective.loss_type=ipo"],
-     "applies to loss_type sigmoid only"),
+     "applies to loss_type sigmoid, robust, exo_pair, not 'ipo'"),
     (["model.teacher=null"], "model.teacher is required by objective 'dadpo'"),
     (["objective.name=adpa"], "model.teacher_reference is required by objective 'adpa'"),
     (["data.max_prompt_length=2000"], "data.max_prompt_length (2000) must be positive and below data.max_length"),
