@@ -278,3 +278,51 @@ def test_resume_refuses_other_weights_at_the_same_path(capsys, teacher_dir, stud
     save_file(weights, str(student / "model.safetensors"), metadata={"format": "pt"})
     expect_user_error(capsys, command, f"the student's config or weights at {os.path.realpath(student)} changed since")
     assert out.read_bytes() == finished
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_ends_generate_with_one_paragraph_at_the_timeout(teacher_dir, student_dir, tmp_path):
+    """Rank 1 SIGSTOPped mid-generation (a hung rank): rank 0 does not wait forever; at
+    --timeout-minutes it ends with one paragraph naming the lost rank (no gloo traceback), and the
+    rows written so far are whole and kept for a rerun to continue."""
+    import time
+
+    import psutil
+
+    prompts = tmp_path / "many.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Repeat: word{i} and more"}) + "\n" for i in range(400)))
+    out = tmp_path / "pairs.jsonl"
+    logs = tmp_path / "logs"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               f"--log-dir={logs}", "--redirects=3", "-m", "fastdadpo",
+               *generate_command(teacher_dir, student_dir, str(prompts), out, "--timeout-minutes", "0.25")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+                               start_new_session=True)
+    victim = None
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (out.exists() and out.stat().st_size > 0):
+            time.sleep(0.05)
+        assert process.poll() is None, "generation ended before rank 1 could be stopped"
+        victim = next(child for child in psutil.Process(process.pid).children(recursive=True)
+                      if child.environ().get("RANK") == "1" and "fastdadpo" in " ".join(child.cmdline()))
+        victim.suspend()
+        stopped_at = time.time()
+        rank0 = None
+        while time.time() < stopped_at + 120:
+            found = [p for p in logs.rglob("stderr.log") if p.parent.name == "0"]
+            if found and "lost contact" in found[0].read_text():
+                rank0 = found[0].read_text()
+                break
+            time.sleep(0.2)
+        waited = time.time() - stopped_at
+    finally:
+        if victim is not None:
+            victim.kill()
+        process.communicate(timeout=120)
+    assert rank0 is not None, "rank 0 never gave up on the stopped rank"
+    assert 10 < waited < 90, waited  # the 15-second timeout, not the default 30 minutes
+    text = " ".join(rank0.split())
+    assert "lost contact with rank(s) 1 while generating" in text and "Traceback" not in rank0, rank0[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]  # every written line is whole JSON
+    assert 0 < len(rows) < 400
