@@ -82,13 +82,6 @@ class StageProgress:
                 f"{rate:.3g} {self.unit}/s, eta {eta}")
         return f"{text}, {self.postfix}" if self.postfix else text
 
-    def write(self, message: str) -> None:
-        """A log line that does not break the bar."""
-        if self.bar is not None:
-            self.bar.write(message, file=self.stream)
-        else:
-            print(message, file=sys.stdout, flush=True)
-
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

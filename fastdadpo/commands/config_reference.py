@@ -41,8 +41,10 @@ def _source_comments(cls) -> Dict[str, str]:
 def _value(value) -> str:
     if dataclasses.is_dataclass(value):
         value = dataclasses.asdict(value)
-    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("\n...").strip() \
-        if not isinstance(value, str) or value else '""'
+    if value == "":
+        return '""'
+    # A scalar dumps as "VALUE\n...\n" (YAML's document end): the value alone.
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).removesuffix("...\n").strip()
 
 
 def _default(field: dataclasses.Field):

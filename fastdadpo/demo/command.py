@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import time
 
 
@@ -38,8 +37,8 @@ from fastdadpo.base.files import write_text_atomic
 from fastdadpo.commands.recipe import Runner, load_recipe
 from fastdadpo.demo import study
 from fastdadpo.demo.report import format_report, load_seed_run, summarize
-from fastdadpo.demo.world import (DADPO_BETA1, DADPO_BETA2, DEFAULT_THREADS, SHIPPED_TEACHER, Sizes, claim_directory,
-                                  pin_threads, teacher_for, write_seed_recipe, write_task_data, write_teacher_data)
+from fastdadpo.demo.world import (DADPO_BETA1, DADPO_BETA2, DEFAULT_THREADS, SHIPPED_TEACHER, Sizes, start_run,
+                                  teacher_for, write_seed_recipe, write_task_data, write_teacher_data)
 
 
 # One seed by default: a seed takes ~6 min on 2 cores (dSFT 100 s, each preference training 60 s, each
@@ -113,11 +112,8 @@ def run(args) -> int:
     sizes = QUICK if args.quick else FULL
     out = os.path.abspath(args.out or ("runs/demo-quick" if args.quick else "runs/demo"))
     settings = _settings(args, sizes)
-    if args.fresh:
-        shutil.rmtree(out, ignore_errors=True)
-    claim_directory(out, {"mode": "quick" if args.quick else "full", "threads": settings["threads"],
-                          "teacher": "trained" if args.quick or args.train_teacher else "shipped"})
-    pin_threads(settings["threads"])
+    start_run(out, fresh=args.fresh, mode="quick" if args.quick else "full", threads=settings["threads"],
+              trained_teacher=args.quick or args.train_teacher)
     started = time.time()
     teacher_rows = write_teacher_data(out, sizes)
     teacher = None

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import statistics
 import time
 
@@ -37,8 +36,8 @@ from fastdadpo.base.files import write_json_atomic, write_text_atomic
 from fastdadpo.commands.recipe import Recipe, Runner, load_recipe
 from fastdadpo.demo.study_measures import TrainingPairs, answer_coverage, measure_pairs, teacher_margins
 from fastdadpo.demo.study_report import format_study, summarize_study
-from fastdadpo.demo.world import (DADPO_BETA1, MAX_LENGTH, MAX_NEW_TOKENS, MAX_PROMPT_LENGTH, Sizes, claim_directory,
-                                  pin_threads, teacher_for, write_seed_recipe, write_task_data, write_teacher_data)
+from fastdadpo.demo.world import (DADPO_BETA1, MAX_LENGTH, MAX_NEW_TOKENS, MAX_PROMPT_LENGTH, Sizes, start_run,
+                                  teacher_for, write_seed_recipe, write_task_data, write_teacher_data)
 from fastdadpo.models.loading import load_tokenizer
 
 STUDY = Sizes(teacher_examples=12000, prompts=1536, heldout=600, teacher_hidden=128, teacher_layers=4,
@@ -113,16 +112,16 @@ def measure_seed(seed_out: str, recipe: Recipe, teacher: str, sweep, seed: int) 
 def run(args, settings: dict) -> int:
     sizes = QUICK_STUDY if args.quick else STUDY
     out = os.path.abspath(args.out or ("runs/study-quick" if args.quick else "runs/study"))
-    if args.fresh:
-        shutil.rmtree(out, ignore_errors=True)
-    claim_directory(out, {"mode": "study-quick" if args.quick else "study", "threads": settings["threads"],
-                          "teacher": "trained" if args.quick or args.train_teacher else "shipped"})
-    pin_threads(settings["threads"])
+    start_run(out, fresh=args.fresh, mode="study-quick" if args.quick else "study", threads=settings["threads"],
+              trained_teacher=args.quick or args.train_teacher)
     started = time.time()
     teacher_rows = write_teacher_data(out, sizes)
     teacher_dir = os.path.join(out, "teacher", "final")
     state_path = os.path.join(out, STATE)
-    state = json.load(open(state_path, encoding="utf-8")) if os.path.exists(state_path) else None
+    state = None
+    if os.path.exists(state_path):
+        with open(state_path, encoding="utf-8") as handle:
+            state = json.load(handle)
     teacher = None
     for number, seed in enumerate(settings["seeds"], 1):
         seed_out = os.path.join(out, f"seed-{seed}")

@@ -159,6 +159,14 @@ def train_teacher(runner: Runner, out: str, sizes: Sizes) -> str:
     return final
 
 
+def start_run(out: str, *, fresh: bool, mode: str, threads: int, trained_teacher: bool) -> None:
+    """``out`` claimed for a run of ``mode`` (emptied first with ``fresh``), its stages' threads pinned."""
+    if fresh:
+        shutil.rmtree(out, ignore_errors=True)
+    claim_directory(out, {"mode": mode, "threads": threads, "teacher": "trained" if trained_teacher else "shipped"})
+    pin_threads(threads)
+
+
 def teacher_for(runner: Runner, out: str, sizes: Sizes, *, train: bool) -> str:
     """The run's teacher: trained on the spot with ``train`` (or when no teacher ships), else the shipped one."""
     if train or not os.path.exists(os.path.join(SHIPPED_TEACHER, "config.json")):
