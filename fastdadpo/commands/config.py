@@ -31,32 +31,11 @@ from fastdadpo.engine.fsdp2.engine import FSDP2Engine
 from fastdadpo.engine.interface import Engine
 from fastdadpo.kernels import BACKENDS, KernelSettings
 from fastdadpo.models.loading import liger_unavailable_reason
+from fastdadpo.models.lora import LoraSettings
+from fastdadpo.models.served import ServerSettings, served_problem
 
 REPORTERS = ("jsonl", "tensorboard", "wandb", "none")  # none: metrics.jsonl alone, as TRL's "none"
 PROMPT_SHARE = 0.5  # data.max_prompt_length when unset: this share of data.max_length (TRL's 1024/512 ratio)
-
-
-@dataclass
-class LoraSettings:
-    """``model.lora``: train low-rank adapters (PEFT's LoRA) instead of the whole student; the export
-    writes the merged model to final/ and the adapter to final-adapter/."""
-
-    r: int = 16  # rank; 16 with alpha 32 and dropout 0.05: the TRL and PEFT examples' settings
-    alpha: float = 32.0  # the update is scaled by alpha / r
-    dropout: float = 0.05
-    # Every linear projection of the decoder (QLoRA, Dettmers et al. 2023: adapting them all matters).
-    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                               "up_proj", "down_proj"])
-
-    def validate(self, fail) -> None:
-        if self.r < 1:
-            fail("model.lora.r", f"must be >= 1, got {self.r}")
-        if not self.alpha > 0:
-            fail("model.lora.alpha", f"must be > 0, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            fail("model.lora.dropout", f"must be in [0, 1), got {self.dropout}")
-        if not self.target_modules:
-            fail("model.lora.target_modules", "must name at least one module (e.g. q_proj)")
 
 
 @dataclass
@@ -70,6 +49,14 @@ class ModelConfig:
     # auto = on CUDA for the architectures Liger supports; true = required (an error where impossible).
     liger_kernels: Any = "auto"
     lora: Optional[LoraSettings] = None  # null: train every parameter
+    # A teacher too big to sit beside the student: its cached sequence log-probs come from this
+    # OpenAI-compatible server (vLLM's prompt_logprobs) and the trainer never loads it; model.teacher
+    # then gives only its tokenizer and config.
+    teacher_url: Optional[str] = None
+    teacher_model_name: Optional[str] = None  # the name it is served under; default: the server's only model
+    reference_url: Optional[str] = None  # the same for π_ref, when model.reference names it
+    reference_model_name: Optional[str] = None  # the name it is served under
+    server: ServerSettings = field(default_factory=ServerSettings)  # how the served models are reached
 
     def validate(self, fail, objective: Objective) -> None:
         if not self.student:
@@ -77,6 +64,12 @@ class ModelConfig:
         for needed in objective.required_models():
             if not getattr(self, needed):
                 fail(f"model.{needed}", f"is required by objective {objective.name!r}")
+        for role in ("teacher", "reference"):
+            problem = served_problem(role, getattr(self, role), getattr(self, f"{role}_url"),
+                                     getattr(self, f"{role}_model_name"), objective)
+            if problem:
+                fail(*problem)
+        self.server.validate(fail, lambda name: f"model.server.{name}")
         if self.dtype not in (None, "bf16", "fp16", "fp32"):
             fail("model.dtype", f"is {self.dtype!r}; choose bf16, fp16 or fp32 (or leave it unset)")
         if self.liger_kernels not in ("auto", True, False):

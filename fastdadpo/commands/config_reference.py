@@ -62,7 +62,14 @@ def _lines(section: str, cls, docs: Dict[str, str]) -> List[str]:
         text = docs.get(field.name, "")
         if field.name in aliases:
             text = (text + "; " if text else "") + f"TRL's name: {aliases[field.name]}"
-        lines += _entry(field.name, _default(field), text)
+        default = _default(field)
+        if dataclasses.is_dataclass(default):  # a nested section: its keys below it, each commented
+            lines += [f"  # {line}" for line in textwrap.wrap(text, WIDTH - 4)] + [f"  {field.name}:"]
+            nested = _source_comments(type(default))
+            lines += ["  " + line for sub in dataclasses.fields(default)
+                      for line in _entry(sub.name, getattr(default, sub.name), nested.get(sub.name, ""))]
+            continue
+        lines += _entry(field.name, default, text)
     return lines
 
 

@@ -39,12 +39,13 @@ import json
 import math
 import os
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from fastdadpo.base import collectives
 from fastdadpo.base.errors import ConfigError, DataError, UserError
-from fastdadpo.base.files import write_text_atomic
 from fastdadpo.base.progress import StageProgress
 from fastdadpo.core import chat
 from fastdadpo.core.batch import pad_token_id
@@ -52,10 +53,13 @@ from fastdadpo.core.rows import Example, load_prompts
 from fastdadpo.engine.registry import default_engine
 from fastdadpo.models import loading as models
 from fastdadpo.models.fingerprint import model_fingerprint
+from fastdadpo.commands import generate_output as output
+from fastdadpo.commands.generate_output import ROLES
 from fastdadpo.models.generation import decode_response, generate_batch
+from fastdadpo.models.served import ServedModel, ServerSettings
 from fastdadpo.models.vocabulary import check_tokenizers_compatible
 
-ROLES = ("teacher", "student")  # teacher -> chosen, student -> rejected
+SERVER_FLAGS = {"timeout": "--request-timeout"}  # ServerSettings' fields as flags: --NAME, but for these
 KEPT_CHOSEN_ROLES = ("student",)  # --keep-chosen: the chosen responses come with the prompts
 # The CLI's help formatter appends "(default: X)" to every flag; this (an empty rendering of the
 # default) stops it where "None" would say nothing.
@@ -101,6 +105,24 @@ def add_arguments(parser) -> None:
     parser.add_argument("--timeout-minutes", type=float, default=30.0, metavar="M", help=(
         "several processes: how long a rank waits for the others in a collective before the run ends with one "
         "paragraph naming the lost rank (train.timeout_minutes for training)"))
+    served = parser.add_argument_group("served models (an OpenAI-compatible server per model: vLLM, SGLang, TGI)")
+    for role in ROLES:
+        served.add_argument(f"--{role}-url", default=None, metavar="URL", help=(
+            f"sample the {role} through the server at URL (e.g. http://127.0.0.1:8000) instead of loading it; "
+            f"--{role} then gives only its tokenizer and config (no weights needed)" + NO_DEFAULT_SHOWN))
+        served.add_argument(f"--{role}-model-name", default=None, metavar="NAME", help=(
+            f"the name the server serves the {role} under (default: its only model)" + NO_DEFAULT_SHOWN))
+    served.add_argument("--concurrency", type=int, default=ServerSettings.concurrency, metavar="N",
+                        help="requests in flight per server")
+    served.add_argument("--request-timeout", type=float, default=ServerSettings.timeout, metavar="S",
+                        help="seconds one request may take, whole; past it (or on HTTP 429/5xx) it is retried")
+    served.add_argument("--retries", type=int, default=ServerSettings.retries, metavar="N",
+                        help="retries of a request that timed out or got HTTP 429/5xx, with exponential backoff")
+    served.add_argument("--api-key-env", default=None, metavar="VAR", help=(
+        "environment variable holding the servers' API key (sent as a Bearer token, never printed); or put "
+        "user:password in the URL" + NO_DEFAULT_SHOWN))
+    served.add_argument("--allow-http", action="store_true",
+                        help="allow plain http:// to a server on another machine (the prompts and key unencrypted)")
 
 
 def run(args) -> int:
@@ -145,6 +167,16 @@ def _check_arguments(args) -> None:
         problems.append(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.max_prompt_length is not None and args.max_prompt_length < 1:
         problems.append(f"--max-prompt-length must be at least 1, got {args.max_prompt_length}")
+    if args.keep_chosen and args.teacher_url:
+        problems.append("--keep-chosen never runs a teacher, so --teacher-url would be unused")
+    for role in ROLES:
+        if getattr(args, f"{role}_model_name") and not getattr(args, f"{role}_url"):
+            problems.append(f"--{role}-model-name names a served model: give --{role}-url too")
+    if (args.teacher_url or args.student_url) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        problems.append("a served model needs no torchrun: run one process, and --concurrency sets the requests in "
+                        "flight")
+    server_settings(args).validate(lambda flag, problem: problems.append(f"{flag} {problem}"),
+                                   lambda name: SERVER_FLAGS.get(name, f"--{name}"))
     if problems:
         raise UserError("; ".join(problems))
 
@@ -161,6 +193,7 @@ class _Job:
     batches: list[list[int]]
     dtype: object
     settings: dict
+    servers: dict  # role -> ServedModel, for the roles sampled through a server
 
 
 def _generate(args, info: collectives.DistInfo) -> None:
@@ -170,18 +203,22 @@ def _generate(args, info: collectives.DistInfo) -> None:
     pending = [batch_id for batch_id, batch in enumerate(job.batches) if any(i not in done for i in batch)]
     if not pending:
         if info.is_main:
-            _finish(args.out, len(job.examples))
+            output.finish(args.out, len(job.examples))
         log(f"generate: nothing to do, all {len(job.examples)} rows are already in {args.out}")
         return
     log(f"generate: {len(job.examples)} prompts, {len(done)} already in {args.out}; {len(pending)} batches of up "
         f"to {args.batch_size} to generate on {info.world_size} process(es)")
-    loaded = {role: _load_model(getattr(args, role), f"--{role}", job.tokenizers[role], job.vocab_size,
-                                job.head_rows[role], job.dtype, info) for role in job.roles}
-    empty_responses = _run_steps(args, job, loaded, pending, done, info)
+    loaded = {role: job.servers.get(role) or _load_model(getattr(args, role), f"--{role}", job.tokenizers[role],
+                                                         job.vocab_size, job.head_rows[role], job.dtype, info)
+              for role in job.roles}
+    started = time.monotonic()
+    empty_responses, new_rows = _run_steps(args, job, loaded, pending, done, info)
     collectives.barrier()
     if info.is_main:
-        _finish(args.out, len(job.examples))
-        log(f"generate: done, {len(job.examples)} rows in {args.out}")
+        output.finish(args.out, len(job.examples))
+        seconds = time.monotonic() - started
+        log(f"generate: done, {len(job.examples)} rows in {args.out} ({new_rows} new in {seconds:.1f} s, "
+            f"{new_rows / max(seconds, 1e-9):.2f} rows/s)")
         if empty_responses:
             print(f"fastdadpo generate: warning: {empty_responses} new rows have an empty response (the model "
                   f"stopped at once); training drops rows with an empty teacher (chosen) response and keeps empty "
@@ -216,9 +253,33 @@ def _prepare(args, info: collectives.DistInfo, log) -> _Job:
     if any("index" in example.extra for example in examples):
         log("generate: the prompts have a field 'index'; the output's 'index' (the prompt's row) replaces it")
     dtype = models.resolve_dtype(args.dtype, info.device)
+    servers, identities = _connect(args, roles, tokenizers, log)
     return _Job(roles, examples, tokenizers, head_rows, vocab_size, prompts,
                 batches=plan_batches([len(ids) for ids in prompts["student"]], args.batch_size), dtype=dtype,
-                settings=_settings(args, examples, str(dtype).removeprefix("torch.")))
+                settings=_settings(args, examples, str(dtype).removeprefix("torch."), identities), servers=servers)
+
+
+def server_settings(args) -> ServerSettings:
+    return ServerSettings(api_key_env=args.api_key_env, allow_http=args.allow_http, timeout=args.request_timeout,
+                          retries=args.retries, concurrency=args.concurrency)
+
+
+def _connect(args, roles, tokenizers: dict, log) -> tuple[dict, dict]:
+    """role -> ServedModel for each role given a URL: reached, its name settled and its tokenizer
+    compared with the local one before any row is asked for; and "ROLE_server" -> its identity
+    (``ServedModel.identity``), which the settings record."""
+    servers, identities = {}, {}
+    for role in roles:
+        url = getattr(args, f"{role}_url")
+        if url:
+            servers[role] = ServedModel(url, flag=f"--{role}-url", settings=server_settings(args), role=role,
+                                        name=getattr(args, f"{role}_model_name"))
+            note = servers[role].check_tokenizer(tokenizers[role])
+            if note:
+                log(f"generate: {note}")
+            identities[f"{role}_server"] = servers[role].identity(tokenizers[role])
+            log(f"generate: the {role} is served at {servers[role].server.display} as {servers[role].name!r}")
+    return servers, identities
 
 
 def _rows_done(out: str, job: _Job, info: collectives.DistInfo) -> set[int]:
@@ -227,7 +288,7 @@ def _rows_done(out: str, job: _Job, info: collectives.DistInfo) -> set[int]:
     verdict = None
     if info.is_main:
         try:
-            verdict = (None, _prepare_output(out, job.settings, job.examples))
+            verdict = (None, output.prepare_output(out, job.settings, job.examples))
         except UserError as exc:
             verdict = (str(exc), None)
     error, done = collectives.broadcast_object(verdict)
@@ -236,10 +297,12 @@ def _rows_done(out: str, job: _Job, info: collectives.DistInfo) -> set[int]:
     return done
 
 
-def _run_steps(args, job: _Job, loaded: dict, pending: list[int], done: set[int], info) -> int:
+def _run_steps(args, job: _Job, loaded: dict, pending: list[int], done: set[int], info) -> tuple[int, int]:
     """Generate the pending batches, ``world_size`` at a time; rank 0 appends each step's rows.
-    Returns how many written rows have an empty response."""
-    empty_responses = 0
+    Returns how many rows were written and how many of them have an empty response."""
+    if job.servers:
+        return _run_served(args, job, loaded, pending, done)
+    empty_responses, new_rows = 0, 0
     steps = -(-len(pending) // info.world_size)
     rows_pending = sum(len([i for i in job.batches[b] if i not in done]) for b in pending)
     with open(args.out, "a", encoding="utf-8") if info.is_main else contextlib.nullcontext() as out, \
@@ -254,16 +317,59 @@ def _run_steps(args, job: _Job, loaded: dict, pending: list[int], done: set[int]
                                       info=info)
                      for role in job.roles}
             rows = [] if batch_id is None else [
-                output_row(job.examples[i], i, rejected=texts["student"][k],
-                           chosen=texts["teacher"][k] if "teacher" in texts else kept_chosen(job.examples[i]))
+                output.output_row(job.examples[i], i, rejected=texts["student"][k],
+                           chosen=texts["teacher"][k] if "teacher" in texts else output.kept_chosen(job.examples[i]))
                 for k, i in enumerate(indices) if i not in done]
             gathered = [row for part in collectives.gather_to_main(rows) for row in part]
             if info.is_main:
-                _append(out, gathered)
+                output.append_rows(out, gathered)
                 # A kept chosen was checked non-empty: only generated responses can be.
                 empty_responses += sum(1 for row in gathered if not row["rejected"] or not row["chosen"])
+                new_rows += len(gathered)
                 progress.update(len(gathered), step=f"{step + 1}/{steps}")
-    return empty_responses
+    return empty_responses, new_rows
+
+
+def _run_served(args, job: _Job, loaded: dict, pending: list[int], done: set[int]) -> tuple[int, int]:
+    """One process, at least one model served. Every pending row's request goes to its server's
+    queue at once (``--concurrency`` in flight per server) while a model loaded here samples its
+    batches as in-process generation does; rows are written batch by batch, in order, as their
+    responses arrive. A served row is seeded from (``--seed``, its index, its role), so it does not
+    depend on the batches."""
+    rows = [i for batch_id in pending for i in job.batches[batch_id] if i not in done]
+    empty_responses = 0
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(open(args.out, "a", encoding="utf-8"))
+        progress = stack.enter_context(StageProgress(len(rows), "generate", "rows"))
+        replies = {}
+        for role, served in job.servers.items():
+            pool = stack.enter_context(ThreadPoolExecutor(max_workers=args.concurrency))
+            stack.callback(lambda futures=replies: [future.cancel() for future in futures.values()])
+            for i in rows:
+                replies[role, i] = pool.submit(
+                    served.complete, job.prompts[role][i], max_tokens=args.max_new_tokens,
+                    temperature=args.temperature, top_p=args.top_p, seed=_row_seed(args.seed, i, role))
+        for step, batch_id in enumerate(pending):
+            indices = job.batches[batch_id]
+            texts = {role: _responses(loaded[role], job.tokenizers[role], [job.prompts[role][i] for i in indices],
+                                      args, seed=_batch_seed(args.seed, batch_id, role),
+                                      info=_single_process())
+                     for role in job.roles if role not in job.servers}
+            texts.update({role: [replies[role, i].result() if i not in done else "" for i in indices]
+                          for role in job.servers})
+            written = [output.output_row(job.examples[i], i, rejected=texts["student"][k],
+                                         chosen=texts["teacher"][k] if "teacher" in texts
+                                         else output.kept_chosen(job.examples[i]))
+                       for k, i in enumerate(indices) if i not in done]
+            output.append_rows(out, written)
+            empty_responses += sum(1 for row in written if not row["rejected"] or not row["chosen"])
+            progress.update(len(written), step=f"{step + 1}/{len(pending)}")
+    return empty_responses, len(rows)
+
+
+def _row_seed(seed: int, index: int, role: str) -> int:
+    digest = hashlib.sha256(f"{seed}/row {index}/{role}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") % 2**31  # a 32-bit seed: what every server takes
 
 
 # --- inputs --------------------------------------------------------------------------------------------------
@@ -290,11 +396,6 @@ def _check_kept_chosen(examples: Sequence[Example]) -> None:
                             f"response (a string, or one assistant message) and samples only the student's "
                             f"rejected one, so every row needs one; add it, or drop --keep-chosen and give "
                             f"--teacher to sample the chosen responses")
-
-
-def kept_chosen(example: Example) -> str:
-    """The row's own chosen response, the text it was given (``_check_kept_chosen`` made it one message)."""
-    return example.chosen[0]["content"]
 
 
 def _head_rows(path: str, flag: str) -> int:
@@ -331,30 +432,7 @@ def _batch_seed(seed: int, batch_id: int, role: str) -> int:
     return int.from_bytes(digest[:8], "little") % 2**63
 
 
-# --- output --------------------------------------------------------------------------------------------------
-
-def output_row(example: Example, index: int, *, chosen: str, rejected: str) -> dict:
-    """A preference row in TRL's format (a single user message as a plain string), plus what the
-    prompt row carried."""
-    single_user_turn = len(example.prompt) == 1 and example.prompt[0]["role"] == "user"
-    row = {"index": index, "prompt": example.prompt[0]["content"] if single_user_turn else example.prompt,
-           "chosen": chosen, "rejected": rejected}
-    if example.answer is not None:
-        row["answer"] = example.answer
-    for key, value in example.extra.items():
-        row.setdefault(key, value)
-    return row
-
-
-# What an output whose settings predate a key was generated with: it continues under the same settings.
-SETTINGS_BEFORE_THEIR_KEY = {"keep_chosen": False}
-
-
-def _settings_path(out: str) -> str:
-    return out + ".settings.json"
-
-
-def _settings(args, examples: Sequence[Example], dtype: str) -> dict:
+def _settings(args, examples: Sequence[Example], dtype: str, identities: dict) -> dict:
     """What the rows depend on; a resumed run must match it. The models count by their path and by a
     fingerprint of their config and weights: other weights at the same path sample otherwise."""
     digest = hashlib.sha256()
@@ -364,109 +442,16 @@ def _settings(args, examples: Sequence[Example], dtype: str) -> dict:
         row = [example.prompt, example.answer, example.extra] + ([example.chosen] if args.keep_chosen else [])
         digest.update(json.dumps(row, sort_keys=True, default=str).encode())
     teacher = None if args.keep_chosen else args.teacher
+    # A served model counts by what its server says it is (and how it answers a probe), not by files here.
+    served = {key.removesuffix("_server") for key in identities}
     return {"teacher": teacher and os.path.realpath(teacher), "student": os.path.realpath(args.student),
-            "teacher_weights": teacher and model_fingerprint(teacher),
-            "student_weights": model_fingerprint(args.student), "keep_chosen": args.keep_chosen,
+            "teacher_weights": teacher and "teacher" not in served and model_fingerprint(teacher) or None,
+            "student_weights": None if "student" in served else model_fingerprint(args.student), **identities,
+            "keep_chosen": args.keep_chosen,
             "prompts_sha256": digest.hexdigest(), "max_new_tokens": args.max_new_tokens,
             "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, "batch_size": args.batch_size,
             "max_prompt_length": args.max_prompt_length, "dtype": dtype}
 
-
-def _prepare_output(out: str, settings: dict, examples: Sequence[Example]) -> set[int]:
-    """Indices already in ``out`` (after dropping a partial last line), each row checked; records the
-    settings of a new output."""
-    settings_path = _settings_path(out)
-    if not os.path.exists(out) or os.path.getsize(out) == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        write_text_atomic(settings_path, json.dumps(settings, indent=1) + "\n")
-        open(out, "w").close()
-        return set()
-    try:
-        with open(settings_path, encoding="utf-8") as handle:
-            recorded = json.load(handle)
-    except (OSError, json.JSONDecodeError):
-        raise UserError(f"{out}: the file exists but {settings_path}, the record of the settings it was generated "
-                        f"with, is missing or unreadable, so it cannot be continued safely; choose another --out "
-                        f"or delete the file") from None
-    recorded = {**SETTINGS_BEFORE_THEIR_KEY, **recorded}
-    changed = [f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in settings.items()
-               if recorded.get(key) != value]
-    for role in ROLES:
-        weights = f"{role}_weights"
-        if settings[role] is not None and weights in recorded and recorded[weights] != settings[weights] \
-                and recorded.get(role) == settings[role]:
-            changed.append(f"the {role}'s config or weights at {settings[role]} changed since")
-    if changed:
-        raise UserError(f"{out} was generated with other settings ({'; '.join(changed)}); continuing it would mix "
-                        f"two samplings in one file; rerun with the recorded settings, or choose another --out")
-    _drop_partial_last_line(out)
-    chosen = [kept_chosen(example) for example in examples] if settings["keep_chosen"] else None
-    return set(_read_rows(out, len(examples), [_prompt_field(example) for example in examples], chosen))
-
-
-def _drop_partial_last_line(out: str) -> None:
-    """A kill during a write can leave a last line without its newline: cut it (its batch is regenerated)."""
-    with open(out, "rb+") as handle:
-        content = handle.read()
-        if content and not content.endswith(b"\n"):
-            handle.truncate(content.rfind(b"\n") + 1)
-            print(f"generate: dropped a partial last line of {out} (an interrupted write)", file=sys.stderr)
-
-
-def _prompt_field(example: Example):
-    """The ``prompt`` of the row ``output_row`` writes for ``example``, as JSON reads it back."""
-    return json.loads(json.dumps(output_row(example, 0, chosen="", rejected="")["prompt"], default=str))
-
-
-def _read_rows(out: str, num_prompts: int, prompts: Optional[list] = None,
-               chosen: Optional[list] = None) -> dict[int, str]:
-    """index -> line of every row in ``out``. Each must be what this command writes: a JSON object
-    with an in-range int ``index``, string ``chosen`` and ``rejected``, and (given ``prompts``) the
-    prompt of that index, (given ``chosen``, the kept responses) that index's chosen; anything else
-    is a UserError naming the line, never a row kept."""
-    lines: dict[int, str] = {}
-    with open(out, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            where = f"{out} line {number}"
-            try:
-                row = json.loads(line)
-                index = row["index"]
-            except (json.JSONDecodeError, TypeError, KeyError):
-                raise UserError(f"{where}: not a row written by fastdadpo generate (malformed JSON or "
-                                f"no 'index'); repair or delete the file") from None
-            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < num_prompts:
-                raise UserError(f"{where}: 'index' {index!r} is not a row of the {num_prompts} prompts")
-            bad = [name for name in ("chosen", "rejected") if not isinstance(row.get(name), str)]
-            if bad:
-                raise UserError(f"{where}: {' and '.join(repr(b) for b in bad)} must be strings (a generated "
-                                f"response), got {', '.join(type(row.get(b)).__name__ for b in bad)}; not a row "
-                                f"this command wrote: repair or delete the file")
-            if prompts is not None and row.get("prompt") != prompts[index]:
-                raise UserError(f"{where}: its 'prompt' is not prompt {index} of --prompts; the file belongs to "
-                                f"other prompts: choose another --out or delete it")
-            if chosen is not None and row["chosen"] != chosen[index]:
-                raise UserError(f"{where}: its 'chosen' is not the chosen response of prompt {index} of --prompts "
-                                f"(--keep-chosen copies it unchanged); repair or delete the file")
-            if index in lines:
-                raise UserError(f"{out} line {number}: a second row for prompt {index}")
-            lines[index] = line
-    return lines
-
-
-def _append(out, rows: list[dict]) -> None:
-    out.write("".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
-    out.flush()
-    os.fsync(out.fileno())
-
-
-def _finish(out: str, num_prompts: int) -> None:
-    """Rewrite a complete output sorted by index (once; a sorted file is left alone)."""
-    lines = _read_rows(out, num_prompts)
-    if len(lines) != num_prompts:
-        raise RuntimeError(f"{out}: {num_prompts - len(lines)} rows missing after generation")
-    order = list(lines)
-    if order != sorted(order):
-        write_text_atomic(out, "".join(lines[index] for index in sorted(order)))
 
 
 # --- models --------------------------------------------------------------------------------------------------

@@ -9,23 +9,14 @@ both orders agree (else a tie), which cancels the judge's position bias.
 """
 from __future__ import annotations
 
-import base64
-import http.client
-import ipaddress
-import json
-import math
-import os
 import re
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Union
 
 import torch
 
+from fastdadpo.base.endpoint import Endpoint, split_http_url
 from fastdadpo.base.errors import ConfigError, DataError, UserError
 from fastdadpo.core.batch import pad_token_id, padded
 from fastdadpo.core.chat import Message, prompt_ids
@@ -234,62 +225,17 @@ def parse_verdict(reply: str) -> Optional[str]:
 def chat_completions_url(url: str) -> str:
     """``url`` if its path names the chat completions route, else that path + ``/v1/chat/completions``
     (``/chat/completions`` after a ``/v1``); the query string is kept, a fragment dropped."""
-    parts = urllib.parse.urlsplit(url or "")
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"--judge-url: {display_url(url or '')!r} is not an http(s) URL (e.g. http://127.0.0.1:8000)")
-    path = parts.path.rstrip("/")
-    if not path.endswith("/chat/completions"):
-        path += "/chat/completions" if path.endswith("/v1") else "/v1/chat/completions"
-    return urllib.parse.urlunsplit((parts.scheme.lower(), parts.netloc, path, parts.query, ""))
-
-
-def display_url(url: str) -> str:
-    """``url`` fit for messages: without user:password, each query value replaced by ``***``."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        host = parts.netloc.rpartition("@")[2]
-        query = "&".join(f"{name}=***" for name, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
-        return urllib.parse.urlunsplit((parts.scheme, host, parts.path, query, ""))
-    except ValueError:
-        return "<an unparsable URL>"
-
-
-def is_loopback(host: str) -> bool:
-    """``localhost`` or a loopback address (127.0.0.0/8, ::1); names are not resolved."""
-    if host.lower() in ("localhost", "localhost."):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-class _Redirected(Exception):
-    def __init__(self, code: int, target: str):
-        super().__init__(code, target)
-        self.code, self.target = code, target
-
-
-class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
-    """A redirect is never followed: the request carries the API key, which must reach only the
-    endpoint the user named (not another origin a redirect points at), and a POST's body would not
-    be re-sent anyway."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        raise _Redirected(code, urllib.parse.urljoin(req.full_url, newurl))
+    split_http_url(url, "--judge-url")
+    return Endpoint(url, flag="--judge-url", what="the judge endpoint", allow_http=True).url("chat/completions")
 
 
 class HttpJudge(PreferenceJudge):
     """An OpenAI-compatible chat endpoint, asked at temperature 0 to reply "A", "B" or "tie". Requests
-    run ``workers`` at a time; timeouts, HTTP 429 and 5xx are retried ``retries`` times with
-    exponential backoff; a refused connection or another HTTP error ends the run with a UserError.
-    A reply naming no verdict counts as a tie (and is counted in ``describe()``)."""
+    run ``workers`` at a time through ``base.endpoint`` (credentials, redirects, retries of 429, 5xx
+    and timeouts, whole-request bounds). A reply naming no verdict counts as a tie (and is counted in
+    ``describe()``)."""
     name = "http"
     instruction = "Reply with exactly one of: A, B, or tie."
-    retryable_status = (429, 500, 502, 503, 504)
-    # A chat completion naming a verdict is a few hundred bytes; a reply past this is not one (and
-    # would be held whole in memory before its JSON could be refused).
-    max_reply_bytes = 1 << 20
     # More unreadable replies than this share of the comparisons, and the preference figures are
     # ties by default, not the judge's: the evaluation fails (its results written first).
     max_unparsed_share = 0.5
@@ -297,39 +243,15 @@ class HttpJudge(PreferenceJudge):
     def __init__(self, url: Optional[str], model: Optional[str], *, api_key_env: Optional[str] = None,
                  timeout: float = 60.0, retries: int = 2, backoff: float = 1.0, workers: int = 8, max_tokens: int = 16,
                  allow_http: bool = False):
-        url = chat_completions_url(url)
-        parts = urllib.parse.urlsplit(url)
-        if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
-            raise ConfigError(f"--judge-timeout: must be a positive number of seconds, got {timeout!r}")
+        # A chat completion naming a verdict is a few hundred bytes: 1 MiB is far past any.
+        self.server = Endpoint(url, flag="--judge-url", what="the judge endpoint", api_key_env=api_key_env,
+                               api_key_flag="--judge-api-key-env", allow_http=allow_http,
+                               allow_http_flag="--judge-allow-http", timeout=timeout, timeout_flag="--judge-timeout",
+                               retries=retries, backoff=backoff, max_reply_bytes=1 << 20)
         if not model:
             raise ConfigError("--judge-model: the http judge needs the model name the endpoint serves")
-        # The request carries the prompts and the API key: in clear text only to this machine.
-        self.display = display_url(url)
-        if parts.scheme == "http" and not is_loopback(parts.hostname) and not allow_http:
-            raise ConfigError(f"--judge-url: {self.display} is plain http to another machine, which would send the "
-                              f"prompts and the API key unencrypted; use https, or pass --judge-allow-http if the "
-                              f"network is trusted")
-        self.model, self.timeout, self.retries, self.backoff = model, timeout, retries, backoff
-        self.workers, self.max_tokens = workers, max_tokens
-        self.headers = {"Content-Type": "application/json"}
-        self.secrets = []
-        if parts.username is not None:  # user:password@ in the URL: HTTP basic auth, never part of the request line
-            if api_key_env:
-                raise ConfigError("--judge-url / --judge-api-key-env: give the credentials one way, not both "
-                                  "(user:password in the URL, or an API key)")
-            user, password = urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or "")
-            token = base64.b64encode(f"{user}:{password}".encode()).decode()
-            self.headers["Authorization"] = f"Basic {token}"
-            self.secrets += [s for s in (user, password, parts.username, parts.password, token) if s]
-        if api_key_env:
-            if not os.environ.get(api_key_env):
-                raise ConfigError(f"--judge-api-key-env: the environment variable {api_key_env} is not set")
-            self.headers["Authorization"] = f"Bearer {os.environ[api_key_env]}"
-            self.secrets.append(os.environ[api_key_env])
-        self.secrets += [value for _, value in urllib.parse.parse_qsl(parts.query) if len(value) >= 4]
-        self.endpoint = urllib.parse.urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path,
-                                                 parts.query, ""))
-        self._opener = urllib.request.build_opener(_RefuseRedirects)
+        self.model, self.workers, self.max_tokens = model, workers, max_tokens
+        self.display, self.endpoint = self.server.display, self.server.url("chat/completions")
         self.unparsed_replies, self.asked = 0, 0
 
     def describe(self) -> dict:
@@ -348,12 +270,6 @@ class HttpJudge(PreferenceJudge):
                             f"model that follows the instruction (an empty or null message content is not a reply)")
         return note
 
-    def _redacted(self, text: str) -> str:
-        """``text`` (a server's reply, an error) with every credential replaced by ``***``."""
-        for secret in sorted(self.secrets, key=len, reverse=True):
-            text = text.replace(secret, "***")
-        return text
-
     def prefer(self, comparisons: Sequence[Comparison]) -> List[str]:
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             verdicts = [parse_verdict(reply) for reply in pool.map(self.ask, comparisons)]
@@ -363,68 +279,14 @@ class HttpJudge(PreferenceJudge):
 
     def ask(self, comparison: Comparison) -> str:
         """The endpoint's reply text to one comparison."""
-        body = json.dumps({"model": self.model, "messages": judge_messages(comparison, self.instruction),
-                           "temperature": 0, "max_tokens": self.max_tokens}).encode("utf-8")
-        request = urllib.request.Request(self.endpoint, data=body, headers=self.headers, method="POST")
-        attempt = 0
-        while True:
-            try:
-                with self._opener.open(request, timeout=self.timeout) as response:
-                    return self._reply_text(self._read_bounded(response))
-            except _Redirected as exc:
-                raise UserError(f"the judge endpoint {self.display} answered with a redirect (HTTP {exc.code}) to "
-                                f"{display_url(exc.target)}, which is not followed: the request carries the "
-                                f"credentials, sent only to --judge-url. Give the final address as --judge-url") \
-                    from None
-            except urllib.error.HTTPError as exc:
-                if exc.code not in self.retryable_status or attempt == self.retries:
-                    detail = self._redacted(exc.read().decode("utf-8", "replace")[:300])
-                    raise UserError(f"the judge endpoint {self.display} answered HTTP {exc.code} "
-                                    f"{self._redacted(str(exc.reason))}: {detail or 'no details'}; check --judge-url, "
-                                    f"--judge-model and the API key") from None
-            except urllib.error.URLError as exc:
-                if isinstance(exc.reason, ConnectionRefusedError):
-                    raise UserError(f"cannot reach the judge endpoint {self.display}: connection refused. Start the "
-                                    f"OpenAI-compatible server there, or pass the right --judge-url") from None
-                if not isinstance(exc.reason, TimeoutError) or attempt == self.retries:
-                    raise UserError(f"cannot reach the judge endpoint {self.display}: "
-                                    f"{self._redacted(str(exc.reason))}") from None
-            except (http.client.HTTPException, ConnectionError) as exc:  # closed early, a bad status line, a short body
-                if attempt == self.retries:
-                    raise UserError(f"the judge endpoint {self.display} broke off its reply ({type(exc).__name__}: "
-                                    f"{self._redacted(str(exc))[:160]}), {self.retries + 1} times; check the server")\
-                        from None
-            except TimeoutError:
-                if attempt == self.retries:
-                    raise UserError(f"the judge endpoint {self.display} sent no reply within {self.timeout:g} s, "
-                                    f"{self.retries + 1} times; raise --judge-timeout or check the server") from None
-            time.sleep(self.backoff * 2 ** attempt)
-            attempt += 1
-
-    def _read_bounded(self, response) -> bytes:
-        """The body, within ``timeout`` seconds for the whole of it (a socket timeout bounds each read
-        only: a server trickling a byte at a time would never end) and ``max_reply_bytes``."""
-        deadline, chunks, size = time.monotonic() + self.timeout, [], 0
-        while True:
-            if time.monotonic() > deadline:
-                raise TimeoutError
-            chunk = response.read1(1 << 16)
-            if not chunk:
-                if getattr(response, "length", None):  # the connection ended before its Content-Length
-                    raise http.client.IncompleteRead(b"".join(chunks), response.length)
-                return b"".join(chunks)
-            size += len(chunk)
-            if size > self.max_reply_bytes:
-                raise UserError(f"the judge endpoint {self.display} sent a reply of more than "
-                                f"{self.max_reply_bytes:,} bytes, which is no chat completion naming a verdict")
-            chunks.append(chunk)
-
-    def _reply_text(self, raw: bytes) -> str:
+        reply = self.server.request("chat/completions", {
+            "model": self.model, "messages": judge_messages(comparison, self.instruction), "temperature": 0,
+            "max_tokens": self.max_tokens})
         try:
-            content = json.loads(raw)["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
+            content = reply["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
             raise UserError(f"the judge endpoint {self.display} sent a reply that is not an OpenAI chat completion "
-                            f"(no choices[0].message.content): {self._redacted(repr(raw[:200]))}") from None
+                            f"(no choices[0].message.content): {self.server.redacted(repr(reply)[:200])}") from None
         return content if isinstance(content, str) else ""
 
 

@@ -375,6 +375,7 @@ class Models:
     student: Architecture
     teachers: Tuple[Tuple[str, Architecture], ...] = ()  # online every step
     precomputed: Tuple[Tuple[str, Architecture], ...] = ()  # frozen models loaded for the cached log-probs
+    served: Tuple[Tuple[str, str], ...] = ()  # (model key, URL): cached log-probs from a server, no memory here
 
 
 def build_plan(models: Models, objective, s: Setting) -> Plan:

@@ -28,6 +28,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from fastdadpo.base.endpoint import display_url
 from fastdadpo.base.errors import ConfigError
 from fastdadpo.commands.architectures import Architecture, load_architecture
 from fastdadpo.commands.config import load_config
@@ -101,9 +102,13 @@ def models_from_config(config, tables: Optional[Dict[str, str]] = None) -> Model
     student = arch("student")
     needs = objective.needs()
     online = [(key, arch(key)) for key in needs.online]
-    # π_ref unset is the starting student: nothing more to load for it.
-    precomputed = [(key, arch(key)) for key in needs.cached if key != "reference" or model.reference]
-    return Models(student=student, teachers=tuple(online), precomputed=tuple(precomputed))
+    # π_ref unset is the starting student: nothing more to load for it. A served model
+    # (model.KEY_url) gives its log-probs from its server: nothing of it on the training GPUs.
+    served = tuple((key, display_url(getattr(model, f"{key}_url"))) for key in needs.cached
+                   if getattr(model, f"{key}_url", None))
+    precomputed = [(key, arch(key)) for key in needs.cached
+                   if (key != "reference" or model.reference) and key not in dict(served)]
+    return Models(student=student, teachers=tuple(online), precomputed=tuple(precomputed), served=served)
 
 
 @dataclass
@@ -270,6 +275,9 @@ def render(report: Report) -> str:
                       *[(f"model.{k} (cached log-probs, before training)", a) for k, a in report.models.precomputed]]:
         lines.append(f"  {key}: {arch.name}: {arch.describe()}")
         lines.append(f"      from {arch.source}")
+    for key, url in report.models.served:
+        lines.append(f"  model.{key} (cached log-probs): served at {url}: no memory on the training "
+                     f"{'GPU' if s.on_gpu else 'rank'}s")
     lines.append(f"per {'GPU' if s.on_gpu else 'rank'} at micro-batch {s.micro_batch} ({s.micro_batch} x {s.sequences} "
                  f"sequence(s) x {s.max_length} tokens = {s.tokens:,} tokens), grad_accum {s.grad_accum}:")
     other = {t.name: t.bytes for t in report.plan_other_checkpointing.terms}

@@ -3,11 +3,36 @@ merged model and the adapter in PEFT's own layout."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
+from typing import List
 
 from fastdadpo.base.errors import ConfigError
 
 
 LORA_ADAPTER = "default"  # the adapter's name inside the model (PEFT's default)
+
+
+@dataclass
+class LoraSettings:
+    """``model.lora``: train low-rank adapters (PEFT's LoRA) instead of the whole student; the export
+    writes the merged model to final/ and the adapter to final-adapter/."""
+
+    r: int = 16  # rank; 16 with alpha 32 and dropout 0.05: the TRL and PEFT examples' settings
+    alpha: float = 32.0  # the update is scaled by alpha / r
+    dropout: float = 0.05
+    # Every linear projection of the decoder (QLoRA, Dettmers et al. 2023: adapting them all matters).
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                               "up_proj", "down_proj"])
+
+    def validate(self, fail) -> None:
+        if self.r < 1:
+            fail("model.lora.r", f"must be >= 1, got {self.r}")
+        if not self.alpha > 0:
+            fail("model.lora.alpha", f"must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            fail("model.lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            fail("model.lora.target_modules", "must name at least one module (e.g. q_proj)")
 
 
 def add_lora(model, lora) -> int:
