@@ -6,7 +6,7 @@ It speaks the parts of vLLM's API a served model uses: ``GET /v1/models`` (with 
 ``prompt_logprobs``. Like vLLM it batches the greedy requests that arrive together (within
 ``batch_window`` seconds, up to ``max_batch``), so a client's concurrency shows; a sampled request
 runs alone under its own seed. ``faults`` scripts what the next requests meet (a status, a delay, a
-dropped connection, malformed JSON, short log-probs), ``latency`` adds a fixed delay to every
+dropped connection, malformed JSON, short log-probs; ``("pass",)`` lets one request through), ``latency`` adds a fixed delay to every
 completion (a network hop), and ``serve`` swaps the model behind a name.
 """
 from __future__ import annotations
@@ -20,6 +20,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Dict, List, Optional
 
 import torch
+
+
+# A seeded sample seeds torch's one global generator: two servers in one process take turns.
+_SEEDED = threading.Lock()
 
 
 class _Listener(ThreadingHTTPServer):
@@ -112,9 +116,10 @@ class LoopbackOpenAIServer:
         try:
             with self._model_lock:
                 model, tokenizer, _ = self.models[first.model]
-            outputs = generate_batch(model, tokenizer, [job.prompt for job in group], max_new_tokens=first.max_tokens,
-                                     temperature=first.temperature, top_p=first.top_p,
-                                     seed=first.seed if first.temperature else None, device=torch.device("cpu"))
+            with _SEEDED:
+                outputs = generate_batch(model, tokenizer, [job.prompt for job in group], max_new_tokens=first.max_tokens,
+                                         temperature=first.temperature, top_p=first.top_p,
+                                         seed=first.seed if first.temperature else None, device=torch.device("cpu"))
             for job, ids in zip(group, outputs):
                 job.ids = ids
         except BaseException as exc:  # noqa: BLE001 (handed to the request's thread)
@@ -219,6 +224,8 @@ class LoopbackOpenAIServer:
                 choice.update(text=tokenizer.decode(job.ids, skip_special_tokens=True),
                               finish_reason="stop" if ended else "length")
                 self._reply(200, {"object": "text_completion", "model": name, "choices": [choice],
-                                  "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(job.ids)}})
+                                  # generate_batch drops pad tokens a response may hold: one cut short used them all
+                                  "usage": {"prompt_tokens": len(prompt),
+                                            "completion_tokens": len(job.ids) if ended else job.max_tokens}})
 
         return Handler

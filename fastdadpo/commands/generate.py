@@ -59,7 +59,7 @@ from fastdadpo.models.generation import decode_response, generate_batch
 from fastdadpo.models.served import ServedModel, ServerSettings
 from fastdadpo.models.vocabulary import check_tokenizers_compatible
 
-SERVER_FLAGS = {"timeout": "--request-timeout"}  # ServerSettings' fields as flags: --NAME, but for these
+SERVER_FLAGS = {"timeout": "--request-timeout", "backoff": "--retry-backoff"}  # ServerSettings' fields as flags: --NAME, but for these
 KEPT_CHOSEN_ROLES = ("student",)  # --keep-chosen: the chosen responses come with the prompts
 # The CLI's help formatter appends "(default: X)" to every flag; this (an empty rendering of the
 # default) stops it where "None" would say nothing.
@@ -118,6 +118,8 @@ def add_arguments(parser) -> None:
                         help="seconds one request may take, whole; past it (or on HTTP 429/5xx) it is retried")
     served.add_argument("--retries", type=int, default=ServerSettings.retries, metavar="N",
                         help="retries of a request that timed out or got HTTP 429/5xx, with exponential backoff")
+    served.add_argument("--retry-backoff", type=float, default=ServerSettings.backoff, metavar="S",
+                        help="seconds before the first retry, doubled at each next one")
     served.add_argument("--api-key-env", default=None, metavar="VAR", help=(
         "environment variable holding the servers' API key (sent as a Bearer token, never printed); or put "
         "user:password in the URL" + NO_DEFAULT_SHOWN))
@@ -261,7 +263,7 @@ def _prepare(args, info: collectives.DistInfo, log) -> _Job:
 
 def server_settings(args) -> ServerSettings:
     return ServerSettings(api_key_env=args.api_key_env, allow_http=args.allow_http, timeout=args.request_timeout,
-                          retries=args.retries, concurrency=args.concurrency)
+                          retries=args.retries, backoff=args.retry_backoff, concurrency=args.concurrency)
 
 
 def _connect(args, roles, tokenizers: dict, log) -> tuple[dict, dict]:
