@@ -48,7 +48,6 @@ BATCH_SIZE = 16  # in-process --batch-size
 SERVER_THREADS = 1  # torch threads per server process
 FULL = dict(rows=64, max_new_tokens=16)
 QUICK = dict(rows=16, max_new_tokens=4)
-SERVER_START_TIMEOUT_S = 120
 ROLES = ("teacher", "student")
 
 
@@ -129,13 +128,14 @@ class ServerProcess:
                 [sys.executable, os.path.abspath(__file__), "--serve", name, path, repr(latency), self.batches],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
                 env=dict(os.environ, OMP_NUM_THREADS=str(SERVER_THREADS)))
-        started = time.monotonic()
+        self.name, self.url = name, None
+
+    def wait_ready(self) -> None:
         line = self.process.stdout.readline().strip()  # the URL, once the model is loaded and it listens
         if not line.startswith("http://"):
             self.close()
             with open(self.log, encoding="utf-8") as log:
-                raise RuntimeError(f"the {name} server did not start in {time.monotonic() - started:.0f} s: "
-                                   f"{line!r}\n{log.read()[-3000:]}")
+                raise RuntimeError(f"the {self.name} server did not start: {line!r}\n{log.read()[-3000:]}")
         self.url = line
 
     def generated(self) -> list:
@@ -165,9 +165,9 @@ def servers(world):
 
     def get(latency: float) -> dict:
         if latency not in started:
-            started[latency] = {}
-            for role in ROLES:
-                started[latency][role] = ServerProcess(role, world["dirs"][role], latency, world["root"])
+            started[latency] = {role: ServerProcess(role, world["dirs"][role], latency, world["root"]) for role in ROLES}
+            for server in started[latency].values():  # both start (import torch, load the model) at once
+                server.wait_ready()
         return started[latency]
 
     yield get

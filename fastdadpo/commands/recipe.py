@@ -246,6 +246,9 @@ def _check_generate_keys(recipe: Recipe) -> None:
                           f"student, prompts and out itself")
     if recipe.generate.get("keep_chosen") and "teacher" in recipe.generate:
         raise ConfigError(f"{recipe.source}: generate: keep_chosen never runs a teacher")
+    if "student_url" in recipe.generate:
+        raise ConfigError(f"{recipe.source}: generate: student_url would serve one model at every stage, but the "
+                          f"recipe's student changes (pruned, dSFT, a regenerating entry); serve the teacher only")
     for key, value in recipe.generate.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{recipe.source}: generate.{key} is {value}; numbers must be finite")
@@ -376,7 +379,8 @@ class Runner:
         if self.is_complete(log_name, args, out):
             self.echo(f"[run] {log_name}: {out} complete, skipped")
             return
-        self.fastdadpo(args, distributed=True, log_name=log_name)
+        # A served teacher samples in one process; a server, not torchrun, spreads its work.
+        self.fastdadpo(args, distributed=not r.generate.get("teacher_url"), log_name=log_name)
 
     def _training_config(self, name: str, overrides: dict, student: str) -> str:
         path = self.recipe.path("configs", f"{_slug(name)}.yaml")
