@@ -138,6 +138,13 @@ class ServerProcess:
                 raise RuntimeError(f"the {self.name} server did not start: {line!r}\n{log.read()[-3000:]}")
         self.url = line
 
+    def process_cpu(self) -> float:
+        """CPU seconds the server process has used so far (user + system, all its threads)."""
+        import psutil
+
+        times = psutil.Process(self.process.pid).cpu_times()
+        return times.user + times.system
+
     def generated(self) -> list:
         """The sizes of the batches generated since the last ``reset``."""
         if not os.path.exists(self.batches):
@@ -219,19 +226,25 @@ def test_served_generate(benchmark, case, world, reference, servers, tmp_path, m
     settings = BenchSettings.of(request.config)
     rows = world["rows"]
 
-    phases: list = []  # seconds in _run_steps, per call of the command
+    pair = servers(case.latency) if case.concurrency is not None else {}
+    phases: list = []  # per call of the command: wall and CPU seconds in _run_steps (the generation)
     run_steps = generate_command._run_steps
 
+    def cpu_seconds() -> dict:
+        """CPU seconds so far of this process (the client, or in-process generation) and of each server."""
+        times = {role: server.process_cpu() for role, server in pair.items()}
+        return dict(times, client=time.process_time())
+
     def timed_run_steps(*args, **kwargs):
-        started = time.perf_counter()
+        cpu, started = cpu_seconds(), time.perf_counter()
         empty, written = run_steps(*args, **kwargs)
-        phases.append(time.perf_counter() - started)
+        wall, cpu_after = time.perf_counter() - started, cpu_seconds()
+        phases.append(dict(wall=wall, cpu={key: cpu_after[key] - cpu[key] for key in cpu}))
         assert written == rows, f"wrote {written} rows, not {rows}"
         return empty, written
 
     monkeypatch.setattr(generate_command, "_run_steps", timed_run_steps)
 
-    pair = servers(case.latency) if case.concurrency is not None else {}
     extra = [] if case.concurrency is None else [
         "--teacher-url", pair["teacher"].url, "--student-url", pair["student"].url,
         "--concurrency", str(case.concurrency)]
@@ -265,8 +278,13 @@ def test_served_generate(benchmark, case, world, reference, servers, tmp_path, m
     if benchmark.disabled:  # pytest-benchmark calls the target once, without setup's teardown
         teardown(_argv(world, outs[-1], extra))
     timed = len(calls) if benchmark.disabled else settings.rounds
-    phase_s, command_s = phases[-timed:], [call["command_s"] for call in calls[-timed:]]
+    phase_s, command_s = [phase["wall"] for phase in phases[-timed:]], [call["command_s"] for call in calls[-timed:]]
     rate = rows / statistics.median(phase_s)
+    # CPU milliseconds per row (generation phase, median over the timed rounds): in-process, the
+    # command's whole generation; served, the client's share (requests, threads, JSON, the file) and
+    # each server's (HTTP, batching, the model).
+    cpu_ms_per_row = {key: round(1000 * statistics.median(phase["cpu"][key] for phase in phases[-timed:]) / rows, 2)
+                      for key in phases[-1]["cpu"]}
     _rates[case.id] = rate
     at_one = _rates.get(Case("", 1, case.latency).id)
     info = dict(case="served_generate", implementation=case.name, prompts=rows,
@@ -276,7 +294,7 @@ def test_served_generate(benchmark, case, world, reference, servers, tmp_path, m
                 server_torch_threads=SERVER_THREADS if case.concurrency is not None else None,
                 torch_threads=torch.get_num_threads(),
                 generation_seconds=[round(s, 4) for s in phase_s], command_seconds=[round(s, 4) for s in command_s],
-                rows_per_s=round(rate, 2), command_rows_per_s=round(rows / statistics.median(command_s), 2),
+                cpu_ms_per_row=cpu_ms_per_row, rows_per_s=round(rate, 2), command_rows_per_s=round(rows / statistics.median(command_s), 2),
                 ratio_to_in_process=round(rate / _rates["in-process"], 3) if "in-process" in _rates else None)
     if case.concurrency is not None:
         info["speedup_over_concurrency_1"] = round(rate / at_one, 2) if at_one else None

@@ -314,3 +314,16 @@ def test_plan_with_a_served_teacher_drops_its_memory(world, tmp_path):
     text = _run("plan", _train_config(world, tmp_path, "p2", teacher_url="https://vllm.example.com:8000")).stdout
     assert "model.teacher (cached log-probs): served at https://vllm.example.com:8000" in text
     assert "teacher (precompute)" in json.dumps(local) and "teacher (precompute)" not in json.dumps(served)
+
+
+def test_a_recipe_serves_the_teacher_only(tmp_path):
+    from fastdadpo.base.errors import ConfigError
+    from fastdadpo.commands.recipe import load_recipe
+
+    path = tmp_path / "recipe.yaml"
+    base = {"output_dir": "x", "teacher": "t", "student": "s", "prompts": "p"}
+    path.write_text(yaml.safe_dump(dict(base, generate={"teacher_url": "http://127.0.0.1:8000", "concurrency": 32})))
+    assert load_recipe(str(path)).generate["concurrency"] == 32
+    path.write_text(yaml.safe_dump(dict(base, generate={"student_url": "http://127.0.0.1:8001"})))
+    with pytest.raises(ConfigError, match="student_url would serve one model at every stage"):
+        load_recipe(str(path))

@@ -303,7 +303,7 @@ def _run_steps(args, job: _Job, loaded: dict, pending: list[int], done: set[int]
     """Generate the pending batches, ``world_size`` at a time; rank 0 appends each step's rows.
     Returns how many rows were written and how many of them have an empty response."""
     if job.servers:
-        return _run_served(args, job, loaded, pending, done)
+        return _run_served(args, job, loaded, pending, done, info)
     empty_responses, new_rows = 0, 0
     steps = -(-len(pending) // info.world_size)
     rows_pending = sum(len([i for i in job.batches[b] if i not in done]) for b in pending)
@@ -332,7 +332,7 @@ def _run_steps(args, job: _Job, loaded: dict, pending: list[int], done: set[int]
     return empty_responses, new_rows
 
 
-def _run_served(args, job: _Job, loaded: dict, pending: list[int], done: set[int]) -> tuple[int, int]:
+def _run_served(args, job: _Job, loaded: dict, pending: list[int], done: set[int], info) -> tuple[int, int]:
     """One process, at least one model served. Every pending row's request goes to its server's
     queue at once (``--concurrency`` in flight per server) while a model loaded here samples its
     batches as in-process generation does; rows are written batch by batch, in order, as their
@@ -345,8 +345,9 @@ def _run_served(args, job: _Job, loaded: dict, pending: list[int], done: set[int
         progress = stack.enter_context(StageProgress(len(rows), "generate", "rows"))
         replies = {}
         for role, served in job.servers.items():
-            pool = stack.enter_context(ThreadPoolExecutor(max_workers=args.concurrency))
-            stack.callback(lambda futures=replies: [future.cancel() for future in futures.values()])
+            pool = ThreadPoolExecutor(max_workers=args.concurrency)
+            # On a failure the requests not yet sent are dropped, not sent and waited for.
+            stack.callback(pool.shutdown, wait=False, cancel_futures=True)
             for i in rows:
                 replies[role, i] = pool.submit(
                     served.complete, job.prompts[role][i], max_tokens=args.max_new_tokens,
@@ -354,8 +355,7 @@ def _run_served(args, job: _Job, loaded: dict, pending: list[int], done: set[int
         for step, batch_id in enumerate(pending):
             indices = job.batches[batch_id]
             texts = {role: _responses(loaded[role], job.tokenizers[role], [job.prompts[role][i] for i in indices],
-                                      args, seed=_batch_seed(args.seed, batch_id, role),
-                                      info=_single_process())
+                                      args, seed=_batch_seed(args.seed, batch_id, role), info=info)
                      for role in job.roles if role not in job.servers}
             texts.update({role: [replies[role, i].result() if i not in done else "" for i in indices]
                           for role in job.servers})
