@@ -13,11 +13,11 @@ hidden 48 / 32, 2 layers, the teacher's head padded past the tokenizer), ``--tem
   ours, the client: with N requests in flight the rate should grow nearly N-fold until the server's
   batching (its window and its batch size) saturates.
 
-Each server runs in its own process (``python bench/test_served_generate.py --serve ...``), as a
-real server does: sharing this process, its generation loop would compete for the GIL with the
-client's threads and with the other server. Each server gets one torch thread (the machine's two
-cores, one per model; the in-process command gets both threads and runs the models one after the
-other). The server's own speed is not ours to claim: the ratios say what a user of this machine
+Each server runs in its own process (``python bench/test_served_generate.py --serve ...``, started
+once and given its latency over stdin), as a real server does: sharing this process, its generation
+loop would compete for the GIL with the client's threads and with the other server. Each server gets
+one torch thread (the machine's two cores, one per model; the in-process command gets both threads
+and runs the models one after the other). The server's own speed is not ours to claim: the ratios say what a user of this machine
 gets, and the +20 ms rows what the client's concurrency does.
 
 Timed (pytest-benchmark): the whole command, ``fastdadpo.cli.main(["generate", ...])`` called in
@@ -25,7 +25,8 @@ this process with a fresh ``--out`` per round (so the timing includes loading th
 connecting to the servers and probing them, and writing the file). ``extra_info.rows_per_s`` is the
 generation itself: rows over the seconds spent in ``fastdadpo.commands.generate._run_steps``
 (median over the timed rounds), the figure to compare; ``command_rows_per_s`` the same over the
-whole command. Every round's output must equal, byte for byte, the in-process output (greedy rows
+whole command; ``cpu_ms_per_row`` the CPU time of the generation per row, of this process (the
+client; in-process, the generation itself) and of each server process. Every round's output must equal, byte for byte, the in-process output (greedy rows
 do not depend on how they were batched), and each server must have generated exactly one response
 per row per round (no retried request), so a benchmark that measures failures cannot pass.
 """
@@ -73,9 +74,13 @@ CASES = ([Case("in-process", None)] + [Case(f"served c={c}", c) for c in CONCURR
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, request):
     """The tests' tiny teacher and student (tests/conftest.py) and the prompts file."""
+    import torch
     from bench.settings import BenchSettings
     from fastdadpo.demo.synthetic import build_tokenizer, make_examples, save_model_dir, task_corpus, tiny_causal_lm
 
+    if torch.cuda.is_available():
+        pytest.skip("a CPU benchmark: the loopback servers generate on the CPU, in-process generation would use "
+                    "the GPU (CUDA_VISIBLE_DEVICES= to run it)")
     size = QUICK if BenchSettings.of(request.config).quick else FULL
     root = tmp_path_factory.mktemp("served_generate")
     tokenizer = build_tokenizer(task_corpus(400, seed=0), vocab_size=320)
@@ -117,26 +122,34 @@ def reference(world) -> str:
 # --- servers, each in its own process ---------------------------------------------------------------------
 
 class ServerProcess:
-    """A ``LoopbackOpenAIServer`` serving one model in a child process; ``batches`` is a file with one
-    line per batch it generated (the batch's size)."""
+    """A ``LoopbackOpenAIServer`` serving one model in a child process, which ends when its stdin
+    closes. ``set_latency`` changes the delay it adds to every completion; ``generated`` lists the
+    sizes of the batches it generated since ``reset`` (the child appends one line per batch to a file)."""
 
-    def __init__(self, name: str, path: str, latency: float, folder) -> None:
-        self.batches = str(folder / f"{name}-latency{latency}-batches.txt")
-        self.log = str(folder / f"{name}-latency{latency}.log")
+    def __init__(self, name: str, path: str, folder) -> None:
+        self.name, self.url = name, None
+        self.batches, self.log = str(folder / f"{name}-batches.txt"), str(folder / f"{name}-server.log")
         with open(self.log, "w", encoding="utf-8") as log:
             self.process = subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), "--serve", name, path, repr(latency), self.batches],
+                [sys.executable, os.path.abspath(__file__), "--serve", name, path, self.batches],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
                 env=dict(os.environ, OMP_NUM_THREADS=str(SERVER_THREADS)))
-        self.name, self.url = name, None
 
-    def wait_ready(self) -> None:
-        line = self.process.stdout.readline().strip()  # the URL, once the model is loaded and it listens
-        if not line.startswith("http://"):
+    def _answer(self, expected: str) -> str:
+        line = self.process.stdout.readline().strip()
+        if not line.startswith(expected):
             self.close()
             with open(self.log, encoding="utf-8") as log:
-                raise RuntimeError(f"the {self.name} server did not start: {line!r}\n{log.read()[-3000:]}")
-        self.url = line
+                raise RuntimeError(f"the {self.name} server said {line!r}, not {expected}...\n{log.read()[-3000:]}")
+        return line
+
+    def wait_ready(self) -> None:
+        self.url = self._answer("http://")  # printed once the model is loaded and the server listens
+
+    def set_latency(self, seconds: float) -> None:
+        self.process.stdin.write(f"latency {seconds!r}\n")
+        self.process.stdin.flush()
+        self._answer("ok")
 
     def process_cpu(self) -> float:
         """CPU seconds the server process has used so far (user + system, all its threads)."""
@@ -146,9 +159,6 @@ class ServerProcess:
         return times.user + times.system
 
     def generated(self) -> list:
-        """The sizes of the batches generated since the last ``reset``."""
-        if not os.path.exists(self.batches):
-            return []
         with open(self.batches, encoding="utf-8") as handle:
             return [int(line) for line in handle if line.strip()]
 
@@ -157,7 +167,8 @@ class ServerProcess:
 
     def close(self) -> None:
         if self.process.poll() is None:
-            self.process.stdin.close()  # the child ends when its stdin does
+            self.process.stdin.close()
+            self.process.terminate()
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -167,25 +178,27 @@ class ServerProcess:
 
 @pytest.fixture(scope="module")
 def servers(world):
-    """latency -> {role: ServerProcess}, started on first use, closed at the module's end."""
-    started: dict = {}
+    """``get(latency)``: {role: ServerProcess}, started on first use (both at once: each imports torch
+    and loads its model), with that latency set; closed at the module's end."""
+    pair: dict = {}
 
     def get(latency: float) -> dict:
-        if latency not in started:
-            started[latency] = {role: ServerProcess(role, world["dirs"][role], latency, world["root"]) for role in ROLES}
-            for server in started[latency].values():  # both start (import torch, load the model) at once
+        if not pair:
+            pair.update({role: ServerProcess(role, world["dirs"][role], world["root"]) for role in ROLES})
+            for server in pair.values():
                 server.wait_ready()
-        return started[latency]
+        for server in pair.values():
+            server.set_latency(latency)
+        return pair
 
     yield get
-    for pair in started.values():
-        for server in pair.values():
-            server.close()
+    for server in pair.values():
+        server.close()
 
 
-def _serve(name: str, path: str, latency: str, batches: str) -> None:
-    """The child process: serve ``path`` as ``name``, print the URL, record each batch's size, and end
-    when stdin closes."""
+def _serve(name: str, path: str, batches: str) -> None:
+    """The child process: serve ``path`` as ``name``, print the URL, record each batch's size, take
+    ``latency SECONDS`` lines on stdin (answered ``ok``) and end when stdin closes."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -194,17 +207,23 @@ def _serve(name: str, path: str, latency: str, batches: str) -> None:
     torch.set_num_threads(SERVER_THREADS)
     from bench.openai_server import LoopbackOpenAIServer
 
-    server = LoopbackOpenAIServer({name: path}, latency=float(latency))
+    server = LoopbackOpenAIServer({name: path})
     generate = server._generate
 
     def counted(group):
-        generate(group)
-        with open(batches, "a", encoding="utf-8") as handle:
+        with open(batches, "a", encoding="utf-8") as handle:  # first: generate() releases the requests
             handle.write(f"{len(group)}\n")
+        generate(group)
 
-    server._generate = counted  # the batch loop calls it per batch
+    server._generate = counted  # the batch loop calls it once per batch
     print(server.url, flush=True)
-    sys.stdin.read()
+    for line in sys.stdin:
+        command, _, value = line.partition(" ")
+        if command == "latency":
+            server.latency = float(value)  # read by each request as it arrives
+            print("ok", flush=True)
+        else:
+            print(f"unknown command {line.strip()!r}", flush=True)
     server.close()
 
 
@@ -220,9 +239,6 @@ def test_served_generate(benchmark, case, world, reference, servers, tmp_path, m
     from bench.settings import BenchSettings
     from fastdadpo.commands import generate as generate_command
 
-    if torch.cuda.is_available():
-        pytest.skip("a CPU benchmark: the loopback servers generate on the CPU, in-process generation would use "
-                    "the GPU (CUDA_VISIBLE_DEVICES= to run it)")
     settings = BenchSettings.of(request.config)
     rows = world["rows"]
 
@@ -233,7 +249,7 @@ def test_served_generate(benchmark, case, world, reference, servers, tmp_path, m
     def cpu_seconds() -> dict:
         """CPU seconds so far of this process (the client, or in-process generation) and of each server."""
         times = {role: server.process_cpu() for role, server in pair.items()}
-        return dict(times, client=time.process_time())
+        return dict(times, **{"client" if pair else "in_process": time.process_time()})
 
     def timed_run_steps(*args, **kwargs):
         cpu, started = cpu_seconds(), time.perf_counter()
@@ -248,7 +264,7 @@ def test_served_generate(benchmark, case, world, reference, servers, tmp_path, m
     extra = [] if case.concurrency is None else [
         "--teacher-url", pair["teacher"].url, "--student-url", pair["student"].url,
         "--concurrency", str(case.concurrency)]
-    calls: list = []  # per call: {"command_s", "batches"}
+    calls: list = []  # per call: {"command_s": wall seconds, role: the sizes of the batches its server generated}
     outs: list = []
 
     def setup():
@@ -286,7 +302,7 @@ def test_served_generate(benchmark, case, world, reference, servers, tmp_path, m
     cpu_ms_per_row = {key: round(1000 * statistics.median(phase["cpu"][key] for phase in phases[-timed:]) / rows, 2)
                       for key in phases[-1]["cpu"]}
     _rates[case.id] = rate
-    at_one = _rates.get(Case("", 1, case.latency).id)
+    at_one = _rates.get(Case("", 1, case.latency).id)  # the same server, one request in flight
     info = dict(case="served_generate", implementation=case.name, prompts=rows,
                 max_new_tokens=world["max_new_tokens"], temperature=0.0,
                 batch_size=BATCH_SIZE if case.concurrency is None else None, concurrency=case.concurrency,
@@ -294,7 +310,8 @@ def test_served_generate(benchmark, case, world, reference, servers, tmp_path, m
                 server_torch_threads=SERVER_THREADS if case.concurrency is not None else None,
                 torch_threads=torch.get_num_threads(),
                 generation_seconds=[round(s, 4) for s in phase_s], command_seconds=[round(s, 4) for s in command_s],
-                cpu_ms_per_row=cpu_ms_per_row, rows_per_s=round(rate, 2), command_rows_per_s=round(rows / statistics.median(command_s), 2),
+                cpu_ms_per_row=cpu_ms_per_row, rows_per_s=round(rate, 2),
+                command_rows_per_s=round(rows / statistics.median(command_s), 2),
                 ratio_to_in_process=round(rate / _rates["in-process"], 3) if "in-process" in _rates else None)
     if case.concurrency is not None:
         info["speedup_over_concurrency_1"] = round(rate / at_one, 2) if at_one else None
@@ -305,8 +322,8 @@ def test_served_generate(benchmark, case, world, reference, servers, tmp_path, m
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 6 and sys.argv[1] == "--serve":
+    if len(sys.argv) == 5 and sys.argv[1] == "--serve":
         _serve(*sys.argv[2:])
     else:
-        sys.exit("usage: python bench/test_served_generate.py --serve NAME MODEL_DIR LATENCY_S BATCHES_FILE "
-                 "(the benchmark starts its servers this way)")
+        sys.exit("usage: python bench/test_served_generate.py --serve NAME MODEL_DIR BATCHES_FILE (the benchmark "
+                 "starts its servers this way)")

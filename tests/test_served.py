@@ -327,3 +327,19 @@ def test_a_recipe_serves_the_teacher_only(tmp_path):
     path.write_text(yaml.safe_dump(dict(base, generate={"student_url": "http://127.0.0.1:8001"})))
     with pytest.raises(ConfigError, match="student_url would serve one model at every stage"):
         load_recipe(str(path))
+
+
+def test_raw_string_prompts_reach_the_server_as_raw_text(world, tokenizer, tmp_path):
+    """``--string-rows raw`` (TRL's standard format): the prompt's own tokens, no chat template."""
+    server = LoopbackOpenAIServer({"teacher-7b": world["teacher"]})
+    try:
+        out = tmp_path / "raw.jsonl"
+        _run(*_generate_args(world, out, "--teacher-url", server.url, "--string-rows", "raw"))
+        sent = [r["body"]["prompt"] for r in server.requests if r.get("body", {}).get("max_tokens") == 10]
+        prompts = [json.loads(line)["prompt"] for line in open(world["prompts"], encoding="utf-8")]
+        assert sorted(sent) == sorted(tokenizer(p)["input_ids"] for p in prompts)
+        assert json.loads((tmp_path / "raw.jsonl.settings.json").read_text())["string_rows"] == "raw"
+        _one_paragraph(_run(*_generate_args(world, out, "--teacher-url", server.url), check=False),
+                       "string_rows 'raw' -> 'template'")
+    finally:
+        server.close()

@@ -25,6 +25,7 @@ from fastdadpo.base.errors import ConfigError
 from fastdadpo.base.yaml_files import apply_override, check_shape, read_yaml_mapping
 from fastdadpo.commands.trl_names import aliases_of, canonical_key, translate_section
 from fastdadpo.core.objectives import DEFAULT_OBJECTIVE, OBJECTIVES, Objective, ParameterError
+from fastdadpo.core.tokenized import STRING_ROWS
 from fastdadpo.engine.deepspeed.config import validate_extra
 from fastdadpo.engine.deepspeed.engine import DeepSpeedEngine
 from fastdadpo.engine.fsdp2.engine import FSDP2Engine
@@ -103,6 +104,9 @@ class DataConfig:
     max_prompt_length: Optional[int] = None  # default: PROMPT_SHARE (half) of max_length
     packing: bool = False  # padding-free batches (sequences concatenated, positions restarting)
     cache_dir: Optional[str] = None  # tokenization and log-prob caches; default $FASTDADPO_CACHE or ~/.cache/fastdadpo
+    # Plain-string rows: template (through the chat template, as one user turn and its reply) or raw (the
+    # text itself, eos after each response: TRL's rule for its standard format; allows "text" rows).
+    string_rows: str = "template"
 
     @property
     def prompt_length(self) -> int:
@@ -121,6 +125,8 @@ class DataConfig:
                                            f"({self.max_length})")
         if self.cache_dir is not None:
             _check_directory(fail, "data.cache_dir", self.cache_dir)
+        if self.string_rows not in STRING_ROWS:
+            fail("data.string_rows", f"is {self.string_rows!r}; choose {' or '.join(STRING_ROWS)}")
 
     def resolved_cache_dir(self) -> str:
         return self.cache_dir or os.environ.get("FASTDADPO_CACHE") or os.path.join(

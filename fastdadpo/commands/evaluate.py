@@ -38,8 +38,9 @@ from fastdadpo.base.files import write_text_atomic
 from fastdadpo.commands.judges import (JUDGES, Judge, JudgeOptions, Pair, build_judge, check_judge_data, is_correct,
                                        pairwise_summary)
 from fastdadpo.core.batch import pad_token_id, padded
-from fastdadpo.core.chat import Message, prompt_ids, response_ids
+from fastdadpo.core.chat import Message
 from fastdadpo.core.rows import Example, load_prompts
+from fastdadpo.core.tokenized import STRING_ROWS, prompt_token_ids, response_token_ids
 from fastdadpo.kernels import fused_linear_divergence
 from fastdadpo.models.generation import generate_texts
 from fastdadpo.models.loading import (count_parameters, final_hidden_states, head_logit_options, head_rows, head_weight,
@@ -107,27 +108,27 @@ def _response_hidden_states(model, sequences, rows: Sequence[int], pad_id: int, 
 
 
 def _generate(model, tokenizer, examples: Sequence[Example], *, max_new_tokens: int, batch_size: int,
-              device, name: str) -> List[str]:
-    prompts = [prompt_ids(tokenizer, e.prompt) for e in examples]
+              device, name: str, string_rows: str = "template") -> List[str]:
+    prompts = [prompt_token_ids(tokenizer, e, string_rows) for e in examples]
     return generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
                           batch_size=batch_size, device=device, progress=f"eval {name}")
 
 
 def teacher_pass(path: str, examples: Sequence[Example], *, max_new_tokens: int, batch_size: int,
-                 device: torch.device, dtype: torch.dtype) -> TeacherPass:
+                 device: torch.device, dtype: torch.dtype, string_rows: str = "template") -> TeacherPass:
     """The teacher's responses (the rows' "chosen", else greedy), their tokens, and the teacher's
     final hidden states at them."""
     tokenizer = load_tokenizer(path, "--teacher")
     model = load_causal_lm(path, dtype=dtype, device=device, key="--teacher")
     missing = [e for e in examples if e.chosen is None]
     generated = iter(_generate(model, tokenizer, missing, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                               device=device, name="teacher") if missing else [])
+                               device=device, name="teacher", string_rows=string_rows) if missing else [])
     # A generated response is kept as it came out, even when empty (as_messages would refuse that).
     responses = [e.chosen or [{"role": "assistant", "content": next(generated)}] for e in examples]
     sequences = []
     for example, response in zip(examples, responses):
-        prompt = prompt_ids(tokenizer, example.prompt)
-        sequences.append((prompt, response_ids(tokenizer, example.prompt, response, prompt_token_ids=prompt)))
+        prompt = prompt_token_ids(tokenizer, example, string_rows)
+        sequences.append((prompt, response_token_ids(tokenizer, example, response, prompt, string_rows)))
     hidden: List[Optional[torch.Tensor]] = [None] * len(examples)
     with torch.inference_mode():
         for rows in _length_batches(sequences, batch_size):
@@ -170,7 +171,8 @@ def divergences(model, teacher: TeacherPass, *, vocab_size: int, batch_size: int
 
 
 def student_pass(name: str, path: str, examples: Sequence[Example], teacher: TeacherPass, *,
-                 max_new_tokens: int, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict:
+                 max_new_tokens: int, batch_size: int, device: torch.device, dtype: torch.dtype,
+                 string_rows: str = "template") -> dict:
     """One student's row: its greedy responses, their accuracy, its divergence to the teacher."""
     key = f"student {name!r}"
     tokenizer = load_tokenizer(path, key)
@@ -178,7 +180,7 @@ def student_pass(name: str, path: str, examples: Sequence[Example], teacher: Tea
     vocab_size = check_tokenizers_compatible(tokenizer, teacher.tokenizer, student_head_rows=head_rows(model),
                                              teacher_head_rows=teacher.head.shape[0])
     responses = _generate(model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                          device=device, name=name)
+                          device=device, name=name, string_rows=string_rows)
     correct = correctness(responses, examples)
     return {"path": path, "parameters": count_parameters(model), "accuracy": _mean_of_known(correct),
             **divergences(model, teacher, vocab_size=vocab_size, batch_size=batch_size, device=device),
@@ -190,7 +192,8 @@ def student_pass(name: str, path: str, examples: Sequence[Example], teacher: Tea
 def evaluate_models(teacher_dir: str, students: Mapping[str, str], examples: Sequence[Example], *,
                     judge: Union[str, Judge] = "exact", max_new_tokens: int = 128, batch_size: int = 8,
                     device: Optional[Union[str, torch.device]] = None, dtype: Optional[str] = None,
-                    teacher_name: str = "teacher", group_by: Optional[str] = None) -> dict:
+                    teacher_name: str = "teacher", group_by: Optional[str] = None,
+                    string_rows: str = "template") -> dict:
     """Evaluate every student (display name -> model directory) against the teacher on ``examples``
     (``data.load_prompts(path)``), sharing the teacher's responses and hidden states. Returns
     ``{"teacher", "judge", "examples", "answered", "response_tokens", "max_new_tokens", "models"}``,
@@ -215,14 +218,14 @@ def evaluate_models(teacher_dir: str, students: Mapping[str, str], examples: Seq
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     teacher = teacher_pass(teacher_dir, examples, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device,
-                           dtype=torch_dtype)
+                           dtype=torch_dtype, string_rows=string_rows)
     release_memory()
     rows = {teacher_name: {"path": teacher_dir, "parameters": teacher.parameters, "accuracy": teacher.accuracy,
                            "forward_kl": 0.0, "reverse_kl": 0.0, "correct": correctness(teacher.responses, examples),
                            "responses": teacher.responses}}
     for name, path in students.items():
         rows[name] = student_pass(name, path, examples, teacher, max_new_tokens=max_new_tokens,
-                                  batch_size=batch_size, device=device, dtype=torch_dtype)
+                                  batch_size=batch_size, device=device, dtype=torch_dtype, string_rows=string_rows)
         release_memory()
     questions = [conversation_text(e.prompt) for e in examples]
     try:
@@ -359,6 +362,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", help="write the results (with every response) to this JSON file")
     parser.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--string-rows", choices=STRING_ROWS, default="template",
+                        help="plain-string prompts: through the chat template, or raw text (as trained with)")
 
 
 def _students(args) -> Dict[str, str]:
@@ -397,7 +402,7 @@ def run(args) -> int:
     examples = load_prompts(args.data)[:args.limit]
     results = evaluate_models(args.teacher, _students(args), examples, judge=judge,
                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, device=device,
-                              dtype=args.dtype, group_by=args.group_by)
+                              dtype=args.dtype, group_by=args.group_by, string_rows=args.string_rows)
     print(format_table(results))
     if args.out:
         write_text_atomic(args.out, json.dumps(results, indent=2))

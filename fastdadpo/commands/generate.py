@@ -47,9 +47,9 @@ from typing import Optional, Sequence
 from fastdadpo.base import collectives
 from fastdadpo.base.errors import ConfigError, DataError, UserError
 from fastdadpo.base.progress import StageProgress
-from fastdadpo.core import chat
 from fastdadpo.core.batch import pad_token_id
 from fastdadpo.core.rows import Example, load_prompts
+from fastdadpo.core.tokenized import STRING_ROWS, prompt_token_ids
 from fastdadpo.engine.registry import default_engine
 from fastdadpo.models import loading as models
 from fastdadpo.models.fingerprint import model_fingerprint
@@ -100,6 +100,9 @@ def add_arguments(parser) -> None:
                         help="prompts per generation batch (per rank); part of what the samples depend on")
     parser.add_argument("--max-prompt-length", type=int, default=None, metavar="N", help=(
         "keep only the last N tokens of a longer prompt (default: keep it whole)" + NO_DEFAULT_SHOWN))
+    parser.add_argument("--string-rows", choices=STRING_ROWS, default="template", help=(
+        "plain-string prompts: through the chat template, or raw text (TRL's standard format; train with the same "
+        "data.string_rows)"))
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help=(
         "weights' dtype (default: bf16 on GPU, fp32 on CPU)" + NO_DEFAULT_SHOWN))
     parser.add_argument("--timeout-minutes", type=float, default=30.0, metavar="M", help=(
@@ -248,7 +251,7 @@ def _prepare(args, info: collectives.DistInfo, log) -> _Job:
         raise UserError(f"{models_given}: {exc}") from None
     prompts = {}
     for role in roles:
-        prompts[role], truncated = _prompt_ids(tokenizers[role], examples, args.max_prompt_length)
+        prompts[role], truncated = _prompt_ids(tokenizers[role], examples, args.max_prompt_length, args.string_rows)
         if truncated:
             log(f"generate: {truncated} prompts cut to their last {args.max_prompt_length} tokens "
                 f"(--max-prompt-length) for the {role}")
@@ -410,12 +413,12 @@ def _head_rows(path: str, flag: str) -> int:
         raise models.loading_failure(flag, path, "the model config", exc) from None
 
 
-def _prompt_ids(tokenizer, examples: Sequence[Example], max_prompt_length: Optional[int]
+def _prompt_ids(tokenizer, examples: Sequence[Example], max_prompt_length: Optional[int], string_rows: str
                 ) -> tuple[list[list[int]], int]:
     """Every prompt through the chat template, cut from the left to ``max_prompt_length``; and how many were cut."""
     prompts, truncated = [], 0
     for example in examples:
-        ids = chat.prompt_ids(tokenizer, example.prompt)
+        ids = prompt_token_ids(tokenizer, example, string_rows)
         if max_prompt_length is not None and len(ids) > max_prompt_length:
             ids, truncated = ids[-max_prompt_length:], truncated + 1
         prompts.append(list(ids))
@@ -452,7 +455,7 @@ def _settings(args, examples: Sequence[Example], dtype: str, identities: dict) -
             "keep_chosen": args.keep_chosen,
             "prompts_sha256": digest.hexdigest(), "max_new_tokens": args.max_new_tokens,
             "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, "batch_size": args.batch_size,
-            "max_prompt_length": args.max_prompt_length, "dtype": dtype}
+            "max_prompt_length": args.max_prompt_length, "dtype": dtype, "string_rows": args.string_rows}
 
 
 

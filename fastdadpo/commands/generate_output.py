@@ -34,7 +34,8 @@ def output_row(example: Example, index: int, *, chosen: str, rejected: str) -> d
 
 
 # What an output whose settings predate a key was generated with: it continues under the same settings.
-SETTINGS_BEFORE_THEIR_KEY = {"keep_chosen": False, "teacher_server": None, "student_server": None}
+SETTINGS_BEFORE_THEIR_KEY = {"keep_chosen": False, "teacher_server": None, "student_server": None,
+                             "string_rows": "template"}
 
 
 def settings_file(out: str) -> str:

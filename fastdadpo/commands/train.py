@@ -332,7 +332,7 @@ class Trainer:
         tokenized, report = tokenize_examples(
             examples, self.tokenizer, max_length=d.max_length, max_prompt_length=d.prompt_length, fields=fields,
             cache_dir=os.path.join(d.resolved_cache_dir(), "tokenized"), log=self.log.info,
-            show_progress=self.dist.is_main)
+            show_progress=self.dist.is_main, string_rows=d.string_rows)
         self.log.info(f"{key}: {report.summary()}")
         if not tokenized:
             raise ConfigError(f"{key}: no usable examples in {path} after tokenization ({report.summary()})")

@@ -119,6 +119,27 @@ def prompt_ids(tokenizer, messages: Sequence[Message]) -> List[int]:
     return tokenizer(_plain(messages) + PLAIN_ROLE_HEADERS["assistant"] + "\n", add_special_tokens=False)["input_ids"]
 
 
+# Plain strings as raw text, no chat template, as TRL tokenizes its standard (not conversational)
+# format: the prompt alone, and prompt + response + the eos token's text (unless the response ends
+# with it) as one string, each with the tokenizer's own special tokens (a BOS where it adds one); the
+# response is what follows the prompt's tokens (``common_prefix``: a merge across the boundary moves it).
+
+def raw_prompt_ids(tokenizer, text: str) -> List[int]:
+    return _ids(tokenizer(text))
+
+
+def raw_sequence_ids(tokenizer, prompt: str, response: str) -> List[int]:
+    eos = tokenizer.eos_token or ""
+    return _ids(tokenizer(prompt + (response if response.endswith(eos) else response + eos)))
+
+
+def common_prefix(ids: Sequence[int], other: Sequence[int]) -> int:
+    length = 0
+    while length < min(len(ids), len(other)) and ids[length] == other[length]:
+        length += 1
+    return length
+
+
 def response_ids(tokenizer, prompt: Sequence[Message], response: Sequence[Message],
                  prompt_token_ids: Optional[List[int]] = None) -> List[int]:
     """Token ids of the assistant's response to ``prompt`` (ending with the eos token)."""

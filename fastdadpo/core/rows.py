@@ -43,9 +43,17 @@ class Example:
     answer: Union[None, str, Tuple[str, ...]]  # several when a prompt has several right answers
     source: str  # "FILE line N" or "FILE row N", for error messages
     extra: dict = field(default_factory=dict)
+    # Every text field a plain string (TRL's standard format, not conversational): with
+    # ``data.string_rows: raw`` such a row is tokenized as the text itself, no chat template. A
+    # ``text`` row (language modeling) is plain with an empty prompt and its text as ``chosen``.
+    plain: bool = False
 
     def response(self, name: str) -> Optional[list[dict]]:
         return getattr(self, name)
+
+    @property
+    def is_text(self) -> bool:
+        return not self.prompt
 
 
 def load_examples(path: str, *, require: Sequence[str] = ("prompt", "chosen", "rejected")) -> list[Example]:
@@ -291,9 +299,7 @@ def _example(row: Any, source: str, require: Sequence[str]) -> Example:
     if "prompt" not in present and _has_implicit_prompt(present):
         present = _split_implicit_prompt(present, source)
     if "text" in present and "prompt" not in present:
-        raise DataError(f"{source}: a 'text' row (TRL's language-modeling format) has no prompt and response; "
-                        f"fastdadpo trains on responses to prompts: give prompt/completion, prompt/chosen or "
-                        f"messages rows")
+        return _text_example(present, row, source, require)
     for name in require:
         if name not in present:
             raise DataError(f"{source}: missing field {name!r} (rows need {', '.join(require)}); found fields "
@@ -301,9 +307,26 @@ def _example(row: Any, source: str, require: Sequence[str]) -> Example:
     prompt = chat.as_messages(present["prompt"], "user", source, "prompt")
     responses = {name: _response(present[name], source, name) if name in present else None
                  for name in RESPONSE_FIELDS}
+    plain = all(isinstance(present[name], str) for name in ("prompt", *RESPONSE_FIELDS) if name in present)
     return Example(prompt=prompt, chosen=responses["chosen"], rejected=responses["rejected"],
                    answer=_answer(present.get("answer"), source), source=source,
-                   extra={key: value for key, value in row.items() if key not in KNOWN_FIELDS})
+                   extra={key: value for key, value in row.items() if key not in KNOWN_FIELDS}, plain=plain)
+
+
+def _text_example(present: dict, row: dict, source: str, require: Sequence[str]) -> Example:
+    """TRL's language-modeling row ``{"text": ...}``: trained on as a whole (sft, kd), with
+    ``data.string_rows: raw``; it has no prompt to sample from nor a second response to prefer."""
+    if set(require) != {"prompt", "chosen"}:
+        needs = "a prompt to answer" if "chosen" not in require else "a 'rejected' response"
+        raise DataError(f"{source}: a 'text' row (TRL's language-modeling format) has no prompt and response, but "
+                        f"this needs {needs}; give prompt/chosen/rejected, prompt/completion or messages rows")
+    text = present["text"]
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"{source}: field 'text' must be a non-empty string")
+    return Example(prompt=[], chosen=[{"role": "assistant", "content": text}], rejected=None,
+                   answer=_answer(present.get("answer"), source), source=source,
+                   extra={key: value for key, value in row.items() if key not in KNOWN_FIELDS and key != "text"},
+                   plain=True)
 
 
 def _response(value: Any, source: str, name: str) -> list[dict]:

@@ -16,6 +16,11 @@ from fastdadpo.base.progress import StageProgress
 from fastdadpo.core import chat
 from fastdadpo.core.rows import Example, RESPONSE_FIELDS
 
+# How a plain-string row (TRL's standard format) is tokenized: "template" puts it through the chat
+# template as one user turn and one assistant reply (what a chat model is served with); "raw" takes
+# the text itself, eos after each response, as TRL does for that format (and allows "text" rows).
+STRING_ROWS = ("template", "raw")
+
 _CACHE_FORMAT = 3  # bump when the cached layout or the tokenization policy changes
 
 
@@ -57,26 +62,32 @@ class TokenizationReport:
 
 def tokenize_examples(examples: Sequence[Example], tokenizer, *, max_length: int, max_prompt_length: int,
                       fields: Sequence[str] = RESPONSE_FIELDS, cache_dir: Optional[str] = None, log=None,
-                      show_progress: bool = False) -> tuple[list[TokenizedExample], TokenizationReport]:
+                      show_progress: bool = False, string_rows: str = "template"
+                      ) -> tuple[list[TokenizedExample], TokenizationReport]:
     """Token ids of every example under the truncation policy: the prompt keeps its last
     ``max_prompt_length`` tokens, then each response keeps its first ``max_length - len(prompt)``.
     A row with an empty response is dropped and counted. With ``cache_dir``, results are stored
     there keyed by a fingerprint of the examples, the tokenizer, the lengths and the fields, with a
     digest of their contents; an entry that is unreadable or fails its digest is said and rebuilt.
-    ``show_progress``: this process reports the tokenization's progress (``base.progress``)."""
+    ``show_progress``: this process reports the tokenization's progress (``base.progress``).
+    ``string_rows``: how plain-string rows are tokenized (``STRING_ROWS``)."""
     _check_lengths(max_length, max_prompt_length)
+    if string_rows not in STRING_ROWS:
+        raise ConfigError(f"data.string_rows: is {string_rows!r}; choose {' or '.join(STRING_ROWS)}")
     unknown = set(fields) - set(RESPONSE_FIELDS)
     if unknown:
         raise ValueError(f"fields: unknown response fields {sorted(unknown)}")
     fields = tuple(fields)
     cache = ContentCache(cache_dir, "tokenization cache", log) if cache_dir is not None else None
     if cache is not None:
-        key = {"kind": "tokenized", "inputs": _fingerprint(examples, tokenizer, max_length, max_prompt_length, fields)}
+        key = {"kind": "tokenized", "inputs": _fingerprint(examples, tokenizer, max_length, max_prompt_length, fields),
+               **({"string_rows": string_rows} if string_rows != "template" else {})}
         entry = cache.load(key, "tokenizing again")
         if entry is not None:
             return _from_cache_entry(*entry, fields)
     with StageProgress(len(examples), "tokenize", "rows", active=show_progress) as progress:
-        tokenized, report = _tokenize_all(examples, tokenizer, max_length, max_prompt_length, fields, progress)
+        tokenized, report = _tokenize_all(examples, tokenizer, max_length, max_prompt_length, fields, string_rows,
+                                          progress)
     if cache is not None:
         cache.store(key, _cache_entry(tokenized, report, fields), report.__dict__)  # several ranks may write it at once
     return tokenized, report
@@ -92,14 +103,14 @@ def _check_lengths(max_length: int, max_prompt_length: int) -> None:
                           f"({max_length}), or no response token would fit")
 
 
-def _tokenize_all(examples, tokenizer, max_length, max_prompt_length, fields, progress=None):
+def _tokenize_all(examples, tokenizer, max_length, max_prompt_length, fields, string_rows, progress=None):
     report = TokenizationReport(rows=len(examples), max_length=max_length, max_prompt_length=max_prompt_length,
                                 response_truncated={name: 0 for name in fields})
     tokenized = []
     for index, example in enumerate(examples):
         if progress is not None:
             progress.update()
-        prompt_ids, responses = _tokenize_one(example, tokenizer, fields)
+        prompt_ids, responses = _tokenize_one(example, tokenizer, fields, string_rows)
         if len(prompt_ids) > max_prompt_length:
             prompt_ids = prompt_ids[-max_prompt_length:]
             report.prompt_truncated += 1
@@ -126,18 +137,61 @@ def _tokenize_all(examples, tokenizer, max_length, max_prompt_length, fields, pr
     return tokenized, report
 
 
-def _tokenize_one(example: Example, tokenizer, fields) -> tuple[list[int], dict]:
+def _tokenize_one(example: Example, tokenizer, fields, string_rows: str) -> tuple[list[int], dict]:
     try:
-        prompt_ids = chat.prompt_ids(tokenizer, example.prompt)
+        if example.is_text:  # language modeling: every token after the first is a target
+            if string_rows != "raw":
+                raise DataError(TEXT_ROWS_NEED_RAW)
+            text_ids = chat.raw_sequence_ids(tokenizer, "", example.chosen[0]["content"])
+            return text_ids[:1], {"chosen": text_ids[1:]}
+        if string_rows == "raw" and example.plain:
+            return _raw_ids(tokenizer, example, fields)
+        prompt_ids = prompt_token_ids(tokenizer, example, string_rows)
         responses = {}
         for name in fields:
             messages = example.response(name)
             if messages is None:
                 raise DataError(f"field {name!r} is missing, and this run trains on it")
-            responses[name] = chat.response_ids(tokenizer, example.prompt, messages, prompt_token_ids=prompt_ids)
+            responses[name] = response_token_ids(tokenizer, example, messages, prompt_ids, string_rows)
     except DataError as exc:
         raise DataError(f"{example.source}: {exc}") from None
     return list(prompt_ids), responses
+
+
+TEXT_ROWS_NEED_RAW = ("a 'text' row (TRL's language-modeling format) has no prompt to put through the chat template; "
+                      "set data.string_rows: raw to train on the text itself (sft, kd)")
+
+
+def _raw_ids(tokenizer, example: Example, fields) -> tuple[list[int], dict]:
+    """A plain row as TRL tokenizes it (``chat.raw_sequence_ids``): one prompt for every response,
+    cut where the prompt's tokens and the shortest match of prompt + response part."""
+    prompt_ids = chat.raw_prompt_ids(tokenizer, example.prompt[0]["content"])
+    sequences = {}
+    for name in fields:
+        response = example.response(name)
+        if response is None:
+            raise DataError(f"field {name!r} is missing, and this run trains on it")
+        sequences[name] = chat.raw_sequence_ids(tokenizer, example.prompt[0]["content"], response[0]["content"])
+    cut = min(chat.common_prefix(prompt_ids, ids) for ids in sequences.values())
+    return prompt_ids[:cut], {name: ids[cut:] for name, ids in sequences.items()}
+
+
+def prompt_token_ids(tokenizer, example: Example, string_rows: str = "template") -> list[int]:
+    """The prompt's token ids: the text itself for a plain row under ``string_rows: raw``, else
+    through the chat template (``core.chat``)."""
+    if example.is_text:
+        raise DataError("a 'text' row (TRL's language-modeling format) has no prompt")
+    if string_rows == "raw" and example.plain:
+        return chat.raw_prompt_ids(tokenizer, example.prompt[0]["content"])
+    return list(chat.prompt_ids(tokenizer, example.prompt))
+
+
+def response_token_ids(tokenizer, example: Example, response: list, prompt_ids: list[int],
+                       string_rows: str = "template") -> list[int]:
+    """A response's token ids, as ``prompt_token_ids`` tokenized its prompt."""
+    if string_rows == "raw" and example.plain and len(response) == 1:
+        return chat.raw_sequence_ids(tokenizer, example.prompt[0]["content"], response[0]["content"])[len(prompt_ids):]
+    return chat.response_ids(tokenizer, example.prompt, response, prompt_token_ids=prompt_ids)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
