@@ -295,7 +295,7 @@ def test_sft_formats_read_as_prompt_and_chosen(tmp_path):
     ({"prompt": "p", "completion": "c", "chosen": "c"}, "both 'completion' and 'chosen'"),
     ({"messages": [{"role": "user", "content": "p"}], "prompt": "p"}, "'messages' and also 'prompt'"),
     ({"messages": [{"role": "user", "content": "only a prompt"}]}, "needs a prompt message followed by an assistant"),
-    ({"text": "raw text"}, "a 'text' row (TRL's language-modeling format)"),
+    ({"text": 7}, "field 'text' must be a non-empty string"),  # text rows themselves: tests/test_string_rows.py
 ])
 def test_sft_format_mistakes_are_one_paragraph(tmp_path, row, message):
     from fastdadpo.base.errors import DataError
