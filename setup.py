@@ -45,9 +45,7 @@ setup(
         "dev": ["pytest>=8.3.0", "pytest-timeout>=2.3.1", "pytest-benchmark>=5.1.0", "hypothesis>=6.100.0"],
         # trl: bench/test_peer_trainers.py (TRL's DPO, GKD and distillation trainers; needs Python 3.11+, and
         # its requirements do not include torch, so it cannot pull a CUDA build over the pinned one).
-        # train.report_to: tensorboard (locked and tested) and wandb (declared: its 0.31 release brings
-        # some twenty packages, OpenTelemetry among them, so it is not in the lock; its calls are
-        # tested against a recording stand-in).
+        # train.report_to: tensorboard and wandb, both locked and tested (W&B in offline mode, no network).
         "tensorboard": ["tensorboard>=2.21.0"],
         "wandb": ["wandb>=0.31.0"],
         "bench": ["pytest-benchmark>=5.1.0", "liger-kernel>=0.6.2", "cut-cross-entropy>=24.12.1",

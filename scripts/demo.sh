@@ -8,7 +8,7 @@
 # --beta2-sweep LIST, --threads N, --out DIR).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-FASTDADPO_EXTRAS=${FASTDADPO_EXTRAS:-dev,bench,tensorboard} source "$root/scripts/setup.sh"
+FASTDADPO_EXTRAS=${FASTDADPO_EXTRAS:-dev,bench,tensorboard,wandb} source "$root/scripts/setup.sh"
 cd "$root"
 export TOKENIZERS_PARALLELISM=false
 "$PYTHON" -m fastdadpo demo "$@"

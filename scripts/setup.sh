@@ -6,7 +6,7 @@
 #   FASTDADPO_STACK     lock (default): the exact tested versions, requirements/lock-*.txt;
 #                       latest: the newest release of every dependency that setup.py's ranges admit;
 #                       or the path of a constraints file (a matrix cell: requirements/matrix-*.txt)
-#   FASTDADPO_EXTRAS    setup.py extras to install (default: dev,bench,tensorboard)
+#   FASTDADPO_EXTRAS    setup.py extras to install (default: dev,bench,tensorboard,wandb)
 #   FASTDADPO_PYTHON    the interpreter that creates the environment (default: python3)
 #
 # torch comes first, pinned: a bare `torch` requirement on a machine without torch pulls the newest
@@ -17,7 +17,7 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${FASTDADPO_VENV:-$root/.venv}
 stack=${FASTDADPO_STACK:-lock}
-extras=${FASTDADPO_EXTRAS:-dev,bench,tensorboard}
+extras=${FASTDADPO_EXTRAS:-dev,bench,tensorboard,wandb}
 
 if [ ! -x "$venv/bin/python" ]; then
     echo "[setup] creating the virtual environment $venv (${FASTDADPO_PYTHON:-python3})"

@@ -451,16 +451,11 @@ def test_every_long_stage_shows_progress_with_eta_on_a_terminal(toy, tmp_path):
 
 WANDB_STAND_IN = '''
 """A recording stand-in for wandb: every call our trainer makes, appended to $WANDB_RECORD as JSON."""
-import json, os, uuid
+import json, os
 
 def _record(kind, **payload):
     with open(os.environ["WANDB_RECORD"], "a") as handle:
         handle.write(json.dumps({"call": kind, **payload}) + "\\n")
-
-class util:
-    @staticmethod
-    def generate_id():
-        return uuid.uuid4().hex[:8]
 
 class _Run:
     def log(self, data, step=None):
@@ -523,6 +518,25 @@ def test_tensorboard_and_wandb_receive_every_step(toy, tmp_path):
            f"train.resume={run / 'checkpoints' / 'step-2'}", env=env)
     calls = [json.loads(line) for line in record.read_text().splitlines()]
     assert calls[0]["id"] == init["id"] and [c["step"] for c in calls if c["call"] == "log"] == [3, 4]
+
+
+@pytest.mark.slow
+def test_the_real_wandb_records_every_step_offline(toy, tmp_path):
+    """W&B itself (the locked release, offline: no network, no account): the run is written under the
+    output directory with the id kept there, every metric in it, and a resume continues the same run."""
+    pytest.importorskip("wandb")
+    env = _env(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DISABLE_GIT="true")
+    config = _config(toy, tmp_path, "dpo", train__max_steps=3, train__save_every=2)
+    run = tmp_path / "run"
+    _train(config, f"train.output_dir={run}", "train.report_to=wandb", env=env)
+    run_id = (run / "wandb-run-id").read_text()
+    (first,) = (run / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    records = first.read_bytes()  # W&B's protobuf records: the metric names and the config travel as text
+    for name in (b"loss", b"rewards/accuracies", b"rewards/margins", b"_step", b"micro_batch_size"):
+        assert name in records, name
+    _train(config, f"train.output_dir={run}", "train.report_to=wandb", "train.max_steps=4",
+           f"train.resume={run / 'checkpoints' / 'step-2'}", env=env)
+    assert len(list((run / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))) == 2  # the same run id
 
 
 def test_default_report_writes_no_tensorboard(toy, tmp_path):

@@ -108,7 +108,7 @@ def _applies(requirement: Requirement, python_version: str) -> bool:
                                         "sys_platform": "linux", "extra": ""})
 
 
-@pytest.mark.parametrize("lock, groups", [("lock-cpu.txt", ("install", "dev", "tensorboard")),
+@pytest.mark.parametrize("lock, groups", [("lock-cpu.txt", ("install", "dev", "tensorboard", "wandb")),
                                           ("lock-bench.txt", ("bench",))])
 def test_lock_pins_every_direct_requirement_inside_its_range(lock, groups):
     pins = {**_pins("lock-cpu.txt"), **_pins(lock)}

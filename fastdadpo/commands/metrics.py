@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import secrets
 import sys
 import time
 from typing import Dict, Optional
@@ -68,7 +69,7 @@ class MetricsLog:
 
             # One W&B run per output directory, continued on resume: its id is kept beside metrics.jsonl.
             id_path = os.path.join(output_dir, "wandb-run-id")
-            run_id = wandb.util.generate_id()
+            run_id = secrets.token_hex(4)  # W&B's own id helper moved between releases; any short id will do
             if os.path.exists(id_path):
                 with open(id_path, encoding="utf-8") as handle:
                     run_id = handle.read().strip() or run_id
