@@ -285,6 +285,36 @@ def test_served_teacher_log_probs_equal_the_in_process_precompute(world, tmp_pat
                 and len(r["body"]["prompt"]) > 17]
 
 
+def test_a_served_reference_equals_the_loaded_one(world, tmp_path):
+    """dpo's π_ref (``model.reference``) through a server, as the teacher's: the same table."""
+    import torch
+
+    from fastdadpo.models.fingerprint import model_fingerprint
+
+    _run("train", _train_config(world, tmp_path, "ref-local", objective="dpo", reference=world["teacher"]),
+         "--precompute-only")
+    _run("train", _train_config(world, tmp_path, "ref-served", objective="dpo", reference=world["teacher_tokenizer"],
+                                reference_url=world["servers"]["teacher"].url), "--precompute-only")
+    local = _tables(tmp_path / "cache-ref-local")[json.dumps(model_fingerprint(world["teacher"]))]
+    (served,) = [t for key, t in _tables(tmp_path / "cache-ref-served").items() if "teacher-7b" in key]
+    torch.testing.assert_close(served, local, rtol=1e-5, atol=1e-5)
+
+
+def test_a_server_without_log_probs_still_samples(world, in_process, tmp_path):
+    """Sampling needs no prompt_logprobs (TGI, SGLang's OpenAI route): the identity probe is then a
+    greedy continuation."""
+    plain = LoopbackOpenAIServer({"teacher-7b": world["teacher"]}, logprobs=False, tokenize=False)
+    try:
+        out = tmp_path / "plain.jsonl"
+        result = _run(*_generate_args(world, out, "--teacher-url", plain.url))
+        assert out.read_text() == in_process
+        assert "no /tokenize route" in result.stdout  # said, not checked
+        assert isinstance(json.loads((tmp_path / "plain.jsonl.settings.json").read_text())["teacher_server"]["probe"],
+                          str)
+    finally:
+        plain.close()
+
+
 def test_served_log_prob_errors_are_one_paragraph(world, tmp_path):
     no_logprobs = LoopbackOpenAIServer({"teacher-7b": world["teacher"]}, logprobs=False)
     short = LoopbackOpenAIServer({"teacher-7b": world["teacher"]})
