@@ -25,6 +25,11 @@ mixing two samplings in one file. Every kept row is checked (an in-range ``index
 ``chosen`` and ``rejected``, the prompt of its index): a row this command did not write is an error
 naming its line, never trusted.
 
+Served models (``--teacher-url``, ``--student-url``: an OpenAI-compatible server per model, e.g.
+vLLM): one process sends every row's request at once, ``--concurrency`` in flight per server, and
+writes the rows batch by batch as they arrive, with the same resumption and checks; the settings
+record what each server serves (``models.served``), so other weights behind the URL are refused.
+
 Several processes (``torchrun --nproc_per_node=N -m fastdadpo generate ...``): both models are
 sharded with ZeRO-3, each step gives every rank one batch (a rank with none left generates a
 dummy batch whose output is dropped, so all ranks make the same collective calls), and rank 0
