@@ -414,6 +414,12 @@ def test_packing_gives_the_same_log_probs_as_padding(model_fixture, request, tok
 @pytest.mark.parametrize("template,message", [
     ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "took more than 0.5 s"),
     ("{{ 1 / 0 }}", "fails on these messages (ZeroDivisionError"),
+    ('{{ messages[0]["content"].encode("zz") }}', "fails on these messages (LookupError"),
+    ("{% for a in range(10**9) %}x{% endfor %}", "fails on these messages (OverflowError"),
+    # One expression asking for tens of GB at once: refused before it is made (no timer could ring in it).
+    ('{{ "x" * 10**10 }}', "rejects these messages: it repeats a value of 1 items 10000000000 times"),
+    ("{{ [0] * 3 * 10**9 }}", "rejects these messages: it repeats a value of 3 items 1000000000 times"),
+    ("{{ 7 ** (10**9) }}", "rejects these messages: it raises to the power 1000000000"),  # (Jinja: ** from the left)
 ])
 def test_a_chat_template_that_hangs_or_crashes_is_one_error(tokenizer, monkeypatch, template, message):
     import copy

@@ -87,9 +87,48 @@ def _time_limit(seconds: float):
             signal.setitimer(signal.ITIMER_REAL, max(pending - (time.monotonic() - started), 1e-3), interval)
 
 
+# A template is code shipped with a model: besides loops (bounded in time above), one expression can
+# ask for a huge value at once ("x" * 10**10 is tens of GB before any timer can ring). Past these
+# sizes a repetition or a power is refused while rendering.
+MAX_TEMPLATE_REPEAT = 1 << 20  # items (characters) one "*" may produce
+MAX_TEMPLATE_EXPONENT = 4096
+
+
+def _bound_template_expressions() -> None:
+    """Render every chat template with transformers' own sandboxed environment, subclassed so that
+    "*" and "**" check the size of what they make. transformers builds that environment inside its
+    template compiler, from the class its module imported: the class there is replaced (once) and its
+    cache of compiled templates emptied."""
+    from jinja2.exceptions import SecurityError
+    from transformers.utils import chat_template_utils as templates
+
+    base = getattr(templates, "ImmutableSandboxedEnvironment", None)
+    if base is None or getattr(base, "fastdadpo_bounded", False):
+        return
+
+    class BoundedEnvironment(base):
+        fastdadpo_bounded = True
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            for items, count in ((left, right), (right, left)):
+                if operator == "*" and isinstance(items, (str, list, tuple)) and isinstance(count, int) \
+                        and len(items) * count > MAX_TEMPLATE_REPEAT:
+                    raise SecurityError(f"it repeats a value of {len(items)} items {count} times, past "
+                                        f"{MAX_TEMPLATE_REPEAT:,}")
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > MAX_TEMPLATE_EXPONENT:
+                raise SecurityError(f"it raises to the power {right}, past {MAX_TEMPLATE_EXPONENT}")
+            return super().call_binop(context, operator, left, right)
+
+    templates.ImmutableSandboxedEnvironment = BoundedEnvironment
+    for name in ("_compile_jinja_template", "_cached_compile_jinja_template"):
+        getattr(getattr(templates, name, None), "cache_clear", lambda: None)()
+
+
 def _apply_template(tokenizer, messages, **kwargs):
     from jinja2 import TemplateError
 
+    _bound_template_expressions()
     try:
         with _time_limit(TEMPLATE_SECONDS):
             return tokenizer.apply_chat_template(list(messages), tokenize=True, **kwargs)
@@ -98,7 +137,7 @@ def _apply_template(tokenizer, messages, **kwargs):
     except _TemplateTimeout:
         raise DataError(f"the tokenizer's chat template took more than {TEMPLATE_SECONDS:g} s to render one "
                         f"conversation (a loop without end?); fix the template (chat_template.jinja)") from None
-    except (TypeError, ValueError, KeyError, AttributeError, IndexError, ZeroDivisionError) as exc:
+    except Exception as exc:  # noqa: BLE001: a template is code; whatever it raises is its fault
         raise DataError(f"the tokenizer's chat template fails on these messages ({type(exc).__name__}: "
                         f"{' '.join(str(exc).split())[:200]}); fix the template or the messages") from None
 
