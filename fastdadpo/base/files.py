@@ -35,6 +35,33 @@ def write_file_atomic(path: str, write, binary: bool = False) -> None:
     fsync_path(os.path.dirname(os.path.abspath(path)))
 
 
+def check_writable(path: str, flag: str) -> None:
+    """``path`` names a file this user can write, its directory made now: checked before a command's
+    work, whose results would otherwise be lost at the end. A file is created and removed beside it
+    (a permission, a read-only file system, a file where a folder should be: what writing would meet)."""
+    from fastdadpo.base.errors import ConfigError
+
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        if os.path.isdir(path):
+            raise IsADirectoryError(21, "is a directory")
+        existing = folder
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(20, f"{existing} is a file, not a directory")
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".{os.path.basename(path)}.probe{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            raise PermissionError(13, "permission denied")
+    except OSError as exc:
+        raise ConfigError(f"{flag}: {path} cannot be written ({exc.strerror or exc}); give a file path in a "
+                          f"directory this user can write") from None
+
+
 def write_text_atomic(path: str, text: str) -> None:
     write_file_atomic(path, lambda handle: handle.write(text))
 

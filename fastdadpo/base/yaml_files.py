@@ -44,6 +44,9 @@ def read_yaml_mapping(path: str, what: str) -> Dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: its values are nested too deeply to read (thousands of levels); a {what} "
+                          f"is a few levels of sections") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the {what} must be a mapping of sections, got {type(raw).__name__}")
     check_shape(raw, path)
@@ -102,6 +105,8 @@ def apply_override(raw: dict, override: str) -> str:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         value = text
+    except RecursionError:
+        raise ConfigError(f"--set {key}: its value is nested too deeply to read (thousands of levels)") from None
     node = raw
     for part in parts[:-1]:
         if not isinstance(node.setdefault(part, {}), dict):

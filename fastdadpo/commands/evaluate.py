@@ -28,18 +28,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from fastdadpo.base.errors import ConfigError, DataError
-from fastdadpo.base.files import write_text_atomic
+from fastdadpo.base.errors import ConfigError, DataError, UserError
+from fastdadpo.base.files import check_writable, write_text_atomic
 from fastdadpo.commands.judges import (JUDGES, Judge, JudgeOptions, Pair, build_judge, check_judge_data, is_correct,
                                        pairwise_summary)
 from fastdadpo.core.batch import pad_token_id, padded
 from fastdadpo.core.chat import Message
-from fastdadpo.core.rows import Example, load_prompts
+from fastdadpo.core.rows import Example, load_prompts, strict_json
 from fastdadpo.core.tokenized import STRING_ROWS, prompt_token_ids, response_token_ids
 from fastdadpo.kernels import fused_linear_divergence
 from fastdadpo.models.generation import generate_texts
@@ -372,9 +373,12 @@ def _students(args) -> Dict[str, str]:
     if args.students:
         try:
             with open(args.students, encoding="utf-8") as handle:
-                students = json.load(handle)
+                # The data rows' reader: duplicate keys, NaN, deep nesting and lone surrogates refused.
+                students = strict_json(handle.read(), f"--students: {args.students}")
         except OSError as exc:
             raise ConfigError(f"--students: cannot read {args.students}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"--students: {args.students} is not UTF-8 text") from None
         except json.JSONDecodeError as exc:
             raise ConfigError(f"--students: {args.students} line {exc.lineno} is not valid JSON ({exc.msg})") from None
         if not isinstance(students, dict) or not all(isinstance(v, str) for v in students.values()):
@@ -392,7 +396,7 @@ def run(args) -> int:
     if not math.isfinite(args.judge_timeout) or args.judge_timeout <= 0:
         raise ConfigError(f"--judge-timeout: must be a positive number of seconds, got {args.judge_timeout:g}")
     if args.out:  # checked before the evaluation runs, not after it, when its results would be lost
-        _check_writable(args.out)
+        check_writable(args.out, "--out")
     device = resolve_device(args.device)
     judge = build_judge(args.judge, JudgeOptions(model=args.judge_model, url=args.judge_url,
                                                  api_key_env=args.judge_api_key_env, timeout=args.judge_timeout,
@@ -405,22 +409,23 @@ def run(args) -> int:
                               dtype=args.dtype, group_by=args.group_by, string_rows=args.string_rows)
     print(format_table(results))
     if args.out:
-        write_text_atomic(args.out, json.dumps(results, indent=2))
+        _write_results(args.out, json.dumps(results, indent=2))
     note = judge.check_replies()  # after the results are written: nothing is lost when it fails the run
     if note:
         print(f"note: {note}")
     return 0
 
 
-def _check_writable(out: str) -> None:
-    """``--out`` names a file this user can write (its directory made now)."""
-    folder = os.path.dirname(os.path.abspath(out))
+def _write_results(out: str, text: str) -> None:
+    """``--out`` (checked before the evaluation, but a disk can fill meanwhile): on failure the
+    results go to a file in the temporary directory instead, named in the error, not lost."""
     try:
-        if os.path.isdir(out):
-            raise IsADirectoryError(21, "is a directory")
-        os.makedirs(folder, exist_ok=True)
-        if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(out) and not os.access(out, os.W_OK)):
-            raise PermissionError(13, "permission denied")
+        write_text_atomic(out, text)
     except OSError as exc:
-        raise ConfigError(f"--out: {out} cannot be written ({exc.strerror or exc}); give a file path in a "
-                          f"directory this user can write") from None
+        fallback = os.path.join(tempfile.gettempdir(), f"fastdadpo-eval-{os.getpid()}.json")
+        try:
+            write_text_atomic(fallback, text)
+            kept = f"they are in {fallback} instead"
+        except OSError:
+            kept = "nor could they be written to the temporary directory (the table above has the summary)"
+        raise UserError(f"--out: writing the results to {out} failed ({exc.strerror or exc}); {kept}") from None

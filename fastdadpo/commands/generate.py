@@ -51,6 +51,7 @@ from typing import Optional, Sequence
 
 from fastdadpo.base import collectives
 from fastdadpo.base.errors import ConfigError, DataError, UserError
+from fastdadpo.base.files import check_writable
 from fastdadpo.base.progress import StageProgress
 from fastdadpo.core.batch import pad_token_id
 from fastdadpo.core.rows import Example, load_prompts
@@ -208,6 +209,8 @@ class _Job:
 
 def _generate(args, info: collectives.DistInfo) -> None:
     log = functools.partial(print, flush=True) if info.is_main else (lambda *_: None)
+    if info.is_main:
+        check_writable(args.out, "--out")
     job = _prepare(args, info, log)
     done = _rows_done(args.out, job, info)
     pending = [batch_id for batch_id, batch in enumerate(job.batches) if any(i not in done for i in batch)]
@@ -222,7 +225,11 @@ def _generate(args, info: collectives.DistInfo) -> None:
                                                          job.vocab_size, job.head_rows[role], job.dtype, info)
               for role in job.roles}
     started = time.monotonic()
-    empty_responses, new_rows = _run_steps(args, job, loaded, pending, done, info)
+    try:
+        empty_responses, new_rows = _run_steps(args, job, loaded, pending, done, info)
+    except OSError as exc:  # a full disk while appending rows: what is written is whole, the rest redone
+        raise UserError(f"--out {args.out}: writing rows failed ({exc.strerror or exc}); the rows written before are "
+                        f"kept: free space and run the same command again to continue") from None
     collectives.barrier()
     if info.is_main:
         output.finish(args.out, len(job.examples))

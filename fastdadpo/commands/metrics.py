@@ -13,6 +13,7 @@ from typing import Dict, Optional
 import torch
 
 from fastdadpo.base import collectives
+from fastdadpo.base.errors import UserError
 from fastdadpo.base.files import write_text_atomic
 from fastdadpo.base.progress import bar_columns, format_seconds
 from fastdadpo.commands.trl_names import with_trl_metric_names
@@ -97,8 +98,13 @@ class MetricsLog:
         if not self.active:
             return
         row = with_trl_metric_names(row)
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(row) + "\n")
+        except OSError as exc:  # a full disk: the next checkpoint could not be written either
+            raise UserError(f"{self.path}: writing step {row.get('step')}'s metrics failed ({exc.strerror or exc}); "
+                            f"training stops here, its last complete checkpoint kept under checkpoints/: free "
+                            f"space and resume (train.resume: true)") from None
         scalars = {key: value for key, value in row.items() if isinstance(value, (int, float)) and key != "step"}
         if self.writer is not None:
             for key, value in scalars.items():

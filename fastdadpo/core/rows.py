@@ -217,7 +217,7 @@ def _no_constant(name: str):
     raise _StrictJSON(f"{name} is not JSON (write a number or a string)")
 
 
-def _strict_json(text: str, where: str):
+def strict_json(text: str, where: str):
     """``json.loads`` that refuses duplicate keys, NaN/Infinity, integers past Python's digit limit,
     nesting past the recursion limit, and lone surrogates (text no tokenizer can encode)."""
     try:
@@ -244,7 +244,7 @@ def _jsonl_rows(path: str) -> Iterator[tuple[Any, str]]:
             if not line.strip():
                 continue
             try:
-                row = _strict_json(line, f"{path} line {number}")
+                row = strict_json(line, f"{path} line {number}")
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path} line {number}: malformed JSON ({exc.msg} at column {exc.colno}); every "
                                 f"line of a .jsonl file must be one JSON object") from None
@@ -255,7 +255,7 @@ def _json_array_rows(path: str) -> Iterator[tuple[Any, str]]:
     with open(path, "rb") as handle:
         text = _utf8(handle.read(), path)
     try:
-        document = _strict_json(text, path)
+        document = strict_json(text, path)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path} line {exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(document, list):
