@@ -375,7 +375,7 @@ def test_data_path_errors_are_one_paragraph(tmp_path, monkeypatch):
     text = str(error.value)
     assert text.startswith("no-such-owner/no-such-dataset: cannot be read through datasets.load_dataset")
     assert "looked up as a Hugging Face Hub dataset" in text and "\n" not in text
-    with pytest.raises(DataError, match="no such file or directory"):
+    with pytest.raises(DataError, match="does not exist"):
         load_examples(str(tmp_path / "typo.jsonl"))  # a missing local file is not looked up on the Hub
 
 

@@ -545,3 +545,20 @@ def test_a_full_disk_during_the_export_keeps_the_run_and_exports_on_resume(run_w
     result = _cli(["train", config, *sets])
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda path: path.mkdir(), "is a directory, not a file"),
+    (lambda path: os.mkfifo(path), "is not a regular file"),
+    (lambda path: None, "does not exist"),
+])
+def test_a_config_path_that_is_no_file_says_what_it_is(tmp_path, make, message):
+    """A directory or a FIFO given as the config is named as such (not 'does not exist'), and a FIFO
+    is never opened (it would block)."""
+    from fastdadpo.base.errors import ConfigError
+    from fastdadpo.base.yaml_files import read_yaml_mapping
+
+    path = tmp_path / "config.yaml"
+    make(path)
+    with pytest.raises(ConfigError, match=f"config file {path} {message}"):
+        read_yaml_mapping(str(path), "config")

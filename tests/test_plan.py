@@ -302,6 +302,10 @@ def test_fsdp2_is_planned_with_its_own_terms(student_dir):
     ({"hidden_size": 32, "num_hidden_layers": 2.5, "num_attention_heads": 4, "intermediate_size": 64,
       "vocab_size": 100}, "num_hidden_layers is 2.5"),
     ([1, 2, 3], "must hold a JSON object, found a list"),
+    ({"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 3,
+      "intermediate_size": 64, "vocab_size": 100}, "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    ({"hidden_size": 30, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+      "vocab_size": 100}, "hidden_size 30 is not a multiple of num_attention_heads 4 and the config gives no head_dim"),
 ])
 def test_impossible_model_shapes_are_refused(tmp_path, config_json, message):
     """A config.json whose shape no model has is an error naming the field, never a plan with

@@ -552,3 +552,24 @@ def test_a_failing_run_leaves_a_finished_runs_config(toy, tmp_path):
     assert failed.returncode == 2, failed.stderr[-3000:]
     assert "data.jsonl line 2: malformed JSON" in " ".join(failed.stderr.split())
     assert (tmp_path / "run" / "config.yaml").read_bytes() == written
+
+
+def test_a_resume_with_other_models_or_over_a_final_model_is_refused(toy, tmp_path):
+    """A checkpoint records its models by path and by a fingerprint of their files: a resume with
+    another teacher, or with other weights put at the same path, is another run; and a fresh run
+    never replaces an earlier run's final model."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(toy["teacher"], teacher)
+    config = _config(toy, tmp_path, "dadpo", train__max_steps=1, train__save_every=1, model__teacher=str(teacher))
+    _train(config)
+    run = tmp_path / "run"
+    other = _train(config, "train.resume=true", f"model.teacher={toy['teacher_reference']}", check=False)
+    assert other.returncode == 2 and "was written by another run: its model.teacher" in " ".join(other.stderr.split())
+    shutil.copy(os.path.join(toy["teacher_reference"], "model.safetensors"), teacher / "model.safetensors")
+    swapped = _train(config, "train.resume=true", check=False)
+    assert swapped.returncode == 2 and f"model.teacher ({teacher}) holds other weights" in \
+        " ".join(swapped.stderr.split())
+    shutil.rmtree(run / "checkpoints")
+    fresh = _train(config, check=False)
+    assert fresh.returncode == 2 and "holds an earlier run's final model" in " ".join(fresh.stderr.split())
+    assert "Traceback" not in other.stderr + swapped.stderr + fresh.stderr

@@ -35,6 +35,20 @@ def write_file_atomic(path: str, write, binary: bool = False) -> None:
     fsync_path(os.path.dirname(os.path.abspath(path)))
 
 
+def not_a_readable_file(path: str) -> str | None:
+    """Why ``path`` cannot be read as a file (a few words), or None when it can: a FIFO, a socket
+    or a device would block forever or never end, so only regular files pass."""
+    if not os.path.exists(path):
+        return "does not exist"
+    if os.path.isdir(path):
+        return "is a directory, not a file"
+    if not os.path.isfile(path):
+        return "is not a regular file (a FIFO, a socket or a device would be read forever or not at all)"
+    if not os.access(path, os.R_OK):
+        return "cannot be read by this user (permission denied)"
+    return None
+
+
 def check_writable(path: str, flag: str) -> None:
     """``path`` names a file this user can write, its directory made now: checked before a command's
     work, whose results would otherwise be lost at the end. A file is created and removed beside it

@@ -9,6 +9,7 @@ from typing import Any, Dict
 import yaml
 
 from fastdadpo.base.errors import ConfigError
+from fastdadpo.base.files import not_a_readable_file
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -28,8 +29,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def read_yaml_mapping(path: str, what: str) -> Dict[str, Any]:
     """A YAML file whose top level is a mapping (a config, a recipe); errors name the file and line."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"{what} file {path} does not exist")
+    problem = not_a_readable_file(path)
+    if problem:
+        raise ConfigError(f"{what} file {path} {problem}")
     with open(path, "rb") as handle:
         data = handle.read()
     try:

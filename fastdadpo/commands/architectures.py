@@ -106,10 +106,20 @@ def architecture_from_config(values: dict, name: str = "", source: str = "") -> 
         shape[key] = value
     heads = shape["num_attention_heads"]
     hidden = shape["hidden_size"]
+    kv_heads = shape.get("num_key_value_heads", heads)
+    # Grouped-query attention shares each KV head among a whole number of query heads; without
+    # head_dim a head is hidden // heads wide, which must be exact. A config breaking either does not
+    # build in transformers either, so its memory plan would describe a model that cannot exist.
+    if heads % kv_heads:
+        raise ConfigError(f"{source or name}: num_attention_heads {heads} is not a multiple of num_key_value_heads "
+                          f"{kv_heads}; each key/value head serves a whole number of query heads")
+    if "head_dim" not in shape and hidden % heads:
+        raise ConfigError(f"{source or name}: hidden_size {hidden} is not a multiple of num_attention_heads {heads} "
+                          f"and the config gives no head_dim")
     model_type = str(values.get("model_type", "llama"))
     return Architecture(
         hidden=hidden, layers=int(values["num_hidden_layers"]), heads=heads,
-        kv_heads=int(values.get("num_key_value_heads") or heads),
+        kv_heads=kv_heads,
         head_dim=int(values.get("head_dim") or hidden // heads), intermediate=int(values["intermediate_size"]),
         vocab=int(values["vocab_size"]), tied=bool(values.get("tie_word_embeddings", False)), model_type=model_type,
         attention_bias=model_type == "qwen2" or bool(values.get("attention_bias", False)),

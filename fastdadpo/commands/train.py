@@ -13,6 +13,7 @@ Works as one plain process and under ``torchrun --nproc_per_node=N -m fastdadpo 
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -36,6 +37,7 @@ from fastdadpo.core.tokenized import tokenize_examples
 from fastdadpo.engine import checkpoints
 from fastdadpo.engine.interface import OptimizerSettings
 from fastdadpo.models import loading as models
+from fastdadpo.models.fingerprint import model_fingerprint
 from fastdadpo.models.lora import add_lora
 from fastdadpo.models.vocabulary import shared_vocabulary
 
@@ -151,11 +153,17 @@ class Trainer:
         return (f"The last complete checkpoint is {last or 'none (none was written yet)'}; continue from it with --set "
                 f"train.resume=true once every rank can start")
 
+    @functools.cached_property
     def _identity(self) -> dict:
-        """What defines this run, recorded in its checkpoints: a resume must be the same run."""
-        config = self.config
-        return {"student": config.model.student, "objective": config.objective.name, "data.train": config.data.train,
-                "engine": self.engine.checkpoint_format()}
+        """What defines this run, recorded in its checkpoints: a resume must be the same run. The
+        models count by path and by their files' fingerprint (other weights put at the same path)."""
+        config, model = self.config, self.config.model
+        used = ("student", *config.objective.needs().models, *(["reference"] if model.reference else []))
+        return {"student": model.student, "objective": config.objective.name, "data.train": config.data.train,
+                "engine": self.engine.checkpoint_format(),
+                **{f"model.{key}": getattr(model, key) for key in used if key != "student"},
+                "weights": {key: model_fingerprint(getattr(model, key)) for key in used
+                            if not getattr(model, f"{key}_url", None)}}
 
     def _resume_point(self) -> Optional[str]:
         """``train.resume`` resolved (rank 0), refused when the checkpoint is another run's."""
@@ -163,9 +171,12 @@ class Trainer:
         path = checkpoints.resolve_resume(config.train.resume, config.train.output_dir)
         recorded = checkpoints.run_identity(path) if path else None
         if recorded:
-            ours = self._identity()
+            ours = self._identity
             differs = [f"{key} {recorded.get(key)!r} (this config: {ours[key]!r})" for key in ours
-                       if key in recorded and recorded[key] != ours[key]]
+                       if key in recorded and key != "weights" and recorded[key] != ours[key]]
+            weights = recorded.get("weights") if isinstance(recorded.get("weights"), dict) else {}
+            differs += [f"model.{key} ({getattr(self.config.model, key)}) holds other weights than when it was "
+                        f"written" for key, value in ours["weights"].items() if weights.get(key, value) != value]
             if differs:
                 raise ConfigError(f"train.resume: {path} was written by another run: its {'; '.join(differs)}. Resume "
                                   f"it with the config it was trained with, or train into a new train.output_dir")
@@ -185,6 +196,11 @@ class Trainer:
             raise ConfigError(f"{self.config.source}: train.output_dir {output_dir} holds an earlier run's checkpoints "
                               f"(the latest {earlier}); continue that run with --set train.resume=true, or train into "
                               f"a new train.output_dir (or delete {os.path.join(output_dir, 'checkpoints')})")
+        final = os.path.join(output_dir, "final")
+        if not self.config.train.resume and os.path.isdir(final):
+            raise ConfigError(f"{self.config.source}: train.output_dir {output_dir} holds an earlier run's final model "
+                              f"({final}), which this run would replace; train into a new train.output_dir, or "
+                              f"delete it first")
 
     def _write_output_file(self, name: Optional[str] = None, text: str = "") -> None:
         """Rank 0: ``train.output_dir`` created, and ``text`` written to ``name`` in it (no name: the
@@ -243,7 +259,7 @@ class Trainer:
         progress.update(metrics)
         save_every = config.train.save_every
         if stop_requested or at_end or (save_every and (step + 1) % save_every == 0):
-            path = self.student.save_checkpoint(config.train.output_dir, step + 1, self._identity())
+            path = self.student.save_checkpoint(config.train.output_dir, step + 1, self._identity)
             checkpoints.rotate(config.train.output_dir, config.train.keep_checkpoints, dist.is_main)
             self.log.info(f"checkpoint {path}")
         if stop_requested:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence, Tuple, Union
 
 from fastdadpo.base.errors import DataError
+from fastdadpo.base.files import not_a_readable_file
 from fastdadpo.core import chat
 
 
@@ -85,13 +86,9 @@ def read_rows(path: str) -> Iterator[tuple[Any, str]]:
     elif not os.path.exists(path) and _builder(path) is None and _HUB_NAME.match(path):
         name, _, split = path.partition(":")
         yield from _load_dataset_rows(path, name, split=split or "train")
-    elif not os.path.exists(path):
-        raise DataError(f"{path}: no such file or directory")
-    elif not os.path.isfile(path):
-        raise DataError(f"{path}: not a regular file (a FIFO, a socket or a device would be read forever or "
-                        f"not at all); give a data file or a saved dataset directory")
-    elif not os.access(path, os.R_OK):
-        raise DataError(f"{path}: this user cannot read it (permission denied)")
+    elif not_a_readable_file(path):
+        raise DataError(f"{path}: {not_a_readable_file(path)}; give a data file, a saved dataset directory or "
+                        f"a Hub dataset name")
     elif path.endswith(".jsonl"):
         yield from _jsonl_rows(path)
     elif path.endswith(".json"):

@@ -88,8 +88,16 @@ def write_state(engine, directory: str, step: int) -> Optional[OSError]:
 def read_state(engine, directory: str) -> None:
     """Collective: weights, optimizer and scheduler from ``directory``."""
     _safe_writer(engine)
-    loaded, _ = engine.load_checkpoint(os.path.dirname(directory), tag=os.path.basename(directory),
-                                       load_optimizer_states=True, load_lr_scheduler_states=True)
+    try:
+        loaded, _ = engine.load_checkpoint(os.path.dirname(directory), tag=os.path.basename(directory),
+                                           load_optimizer_states=True, load_lr_scheduler_states=True)
+    except RuntimeError as exc:
+        if "size mismatch" not in str(exc):
+            raise
+        # A checkpoint from before runs recorded their models' fingerprints, of a model of other shapes.
+        raise ConfigError(f"train.resume: {directory} holds weights of other shapes than model.student now has "
+                          f"({' '.join(str(exc).split())[:200]}); it was written for another model: resume with "
+                          f"that one, or train into a new train.output_dir") from None
     if loaded is None:
         raise ConfigError(f"train.resume: DeepSpeed could not load the engine state from {directory}")
 
