@@ -104,6 +104,7 @@ def validate_extra(extra: Dict[str, Any], source: str) -> Dict[str, Any]:
         raise ConfigError(f"{source}: deepspeed.extra.zero_optimization.stage is set by fastdadpo; use "
                           f"deepspeed.zero_stage")
     _check_zero_section(zero, source)
+    _check_other_sections(extra, source)
     return extra
 
 
@@ -144,8 +145,81 @@ def _check_zero_section(zero: dict, source: str) -> None:
     try:
         DeepSpeedZeroConfig(**zero)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"{source}: deepspeed.extra.zero_optimization is invalid: {problems}") from None
+        raise ConfigError(f"{source}: deepspeed.extra.zero_optimization is invalid: {_model_problems(exc)}") from None
+
+
+def _model_problems(exc) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+
+
+def _section_readers() -> Dict[str, Any]:
+    """{section: DeepSpeed's own reader of it} for the sections DeepSpeed validates with a model
+    (pydantic): each is called here on the user's section alone, so a bad value fails now, named,
+    not inside the engine after the models are loaded."""
+    from deepspeed.comm.config import DeepSpeedCommsConfig
+    from deepspeed.compile.config import CompileConfig
+    from deepspeed.monitor.config import get_monitor_config
+    from deepspeed.runtime.config import HybridEngineConfig
+
+    monitor = lambda key: lambda section: get_monitor_config({key: section})  # noqa: E731
+    return {"tensorboard": monitor("tensorboard"), "wandb": monitor("wandb"), "csv_monitor": monitor("csv_monitor"),
+            "comet": monitor("comet"), "comms_logger": lambda section: DeepSpeedCommsConfig({"comms_logger": section}),
+            "compile": lambda section: CompileConfig(**section), "hybrid_engine": lambda section: HybridEngineConfig(**section)}
+
+
+def _section_defaults() -> Dict[str, dict]:
+    """{section: {key: DeepSpeed's default}} for the sections DeepSpeed reads key by key without
+    checking (``get_scalar_param``): a key it does not know is ignored and a value of another type
+    than its default is taken as it is ("maybe" is a truthy switch). Read from DeepSpeed's constants,
+    so the keys follow the installed release."""
+    from deepspeed.profiling import constants as flops
+    from deepspeed.runtime.activation_checkpointing.config import ACT_CHKPT_DEFAULT
+    from deepspeed.runtime.swap_tensor.aio_config import AIO_DEFAULT_DICT
+
+    flops_defaults = {getattr(flops, name): getattr(flops, f"{name}_DEFAULT") for name in dir(flops)
+                      if name.startswith("FLOPS_PROFILER_") and hasattr(flops, f"{name}_DEFAULT")}
+    return {"activation_checkpointing": ACT_CHKPT_DEFAULT, "flops_profiler": flops_defaults, "aio": AIO_DEFAULT_DICT}
+
+
+def _value_fits(value, default) -> bool:
+    """``value`` has the type of DeepSpeed's ``default`` (a None default: anything)."""
+    if default is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, type(default))
+
+
+def _check_other_sections(extra: dict, source: str) -> None:
+    present = [key for key in extra if key != "zero_optimization" and isinstance(extra[key], dict)]
+    if not present:
+        return  # nothing to check: DeepSpeed is not even imported
+    quiet_deepspeed()
+    from pydantic import ValidationError
+
+    readers, defaults = _section_readers(), _section_defaults()
+    for key in present:
+        section = extra[key]
+        if key in readers:
+            try:
+                readers[key](section)
+            except ValidationError as exc:
+                raise ConfigError(f"{source}: deepspeed.extra.{key} is invalid: {_model_problems(exc)}") from None
+        for name, value in section.items() if key in defaults else ():
+            known = defaults[key]
+            if name not in known:
+                match = difflib.get_close_matches(name, known, n=1)
+                hint = f" (did you mean {match[0]!r}?)" if match else ""
+                raise ConfigError(f"{source}: deepspeed.extra.{key}.{name} is not one of DeepSpeed's {key} settings"
+                                  f"{hint}; DeepSpeed would silently ignore it. It reads {', '.join(sorted(known))}")
+            if not _value_fits(value, known[name]):
+                raise ConfigError(f"{source}: deepspeed.extra.{key}.{name} is {value!r}; DeepSpeed expects "
+                                  f"{'true or false' if isinstance(known[name], bool) else type(known[name]).__name__}"
+                                  f" (its default is {known[name]!r}) and would take this value unchecked")
 
 
 def student_config(*, zero_stage: int, micro_batch_size: int, grad_accum: int, max_grad_norm: float,
