@@ -186,7 +186,7 @@ def test_bad_prompt_files(capsys, tmp_path, teacher_dir, student_dir):
     out = tmp_path / "out.jsonl"
     missing = str(tmp_path / "nope.jsonl")
     expect_user_error(capsys, generate_command(teacher_dir, student_dir, missing, out),
-                      f"{missing}: no such file")
+                      f"{missing}: does not exist")
     malformed = write(tmp_path / "malformed.jsonl", '{"prompt": "a"}\n{"prompt": \n')
     expect_user_error(capsys, generate_command(teacher_dir, student_dir, malformed, out),
                       f"{malformed} line 2: malformed JSON")

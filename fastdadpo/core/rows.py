@@ -214,11 +214,24 @@ def _no_constant(name: str):
     raise _StrictJSON(f"{name} is not JSON (write a number or a string)")
 
 
+# Python refuses to parse longer integers (a guard against quadratic-time conversion); a row's
+# numbers (a score, an id) never come close.
+MAX_INT_DIGITS = 4300
+
+
+def _bounded_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise _StrictJSON(f"holds an integer of {len(digits.lstrip('-')):,} digits; a data row's numbers have at "
+                          f"most {MAX_INT_DIGITS:,} (write it as a string if it is an identifier)")
+    return int(digits)
+
+
 def strict_json(text: str, where: str):
     """``json.loads`` that refuses duplicate keys, NaN/Infinity, integers past Python's digit limit,
     nesting past the recursion limit, and lone surrogates (text no tokenizer can encode)."""
     try:
-        value = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        value = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant,
+                           parse_int=_bounded_int)
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except json.JSONDecodeError:
         raise
@@ -229,7 +242,7 @@ def strict_json(text: str, where: str):
                         f"text any tokenizer can encode") from None
     except RecursionError:
         raise DataError(f"{where}: nested too deeply to be a data row") from None
-    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+    except ValueError as exc:  # anything else Python's parser refuses after JSON's grammar passed
         raise DataError(f"{where}: {exc}") from None
     return value
 
