@@ -393,3 +393,35 @@ def test_http_judge_timeout_must_be_positive(capsys, tmp_path):
                  "--judge-timeout", "-1"]) == 2
     err = capsys.readouterr().err
     assert "--judge-timeout: must be a positive number of seconds, got -1" in err and "Traceback" not in err
+
+
+def test_a_garbage_status_line_is_shown_escaped_never_sent_to_the_terminal():
+    """A server answering a status line of control bytes (an ANSI escape that would recolour or
+    clear the user's terminal): one paragraph, the bytes escaped, after the configured retries."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(10)
+
+    def answer_garbage():
+        for _ in range(2):  # the request and its one retry
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            with connection:
+                connection.recv(65536)
+                connection.sendall(b"\x1b[2J\x1b[31mHELLO\x07 garbage\r\n\r\n")
+
+    thread = threading.Thread(target=answer_garbage, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(UserError) as error:
+            HttpJudge(f"http://127.0.0.1:{listener.getsockname()[1]}", "m", retries=1, backoff=0.0).ask(
+                Comparison("q", "a", "b"))
+    finally:
+        listener.close()
+        thread.join(10)
+    message = str(error.value)
+    assert "broke off its reply" in message and "\\x1b[31mHELLO\\x07" in message, message
+    assert not any(ord(char) < 32 for char in message), message

@@ -136,10 +136,12 @@ class Endpoint:
         return urllib.parse.urlunsplit((self._scheme, self._netloc, path, self._query, ""))
 
     def redacted(self, text: str) -> str:
-        """``text`` (a server's reply, an error) with every credential replaced by ``***``."""
+        """``text`` (a server's reply, an error) with every credential replaced by ``***`` and every
+        control character escaped: a reply's bytes reach the user's terminal only as visible text
+        (an escape sequence could otherwise recolour, hide or rewrite the message)."""
         for secret in sorted(self.secrets, key=len, reverse=True):
             text = text.replace(secret, "***")
-        return text
+        return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
     def request(self, route: str, payload: Optional[dict] = None, *, retries: Optional[int] = None,
                 missing_ok: bool = False) -> Optional[dict]:
