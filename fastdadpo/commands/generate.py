@@ -137,7 +137,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    _check_arguments(args)
+    check_arguments(args)
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
         info = default_engine().setup_distributed(args.timeout_minutes * 60) if several else _single_process()
@@ -158,7 +158,7 @@ def _single_process() -> collectives.DistInfo:
     return collectives.DistInfo(rank=0, world_size=1, local_rank=0, device=device)
 
 
-def _check_arguments(args) -> None:
+def check_arguments(args) -> None:
     problems = []
     if args.keep_chosen and args.teacher is not None:
         problems.append(f"--keep-chosen takes 'chosen' from the prompt rows and never runs a teacher, so --teacher "

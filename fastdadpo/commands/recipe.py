@@ -2,13 +2,11 @@
 
     prune → generate → dsft → precompute → train → eval
 
-Each stage writes its output under the recipe's ``output_dir`` and is skipped when that output is
-already complete, so an interrupted run continues where it stopped (trainings resume from their
-latest checkpoint). Complete means: the stage's process exited 0 and the runner then wrote its
-completion marker, ``stages/NAME.json`` (the command it ran, a hash of a training's config and,
-for a training that starts from another one, of the configs up its chain), and the output is
-still there; a directory existing proves nothing (a killed stage leaves partial ones). A stage
-whose command or config changed since its marker runs again. Each stage runs as its own
+Each stage writes under the recipe's ``output_dir`` and is skipped when its output is complete, so
+an interrupted run continues (trainings resume from their latest checkpoint). Complete: the stage
+exited 0, the runner wrote its marker ``stages/NAME.json`` (its command, the hashes of its config
+and of the configs up its chain) and the output is there; a directory proves nothing (a killed stage
+leaves partial ones). A stage whose command or config changed runs again. Each stage runs as its own
 ``fastdadpo`` process, under ``launcher`` (e.g. ``torchrun --nproc_per_node=8``) for the stages
 that shard models over ranks. The generate stage is skipped when no training reads the recipe's
 pairs, and the precompute stage runs only for objectives that cache sequence log-probs.
@@ -40,18 +38,16 @@ of the recipe's own (the rest of the entry is training overrides):
     regenerate: true    # train on pairs generated again from the model it starts from, with the
                         # recipe's generate settings (e.g. ADPA's student-greedy rejected responses)
 
-An entry may only start from one listed before it, so a chain has no cycles and runs in the order
-written. A regenerated pair file is named by a hash of what it depends on (the generate settings
-and the configs of every training up the chain), so a changed upstream training gets new pairs, and
-a training downstream of it, whose config names that file, runs again. As everywhere here, a
-training counts as its config: one retrained with the same config is taken for the same model (and
-generate refuses to continue a pair file whose student's weights changed since). The train stage runs the chain in
-order: regenerate, then train, entry by entry; the precompute stage leaves a chained entry (one
-whose starting model or pairs come from another entry) to its train stage, which precomputes what
-it needs once its inputs exist.
+An entry starts only from one listed before it (no cycles; the order written). A regenerated pair
+file is named by a hash of the generate settings and the configs up the chain, so a changed upstream
+training gets new pairs and its downstream trainings run again. A training counts as its config
+(generate refuses to continue a pair file whose student's weights changed since). The train stage
+runs the chain entry by entry, regenerating then training; a chained entry precomputes in its train
+stage, once its inputs exist.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -234,9 +230,7 @@ def load_recipe(path: str, overrides: List[str] = ()) -> Recipe:
 
 def _check_generate_keys(recipe: Recipe) -> None:
     """The generate section's keys are `fastdadpo generate`'s flags: a wrong one fails now, not at its stage."""
-    import argparse
-
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(prog="fastdadpo generate", add_help=False, exit_on_error=False)
     generate.add_arguments(parser)
     known = {action.dest for action in parser._actions} - GENERATE_FLAGS_SET_BY_RECIPE
     unknown = set(recipe.generate) - known
@@ -252,6 +246,13 @@ def _check_generate_keys(recipe: Recipe) -> None:
     for key, value in recipe.generate.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{recipe.source}: generate.{key} is {value}; numbers must be finite")
+    # The values as the stage will pass them, through generate's own parser and checks.
+    stand_ins = ["--student", "S", "--prompts", "P", "--out", "O"] + (
+        [] if recipe.generate.get("keep_chosen") else ["--teacher", "T"])
+    try:
+        generate.check_arguments(parser.parse_args(stand_ins + _flags(recipe.generate)))
+    except (argparse.ArgumentError, UserError) as exc:
+        raise ConfigError(f"{recipe.source}: generate: {exc} (the section's keys are generate's flags)") from None
 
 
 def _check_chains(recipe: Recipe) -> None:
