@@ -122,12 +122,12 @@ def test_it_precomputes_and_trains(student_dir, teacher_dir, tmp_path):
     config_path.write_text(yaml.safe_dump(_config(student_dir, teacher_dir, tmp_path)))
     first = _run("train", str(config_path), "--precompute-only")
     assert first.returncode == 0, first.stderr[-4000:]
-    assert "cached: reference log-probs of train" in first.stdout + first.stderr
+    assert "precomputed once (held for the run; on disk where data.cache_dir is writable): reference log-probs of train" in first.stdout + first.stderr
     [table] = (tmp_path / "cache" / "logps").iterdir()
     written = table.stat().st_mtime_ns
     trained = _run("train", str(config_path))
     assert trained.returncode == 0, trained.stderr[-4000:]
-    assert "cached: reference log-probs of train" in trained.stdout + trained.stderr
+    assert "precomputed once (held for the run; on disk where data.cache_dir is writable): reference log-probs of train" in trained.stdout + trained.stderr
     assert table.stat().st_mtime_ns == written  # read from the cache, not computed again
     with open(tmp_path / "run" / "metrics.jsonl", encoding="utf-8") as handle:
         rows = [json.loads(line) for line in handle]

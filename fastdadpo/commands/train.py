@@ -139,7 +139,8 @@ class Trainer:
         self.cached = precompute.training_tables(config, self.engine, self.student,
                                                  {"train": self.train_set, "eval": self.eval_set}, self.collate, dist,
                                                  self.dtype, self.log)
-        self.log.info(f"cached: {', '.join(f'{name} log-probs of {split}' for name, split in self.cached) or 'nothing'}")
+        tables = ', '.join(f'{name} log-probs of {split}' for name, split in self.cached) or 'nothing'
+        self.log.info(f"precomputed once (held for the run; on disk where data.cache_dir is writable): {tables}")
         # --- frozen teachers, sharded over the same ranks ---
         online = self.needs.online if with_teachers else ()
         self.teacher = self._frozen("teacher") if "teacher" in online else None
