@@ -76,3 +76,21 @@ def test_eval_results_are_kept_when_out_fails_at_the_end(tmp_path):
     fallback = str(error.value).split("they are in ")[1].split(" instead")[0]
     assert fallback.startswith(tempfile.gettempdir()) and json.loads(open(fallback).read()) == {"models": {}}
     os.remove(fallback)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_the_final_model_is_readable_as_the_umask_says(tmp_path, student_dir, tokenizer, umask):
+    """transformers writes weight shards through a temporary file (mode 0600): final/ would be
+    unreadable to a server running as another user. Every file of it gets the umask's mode."""
+    from transformers import AutoModelForCausalLM
+
+    from fastdadpo.engine.checkpoints import write_final
+
+    model = AutoModelForCausalLM.from_pretrained(student_dir)
+    previous = os.umask(umask)
+    try:
+        final = write_final(model.state_dict(), model, tokenizer, str(tmp_path))
+    finally:
+        os.umask(previous)
+    modes = {name: os.stat(os.path.join(final, name)).st_mode & 0o777 for name in os.listdir(final)}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~umask}, modes

@@ -17,6 +17,33 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask: from /proc where Linux shows it, since reading it through os.umask means
+    setting it, for a moment, under every thread of the process."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def seal_directory(path: str) -> None:
+    """Before a model directory is renamed into place: each file readable as the user's umask says
+    (transformers writes weight shards through a temporary file, mode 0600, which a server running
+    as another user, or a colleague, could not read) and synced to disk."""
+    mode = 0o666 & ~_umask()
+    for name in os.listdir(path):
+        file = os.path.join(path, name)
+        if os.path.isfile(file) and not os.path.islink(file):
+            os.chmod(file, mode)
+        fsync_path(file)
+
+
 def write_file_atomic(path: str, write, binary: bool = False) -> None:
     """``path`` holds either its old content or all of what ``write(handle)`` wrote, never a part (a
     killed writer); synced to disk before the rename, and the directory after. Writers racing for

@@ -10,7 +10,7 @@ import shutil
 import torch
 
 from fastdadpo.base.errors import ConfigError, UserError
-from fastdadpo.base.files import fsync_path
+from fastdadpo.base.files import fsync_path, seal_directory
 from fastdadpo.core.batch import pad_token_id
 from fastdadpo.models.loading import (load_causal_lm, loading_failure, require_model_dir, resolve_device,
                                       resolve_dtype)
@@ -67,8 +67,7 @@ def _save_atomic(out: str, pruned, tokenizer, report: dict) -> None:
         tokenizer.save_pretrained(partial)
         with open(os.path.join(partial, REPORT_FILE), "w", encoding="utf-8") as handle:
             json.dump(report, handle, indent=2)
-        for name in os.listdir(partial):
-            fsync_path(os.path.join(partial, name))
+        seal_directory(partial)
         if os.path.isdir(out):
             os.rmdir(out)  # empty: checked before pruning
         os.replace(partial, out)

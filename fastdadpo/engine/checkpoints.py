@@ -24,7 +24,7 @@ import torch
 
 from fastdadpo.base.collectives import all_agree, barrier
 from fastdadpo.base.errors import ConfigError, UserError
-from fastdadpo.base.files import fsync_path, write_json_atomic
+from fastdadpo.base.files import fsync_path, seal_directory, write_json_atomic
 from fastdadpo.engine.state import UnsafeState, load_rng_state, load_weights_only, save_rng_state
 from fastdadpo.models.lora import merge_lora_state, save_lora_adapter
 
@@ -294,8 +294,7 @@ def write_final(state: Optional[dict], student_model, tokenizer, output_dir: str
     tokenizer.save_pretrained(partial)
     if not any(name.endswith(".safetensors") for name in os.listdir(partial)):
         raise OSError(errno.EIO, "no weights were written", partial)
-    for name in os.listdir(partial):
-        fsync_path(os.path.join(partial, name))
+    seal_directory(partial)
     if os.path.exists(final):
         shutil.rmtree(final)
     os.replace(partial, final)
