@@ -377,6 +377,11 @@ def test_data_path_errors_are_one_paragraph(tmp_path, monkeypatch):
     assert "looked up as a Hugging Face Hub dataset" in text and "\n" not in text
     with pytest.raises(DataError, match="does not exist"):
         load_examples(str(tmp_path / "typo.jsonl"))  # a missing local file is not looked up on the Hub
+    (tmp_path / "empty.jsonl").mkdir()  # a directory with a data file's name: local, never the Hub
+    with pytest.raises(DataError) as error:
+        load_examples(str(tmp_path / "empty.jsonl"))
+    assert "a local directory is read as save_to_disk's output" in str(error.value)
+    assert "Hub dataset (NAME" not in str(error.value)
 
 
 # --- progress with ETA in every long stage ----------------------------------------------------------------

@@ -151,9 +151,14 @@ def _load_dataset_rows(where: str, name: str, **kwargs) -> Iterator[tuple[Any, s
     try:
         loaded = datasets.load_dataset(name, **kwargs)
     except Exception as exc:  # noqa: BLE001 (datasets raises many types: not found, offline, bad split, parse)
-        hint = ("" if "data_files" in kwargs else
-                "; it is not a local file or directory, so it was looked up as a Hugging Face Hub dataset "
-                "(NAME or OWNER/NAME, :SPLIT for a split other than train)")
+        if "data_files" in kwargs:
+            hint = ""
+        elif os.path.isdir(name):
+            hint = ("; a local directory is read as save_to_disk's output or as data files laid out as on the Hub "
+                    "(e.g. data/train.jsonl), and this one is neither")
+        else:
+            hint = ("; it is not a local file or directory, so it was looked up as a Hugging Face Hub dataset "
+                    "(NAME or OWNER/NAME, :SPLIT for a split other than train)")
         raise DataError(f"{where}: cannot be read through datasets.load_dataset ({type(exc).__name__}: "
                         f"{' '.join(str(exc).split())[:300]}){hint}") from None
     for number, row in enumerate(loaded):
