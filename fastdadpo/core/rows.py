@@ -134,8 +134,8 @@ def _local_files_rows(pattern: str) -> Iterator[tuple[Any, str]]:
         raise DataError(f"{pattern}: matches files of {'unknown' if None in builders else 'different'} formats "
                         f"({', '.join(os.path.basename(f) for f in files[:5])}); one format per data path")
     for file in files:
-        if not os.access(file, os.R_OK):
-            raise DataError(f"{file}: this user cannot read it (permission denied)")
+        if not_a_readable_file(file):  # a glob can match a directory or a FIFO too
+            raise DataError(f"{file}: {not_a_readable_file(file)}")
     builder = builders.pop()
     if builder == "native":
         builder = "parquet" if files[0].endswith(".parquet") else "json"
@@ -184,6 +184,9 @@ def _dataset_dir_rows(directory: str, split: Optional[str]) -> Iterator[tuple[An
         yield from _load_dataset_rows(directory if split is None else f"{directory}:{split}", directory,
                                       split=split or "train")
         return
+    except PermissionError as exc:
+        raise DataError(f"{directory}: a saved dataset whose file {exc.filename or ''} cannot be read by this user "
+                        f"(permission denied)") from None
     except Exception as exc:  # noqa: BLE001 (datasets, pyarrow and JSON errors alike: a damaged saved dataset)
         raise DataError(f"{directory}: a saved dataset that cannot be read ({type(exc).__name__}: "
                         f"{' '.join(str(exc).split())[:200]}); its state.json or .arrow files are damaged: save it "

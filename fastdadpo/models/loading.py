@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib.util
+import json
 import math
 import os
 import pickle
@@ -46,10 +47,27 @@ def loading_failure(key: str, path: str, what: str, exc: BaseException) -> Confi
     a corrupt ``tokenizer.json``, a pickled checkpoint that ``weights_only`` refuses). Out-of-memory
     errors are not the directory's: the caller re-raises them."""
     detail = " ".join(str(exc).split())[:240] or type(exc).__name__
+    missing = _missing_shape_fields(path)
+    if missing and "mismatch" in detail.lower():
+        detail = (f"its config.json has no {', '.join(missing)}, so transformers used its class default and the "
+                  f"weights do not fit that shape; write the model's own value(s) into config.json")
     if isinstance(exc, pickle.UnpicklingError):
         detail = ("its weights are a pickle that needs more than tensors to load, refused because unpickling it "
                   "could run code; convert them to safetensors with a tool you trust")
     return ConfigError(f"{key}: cannot load {what} from {path!r} ({type(exc).__name__}: {detail})")
+
+
+# The fields a decoder's shape comes from; a config.json without one gets the class default silently.
+SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+
+
+def _missing_shape_fields(path: str) -> list:
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError):
+        return []
+    return [name for name in SHAPE_FIELDS if isinstance(config, dict) and name not in config]
 
 
 def _out_of_memory(exc: BaseException) -> bool:
