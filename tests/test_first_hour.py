@@ -1,5 +1,7 @@
 """A TRL user's first hour (issue 24): the bugs a new user hits, each with a test that failed before
 its fix."""
+import math
+
 import pytest
 
 from test_fsdp2 import _engine_config
@@ -548,3 +550,43 @@ def test_default_report_writes_no_tensorboard(toy, tmp_path):
     run = tmp_path / "plain"
     _train(_config(toy, tmp_path, "dpo", train__max_steps=1), f"train.output_dir={run}")
     assert (run / "metrics.jsonl").exists() and not (run / "tensorboard").exists()
+
+
+@pytest.mark.parametrize("name, total, ratio, expected", [
+    # By hand, as transformers documents each (warmup steps: ceil(total x ratio), as TRL's trainers count them).
+    ("linear", 10, 0.2, [0.0, 0.5] + [(10 - step) / 8 for step in range(2, 10)]),
+    ("constant", 10, 0.2, [1.0] * 10),
+    ("constant_with_warmup", 10, 0.2, [0.0, 0.5] + [1.0] * 8),
+    ("cosine", 6, 0.0, [0.5 * (1 + math.cos(math.pi * step / 6)) for step in range(6)]),
+    ("inverse_sqrt", 8, 0.25, [0.0, 0.5] + [1 / math.sqrt((step + 2) / 2) for step in range(6)]),
+    # Ours: warmup from 1/warmup (a first step that changes something), then cosine to 0.
+    ("warmup_cosine", 6, 0.3, [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * step / 4)) for step in range(4)]),
+])
+def test_each_lr_scheduler_type_gives_its_documented_factors(name, total, ratio, expected):
+    from fastdadpo.engine.interface import OptimizerSettings
+
+    settings = OptimizerSettings(micro_batch_size=1, grad_accum=1, lr=1.0, weight_decay=0.0, max_grad_norm=1.0,
+                                 warmup_ratio=ratio, total_steps=total, schedule=name)
+    factor = settings.lr_factor()
+    assert [factor(step) for step in range(total)] == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_trl_config_with_a_linear_schedule_trains_on_it(toy, tmp_path):
+    """TRL's `lr_scheduler_type: linear` (its default) under TRL's names: the rates logged are
+    transformers' linear schedule (4 steps, 1 of warmup), where ours would log warmup then cosine;
+    an unknown type is one paragraph naming the choices."""
+    import yaml
+
+    config = _config(toy, tmp_path, "dpo", train__max_steps=4, train__warmup_ratio=0.25)
+    raw = yaml.safe_load(open(config))
+    raw["train"]["learning_rate"] = raw["train"].pop("lr")
+    raw["train"]["lr_scheduler_type"] = "linear"
+    with open(config, "w") as handle:
+        yaml.safe_dump(raw, handle)
+    run = tmp_path / "linear"
+    _train(config, f"train.output_dir={run}")
+    rates = [row["lr"] for row in _metrics(run) if "lr" in row]
+    assert rates == pytest.approx([0.0, 3e-3, 2e-3, 1e-3], abs=1e-12), rates
+    result = _train(config, "train.lr_scheduler_type=cosine_with_min_lr", check=False)
+    assert result.returncode == 2 and "train.lr_scheduler_type" in result.stderr
+    assert "choose from warmup_cosine, linear" in result.stderr and "Traceback" not in result.stderr

@@ -3,7 +3,6 @@ alias bombs, UTF-8 checked), merged, and changed by ``--set KEY=VALUE``. Errors 
 from __future__ import annotations
 
 import copy
-import os
 from typing import Any, Dict
 
 import yaml

@@ -29,7 +29,7 @@ from fastdadpo.core.tokenized import STRING_ROWS
 from fastdadpo.engine.deepspeed.config import validate_extra
 from fastdadpo.engine.deepspeed.engine import DeepSpeedEngine
 from fastdadpo.engine.fsdp2.engine import FSDP2Engine
-from fastdadpo.engine.interface import Engine
+from fastdadpo.engine.interface import LR_SCHEDULES, Engine
 from fastdadpo.kernels import BACKENDS, KernelSettings
 from fastdadpo.models.loading import liger_unavailable_reason
 from fastdadpo.models.lora import LoraSettings
@@ -141,6 +141,8 @@ class TrainConfig:
     epochs: float = 1.0  # passes over data.train
     max_steps: Optional[int] = None  # optimizer steps; wins over epochs
     warmup_ratio: float = 0.1  # Zephyr
+    # warmup_cosine (ours: warmup from lr/warmup steps, then cosine to 0), or one of transformers' (TRL's):
+    lr_scheduler_type: str = "warmup_cosine"  # linear, cosine, constant, constant_with_warmup... (LR_SCHEDULES)
     weight_decay: float = 0.0  # AdamW's
     max_grad_norm: float = 1.0  # gradient clipping; 0 turns it off
     seed: int = 42  # initialization, data order, dropout
@@ -179,6 +181,8 @@ class TrainConfig:
                 fail(f"train.{key}", f"must be >= 0 (0: off), got {getattr(self, key)}")
         if not 0 <= self.warmup_ratio < 1:
             fail("train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        if self.lr_scheduler_type not in LR_SCHEDULES:
+            fail("train.lr_scheduler_type", f"is {self.lr_scheduler_type!r}; choose from {', '.join(LR_SCHEDULES)}")
         unknown = [name for name in self.report_to if name not in REPORTERS]
         if unknown:
             fail("train.report_to", f"names {unknown}; choose from {', '.join(REPORTERS)}")

@@ -86,7 +86,7 @@ def run(args) -> int:
     t = config.train
     optimizer = OptimizerSettings(micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, lr=config.lr,
                                   weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
-                                  warmup_ratio=t.warmup_ratio, total_steps=1)
+                                  warmup_ratio=t.warmup_ratio, schedule=t.lr_scheduler_type, total_steps=1)
     model = engine.load_student(config.model.student, key="model.student", dtype=dtype, device=dist.device,
                                 optimizer=optimizer)
     if config.model.lora is not None:

@@ -117,7 +117,8 @@ class Trainer:
         t = config.train
         optimizer = OptimizerSettings(micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, lr=config.lr,
                                       weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
-                                      warmup_ratio=t.warmup_ratio, total_steps=self.plan.total_steps)
+                                      warmup_ratio=t.warmup_ratio, schedule=t.lr_scheduler_type,
+                                      total_steps=self.plan.total_steps)
         student_model = self.engine.load_student(config.model.student, key="model.student", dtype=self.dtype,
                                                  device=dist.device, optimizer=optimizer,
                                                  liger_kernels=config.model.liger_kernels)

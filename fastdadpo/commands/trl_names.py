@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Dict, Iterable, Optional
 
-# {section: {TRL's key: ours}}. Keys TRL and fastdadpo spell alike (max_steps, warmup_ratio,
+# {section: {TRL's key: ours}}. Keys TRL and fastdadpo spell alike (max_steps, warmup_ratio, lr_scheduler_type,
 # weight_decay, max_grad_norm, seed, output_dir, gradient_checkpointing, max_length,
 # max_prompt_length, beta, loss_type, label_smoothing) need no entry.
 CONFIG_ALIASES: Dict[str, Dict[str, str]] = {

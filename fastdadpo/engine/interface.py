@@ -33,6 +33,13 @@ class OptimizerSettings:
     max_grad_norm: float  # 0: no clipping
     warmup_ratio: float
     total_steps: int
+    schedule: str = "warmup_cosine"  # one of LR_SCHEDULES
+
+    def lr_factor(self) -> Callable[[int], float]:
+        """The learning-rate factor at each step, for a LambdaLR."""
+        if self.schedule == "warmup_cosine":
+            return warmup_cosine(self.total_steps, self.warmup_ratio)
+        return transformers_schedule(self.schedule, self.total_steps, self.warmup_ratio)
 
 
 # The student's forward: (final hidden states, LM-head weight) -> whatever the objective returns.
@@ -154,6 +161,24 @@ def warmup_cosine(total_steps: int, warmup_ratio: float) -> Callable[[int], floa
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+# train.lr_scheduler_type: ours, then transformers' (TRL's lr_scheduler_type) that need nothing but the
+# warmup and the length; reduce_lr_on_plateau and greedy read the loss, cosine_with_min_lr and
+# warmup_stable_decay need settings of their own.
+LR_SCHEDULES = ("warmup_cosine", "linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                "constant_with_warmup", "inverse_sqrt")
+
+
+def transformers_schedule(name: str, total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    """transformers.get_scheduler's factor for ``name``, as TRL's Trainer builds it (its warmup steps:
+    ceil(total x ratio)); taken from the scheduler transformers makes, so it is theirs exactly."""
+    from transformers import get_scheduler
+
+    anchor = torch.nn.Parameter(torch.zeros(1))
+    scheduler = get_scheduler(name, optimizer=torch.optim.SGD([anchor], lr=1.0),
+                              num_warmup_steps=math.ceil(total_steps * warmup_ratio), num_training_steps=total_steps)
+    return scheduler.lr_lambdas[0]
 
 
 def restart_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, base_lrs: Sequence[float]) -> None:

@@ -37,7 +37,7 @@ OWNED_KEYS = {
     "gradient_accumulation_steps": "train.grad_accum",
     "gradient_clipping": "train.max_grad_norm",
     "optimizer": "train.lr and train.weight_decay (fastdadpo uses torch AdamW)",
-    "scheduler": "train.warmup_ratio (fastdadpo uses warmup then cosine)",
+    "scheduler": "train.lr_scheduler_type and train.warmup_ratio",
     "bf16": "model.dtype", "fp16": "model.dtype",
 }
 INTEGER_KEYS = {

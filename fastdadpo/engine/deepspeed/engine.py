@@ -20,8 +20,7 @@ from fastdadpo.engine import checkpoints
 from fastdadpo.engine.deepspeed import launch
 from fastdadpo.engine.deepspeed.checkpoint import deepspeed_safe_globals, full_state_dict, read_state, write_state
 from fastdadpo.engine.deepspeed.config import inference_config, student_config, teacher_extra
-from fastdadpo.engine.interface import (Engine, FrozenModel, OptimizerSettings, TrainedStudent, restart_schedule,
-                                        warmup_cosine)
+from fastdadpo.engine.interface import Engine, FrozenModel, OptimizerSettings, TrainedStudent, restart_schedule
 from fastdadpo.engine.modules import HiddenStates, StudentWithObjective
 from fastdadpo.models.loading import head_logit_options, head_weight, load_causal_lm, release_memory
 
@@ -186,8 +185,7 @@ class DeepSpeedEngine(Engine):
         params = [p for p in wrapper.parameters() if p.requires_grad]
         adamw = torch.optim.AdamW(params, lr=optimizer.lr, weight_decay=optimizer.weight_decay, betas=(0.9, 0.999),
                                   eps=1e-8, fused=torch.cuda.is_available() or None)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(adamw, warmup_cosine(optimizer.total_steps,
-                                                                           optimizer.warmup_ratio))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(adamw, optimizer.lr_factor())
         engine, _, _, _ = deepspeed.initialize(model=wrapper, optimizer=adamw, lr_scheduler=scheduler,
                                                config=self._student_config(dtype, optimizer))
         return DeepSpeedStudent(engine, model, zero_stage=self.zero_stage, dist=dist, grad_accum=optimizer.grad_accum)

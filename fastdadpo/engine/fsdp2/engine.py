@@ -26,7 +26,7 @@ import torch.distributed as dist
 from fastdadpo.base.collectives import DistInfo
 from fastdadpo.base.errors import ConfigError
 from fastdadpo.engine import checkpoints, launch
-from fastdadpo.engine.interface import Engine, FrozenModel, TrainedStudent, restart_schedule, warmup_cosine
+from fastdadpo.engine.interface import Engine, FrozenModel, TrainedStudent, restart_schedule
 from fastdadpo.engine.modules import HiddenStates, StudentWithObjective
 from fastdadpo.engine.state import UnsafeState, load_state, save_state
 from fastdadpo.models.loading import decoder, head_logit_options, head_weight, load_causal_lm, release_memory
@@ -241,8 +241,7 @@ class FSDP2Engine(Engine):
         params = [p for p in module.parameters() if p.requires_grad]
         adamw = torch.optim.AdamW(params, lr=optimizer.lr, weight_decay=optimizer.weight_decay, betas=(0.9, 0.999),
                                   eps=1e-8, fused=(torch.cuda.is_available() and not self.cpu_offload) or None)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(adamw, warmup_cosine(optimizer.total_steps,
-                                                                           optimizer.warmup_ratio))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(adamw, optimizer.lr_factor())
         return FSDP2Student(module, model, adamw, scheduler, dist_info=dist, dtype=dtype,
                             max_grad_norm=optimizer.max_grad_norm)
 
