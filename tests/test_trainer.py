@@ -573,3 +573,42 @@ def test_a_resume_with_other_models_or_over_a_final_model_is_refused(toy, tmp_pa
     fresh = _train(config, check=False)
     assert fresh.returncode == 2 and "holds an earlier run's final model" in " ".join(fresh.stderr.split())
     assert "Traceback" not in other.stderr + swapped.stderr + fresh.stderr
+
+
+@pytest.mark.slow
+def test_a_rank_stopped_during_setup_ends_the_other_with_one_paragraph(toy, tmp_path):
+    """Rank 1 SIGSTOPped as soon as it starts (before the process group forms, or while models load):
+    rank 0 gives up at train.timeout_minutes with the lost-rank paragraph, never a gloo or store
+    traceback, and never waits for the default 30 minutes."""
+    import psutil
+
+    config = _config(toy, tmp_path, "dpo", train__max_steps=2, train__timeout_minutes=0.25)
+    logs = tmp_path / "logs"
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                f"--log-dir={logs}", "--redirects=3", "-m", "fastdadpo", "train", config],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                               start_new_session=True)
+    victim, rank0 = None, None
+    try:
+        deadline = time.time() + 60
+        while victim is None and time.time() < deadline:
+            victim = next((child for child in psutil.Process(process.pid).children(recursive=True)
+                           if child.environ().get("RANK") == "1"), None)
+            time.sleep(0.01)
+        assert victim is not None, "rank 1 never started"
+        victim.suspend()
+        stopped_at = time.time()
+        while time.time() < stopped_at + 150 and rank0 is None:
+            found = [p for p in logs.rglob("stderr.log") if p.parent.name == "0"]
+            if found and "lost contact" in found[0].read_text():
+                rank0 = found[0].read_text()
+            time.sleep(0.2)
+        waited = time.time() - stopped_at
+    finally:
+        if victim is not None:
+            victim.kill()
+        process.communicate(timeout=TIMEOUT)
+    assert rank0 is not None, "rank 0 never gave up on the stopped rank"
+    assert waited < 120, waited  # 15 s per collective, not the default 30 minutes
+    text = " ".join(rank0.split())
+    assert "lost contact with rank(s) 1 while setting up" in text and "Traceback" not in rank0, rank0[-3000:]

@@ -7,6 +7,8 @@ import json
 import os
 import socket
 
+from fastdadpo.base.errors import ConfigError
+
 
 def fsync_path(path: str) -> None:
     """Flush a file's or a directory's entry to disk (a directory after a rename in it)."""
@@ -80,8 +82,6 @@ def check_writable(path: str, flag: str) -> None:
     """``path`` names a file this user can write, its directory made now: checked before a command's
     work, whose results would otherwise be lost at the end. A file is created and removed beside it
     (a permission, a read-only file system, a file where a folder should be: what writing would meet)."""
-    from fastdadpo.base.errors import ConfigError
-
     folder = os.path.dirname(os.path.abspath(path))
     try:
         if os.path.isdir(path):

@@ -20,8 +20,7 @@ A recipe (see configs/recipes/):
     prompts: data/prompts.jsonl      # training prompts ("prompt", optional "answer")
     eval_prompts: data/heldout.jsonl # held-out prompts for the final comparison
     prune: {ratio: 0.2}              # optional; drop_layers, calibration_samples, seed
-    generate: {max_new_tokens: 512, temperature: 0.7, top_p: 0.95, seed: 0}  # generate's flags, checked
-                                     # at load; keep_chosen: true for ADPA's pairs (no teacher run)
+    generate: {max_new_tokens: 512, temperature: 0.7, top_p: 0.95, seed: 0}  # generate's flags (keep_chosen: ADPA's)
     train_common: {...}              # a training config (model/data/train/deepspeed sections) under every training
     dsft: {train: {lr: 2.0e-5}}      # overrides for the distilled SFT; false: none
     students:                        # preference trainings from the dSFT student, by display name
