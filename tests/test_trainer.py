@@ -591,9 +591,17 @@ def test_a_rank_stopped_during_setup_ends_the_other_with_one_paragraph(toy, tmp_
     victim, rank0 = None, None
     try:
         deadline = time.time() + 60
+        def rank1():
+            for child in psutil.Process(process.pid).children(recursive=True):
+                try:  # the rank itself, not a helper process it starts (a compiler) with its environment
+                    if child.environ().get("RANK") == "1" and "fastdadpo" in " ".join(child.cmdline()):
+                        return child
+                except psutil.Error:  # gone between the listing and the look
+                    pass
+            return None
+
         while victim is None and time.time() < deadline:
-            victim = next((child for child in psutil.Process(process.pid).children(recursive=True)
-                           if child.environ().get("RANK") == "1"), None)
+            victim = rank1()
             time.sleep(0.01)
         assert victim is not None, "rank 1 never started"
         victim.suspend()
@@ -605,10 +613,14 @@ def test_a_rank_stopped_during_setup_ends_the_other_with_one_paragraph(toy, tmp_
             time.sleep(0.2)
         waited = time.time() - stopped_at
     finally:
-        if victim is not None:
+        if victim is not None and victim.is_running():
             victim.kill()
         process.communicate(timeout=TIMEOUT)
-    assert rank0 is not None, "rank 0 never gave up on the stopped rank"
+    seen = {p.parent.name: p.read_text()[-2500:] for p in logs.rglob("stderr.log")}
+    assert rank0 is not None, f"rank 0 never gave up on the stopped rank: {seen}"
     assert waited < 120, waited  # 15 s per collective, not the default 30 minutes
     text = " ".join(rank0.split())
-    assert "lost contact with rank(s) 1 while setting up" in text and "Traceback" not in rank0, rank0[-3000:]
+    # Stopped before it joined the process group, or while the models loaded: either phase is named.
+    assert ("lost contact with rank(s) 1 while forming the process group" in text
+            or "lost contact with rank(s) 1 while setting up" in text), rank0[-3000:]
+    assert "Traceback" not in rank0, rank0[-3000:]

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from fastdadpo.base.collectives import DistInfo
+from fastdadpo.base.collectives import DistInfo, peers_lost_reported
 
 
 def _free_port() -> int:
@@ -37,11 +37,16 @@ def setup(timeout_s: float, init: Optional[Callable[[str, datetime.timedelta], N
     local_rank = int(os.environ["LOCAL_RANK"])
     if cuda:
         torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if not dist.is_initialized():
         backend, timeout = ("nccl" if cuda else "gloo"), datetime.timedelta(seconds=timeout_s)
-        if init is not None:
-            init(backend, timeout)
-        else:
-            dist.init_process_group(backend=backend, timeout=timeout)
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+        # A rank that never joins (stopped, hung, dead before it got here) ends the others at the
+        # timeout with the lost-rank paragraph, as a rank lost later would.
+        joining = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
+        with peers_lost_reported(joining, lambda: f"while forming the process group (waited {timeout_s:g} s)",
+                                 lambda: "Nothing was done yet: start the run again once every rank can."):
+            if init is not None:
+                init(backend, timeout)
+            else:
+                dist.init_process_group(backend=backend, timeout=timeout)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
