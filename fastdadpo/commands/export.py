@@ -78,34 +78,37 @@ def run(args) -> int:
     config = load_config(config_path)
     engine = config.build_engine()
     dist = engine.setup_distributed(timeout_s=config.train.timeout_minutes * 60)
-    if dist.world_size != ranks and engine.checkpoint_format().startswith("deepspeed"):
-        raise ConfigError(f"{args.checkpoint} was written by {ranks} ranks and this export has {dist.world_size}; "
-                          f"a DeepSpeed checkpoint is read by as many ranks as wrote it")
-    dtype = models.resolve_dtype(config.model.dtype, dist.device)
-    # The optimizer the checkpoint's state fills; its schedule is not used.
-    t = config.train
-    optimizer = OptimizerSettings(micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, lr=config.lr,
-                                  weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
-                                  warmup_ratio=t.warmup_ratio, schedule=t.lr_scheduler_type, total_steps=1)
-    model = engine.load_student(config.model.student, key="model.student", dtype=dtype, device=dist.device,
-                                optimizer=optimizer)
-    if config.model.lora is not None:
-        add_lora(model, config.model.lora)
-    student = engine.build_student(model, dtype=dtype, optimizer=optimizer, dist=dist)
-    step = student.load_checkpoint(args.checkpoint)
-    tokenizer = models.load_tokenizer(config.model.student, "model.student")
-    staging = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(out)) if dist.is_main else None
-    staging = collectives.broadcast_object(staging)
-    try:
-        final = student.export(tokenizer, staging, lora=config.model.lora, base_model=config.model.student)
+    # Every rank reads its shard and gathers: a rank lost on the way is one paragraph on the others.
+    with collectives.peers_lost_reported(dist, lambda: "while exporting",
+                                         lambda: f"Nothing was written to {args.out}: run the export again."):
+        if dist.world_size != ranks and engine.checkpoint_format().startswith("deepspeed"):
+            raise ConfigError(f"{args.checkpoint} was written by {ranks} ranks and this export has {dist.world_size}; "
+                              f"a DeepSpeed checkpoint is read by as many ranks as wrote it")
+        dtype = models.resolve_dtype(config.model.dtype, dist.device)
+        # The optimizer the checkpoint's state fills; its schedule is not used.
+        t = config.train
+        optimizer = OptimizerSettings(micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, lr=config.lr,
+                                      weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+                                      warmup_ratio=t.warmup_ratio, schedule=t.lr_scheduler_type, total_steps=1)
+        model = engine.load_student(config.model.student, key="model.student", dtype=dtype, device=dist.device,
+                                    optimizer=optimizer)
+        if config.model.lora is not None:
+            add_lora(model, config.model.lora)
+        student = engine.build_student(model, dtype=dtype, optimizer=optimizer, dist=dist)
+        step = student.load_checkpoint(args.checkpoint)
+        tokenizer = models.load_tokenizer(config.model.student, "model.student")
+        staging = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(out)) if dist.is_main else None
+        staging = collectives.broadcast_object(staging)
+        try:
+            final = student.export(tokenizer, staging, lora=config.model.lora, base_model=config.model.student)
+            if dist.is_main:
+                os.replace(final, out)
+                if config.model.lora is not None:
+                    os.replace(os.path.join(staging, "final-adapter"), out + "-adapter")
+        finally:
+            if dist.is_main:
+                shutil.rmtree(staging, ignore_errors=True)
         if dist.is_main:
-            os.replace(final, out)
-            if config.model.lora is not None:
-                os.replace(os.path.join(staging, "final-adapter"), out + "-adapter")
-    finally:
-        if dist.is_main:
-            shutil.rmtree(staging, ignore_errors=True)
-    if dist.is_main:
-        adapter = f", the LoRA adapter in {out}-adapter" if config.model.lora is not None else ""
-        print(f"fastdadpo export: step {step} of {config_path} -> {out} (Hugging Face format{adapter})")
+            adapter = f", the LoRA adapter in {out}-adapter" if config.model.lora is not None else ""
+            print(f"fastdadpo export: step {step} of {config_path} -> {out} (Hugging Face format{adapter})")
     return 0
