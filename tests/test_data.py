@@ -420,6 +420,9 @@ def test_packing_gives_the_same_log_probs_as_padding(model_fixture, request, tok
     ('{{ "x" * 10**10 }}', "rejects these messages: it repeats a value of 1 items 10000000000 times"),
     ("{{ [0] * 3 * 10**9 }}", "rejects these messages: it repeats a value of 3 items 1000000000 times"),
     ("{{ 7 ** (10**9) }}", "rejects these messages: it raises to the power 1000000000"),  # (Jinja: ** from the left)
+    ("{{ ((10 ** 4096) ** 4096) ** 4096 }}", "rejects these messages: it makes a number of about 55,734,272 bits"),
+    ("{% set ns = namespace(n=10 ** 4000) %}{% for _ in range(400) %}{% set ns.n = ns.n * ns.n %}{% endfor %}",
+     "rejects these messages: it makes a number of about 1,700,828 bits"),  # squared step by step
 ])
 def test_a_chat_template_that_hangs_or_crashes_is_one_error(tokenizer, monkeypatch, template, message):
     import copy

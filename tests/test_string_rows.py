@@ -109,3 +109,22 @@ def test_sft_trains_on_text_rows_end_to_end(tmp_path, student_dir):
     result = subprocess.run([sys.executable, "-m", "fastdadpo", "train", str(path)], capture_output=True, text=True,
                             timeout=300, env=env, cwd=REPO)
     assert result.returncode == 2 and "data.string_rows" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_eval_tokenizes_a_raw_response_as_training_does(tokenizer, tmp_path):
+    """eval scores one response at a time: its prompt and response ids are training's (the cut at the
+    common prefix, where the prompt's last token merges into the response), so prompt + response is
+    the real sequence and the response is what the row says."""
+    from fastdadpo.core import chat
+    from fastdadpo.core.tokenized import sequence_token_ids
+
+    examples = load_examples(_write(tmp_path, PLAIN), require=("prompt", "chosen"))
+    trained = _tokenized(tokenizer, _write(tmp_path, PLAIN, "chosen.jsonl"), "raw", fields=("chosen",))
+    merged = 0
+    for example, row in zip(examples, trained):
+        prompt_ids, response_ids = sequence_token_ids(tokenizer, example, example.chosen, "raw")
+        assert (prompt_ids, response_ids) == (row.prompt_ids, row.chosen_ids)
+        full = chat.raw_sequence_ids(tokenizer, example.prompt[0]["content"], example.chosen[0]["content"])
+        assert prompt_ids + response_ids == full
+        merged += len(prompt_ids) < len(chat.raw_prompt_ids(tokenizer, example.prompt[0]["content"]))
+    assert merged, "no row's prompt merged into its response: the case this test is for never ran"

@@ -25,6 +25,7 @@ import ipaddress
 import json
 import math
 import os
+import ssl
 import time
 import urllib.error
 import urllib.parse
@@ -186,11 +187,16 @@ class Endpoint:
                                 f"Start the OpenAI-compatible server there, or pass the right {self.flag}") from None
             if isinstance(exc.reason, TimeoutError):
                 raise _Retry(f"sent no reply within {self.timeout:g} s") from None
+            if isinstance(exc.reason, (ConnectionError, ssl.SSLError)):  # reset while the request was sent
+                raise _Retry(f"dropped the connection ({type(exc.reason).__name__}: "
+                             f"{self.redacted(str(exc.reason))[:160]})") from None
             raise UserError(f"cannot reach {self.what} {self.display}: {self.redacted(str(exc.reason))}") from None
-        except (http.client.HTTPException, ConnectionError) as exc:  # closed early, a bad status line, a short body
-            raise _Retry(f"broke off its reply ({type(exc).__name__}: {self.redacted(str(exc))[:160]})") from None
         except TimeoutError:
             raise _Retry(f"sent no reply within {self.timeout:g} s") from None
+        except (http.client.HTTPException, OSError) as exc:
+            # Closed early, a bad status line, a short body, a TLS connection torn mid-reply, a route lost:
+            # the network's, so worth another try (a refused connection was answered above).
+            raise _Retry(f"broke off its reply ({type(exc).__name__}: {self.redacted(str(exc))[:160]})") from None
 
     def _read_bounded(self, response) -> bytes:
         """The body, within ``timeout`` seconds for the whole of it and ``max_reply_bytes``."""

@@ -41,7 +41,7 @@ from fastdadpo.commands.judges import (JUDGES, Judge, JudgeOptions, Pair, build_
 from fastdadpo.core.batch import pad_token_id, padded
 from fastdadpo.core.chat import Message
 from fastdadpo.core.rows import Example, load_prompts, strict_json
-from fastdadpo.core.tokenized import STRING_ROWS, prompt_token_ids, response_token_ids
+from fastdadpo.core.tokenized import STRING_ROWS, prompt_token_ids, sequence_token_ids
 from fastdadpo.kernels import fused_linear_divergence
 from fastdadpo.models.generation import generate_texts
 from fastdadpo.models.loading import (count_parameters, final_hidden_states, head_logit_options, head_rows, head_weight,
@@ -128,8 +128,7 @@ def teacher_pass(path: str, examples: Sequence[Example], *, max_new_tokens: int,
     responses = [e.chosen or [{"role": "assistant", "content": next(generated)}] for e in examples]
     sequences = []
     for example, response in zip(examples, responses):
-        prompt = prompt_token_ids(tokenizer, example, string_rows)
-        sequences.append((prompt, response_token_ids(tokenizer, example, response, prompt, string_rows)))
+        sequences.append(sequence_token_ids(tokenizer, example, response, string_rows))
     hidden: List[Optional[torch.Tensor]] = [None] * len(examples)
     with torch.inference_mode():
         for rows in _length_batches(sequences, batch_size):

@@ -225,11 +225,7 @@ def _generate(args, info: collectives.DistInfo) -> None:
                                                          job.vocab_size, job.head_rows[role], job.dtype, info)
               for role in job.roles}
     started = time.monotonic()
-    try:
-        empty_responses, new_rows = _run_steps(args, job, loaded, pending, done, info)
-    except OSError as exc:  # a full disk while appending rows: what is written is whole, the rest redone
-        raise UserError(f"--out {args.out}: writing rows failed ({exc.strerror or exc}); the rows written before are "
-                        f"kept: free space and run the same command again to continue") from None
+    empty_responses, new_rows = _run_steps(args, job, loaded, pending, done, info)
     collectives.barrier()
     if info.is_main:
         output.finish(args.out, len(job.examples))

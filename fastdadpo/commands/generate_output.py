@@ -141,9 +141,15 @@ def read_rows(out: str, num_prompts: int, prompts: Optional[list] = None,
 
 
 def append_rows(out, rows: list[dict]) -> None:
-    out.write("".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
-    out.flush()
-    os.fsync(out.fileno())
+    """The rows appended and synced; a failing disk is one paragraph (the rows before are whole: the
+    reader drops a torn last line, and a rerun generates the rest)."""
+    try:
+        out.write("".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
+        out.flush()
+        os.fsync(out.fileno())
+    except OSError as exc:
+        raise UserError(f"--out {out.name}: writing rows failed ({exc.strerror or exc}); the rows written before are "
+                        f"kept: free space and run the same command again to continue") from None
 
 
 def finish(out: str, num_prompts: int) -> None:

@@ -92,6 +92,7 @@ def _time_limit(seconds: float):
 # sizes a repetition or a power is refused while rendering.
 MAX_TEMPLATE_REPEAT = 1 << 20  # items (characters) one "*" may produce
 MAX_TEMPLATE_EXPONENT = 4096
+MAX_TEMPLATE_INT_BITS = 1 << 20  # a number one "*" or "**" may produce (a megabit: far past any template's)
 
 
 def _bound_template_expressions() -> None:
@@ -118,6 +119,12 @@ def _bound_template_expressions() -> None:
                                         f"{MAX_TEMPLATE_REPEAT:,}")
             if operator == "**" and isinstance(right, (int, float)) and abs(right) > MAX_TEMPLATE_EXPONENT:
                 raise SecurityError(f"it raises to the power {right}, past {MAX_TEMPLATE_EXPONENT}")
+            # Each step small, the chain not: ((10**4096)**4096)**4096 is one C call of ~28 GB that no
+            # timer interrupts. The result's size is known before it is made.
+            if isinstance(left, int) and isinstance(right, int) and not isinstance(left, bool):
+                bits = left.bit_length() * abs(right) if operator == "**" else left.bit_length() + right.bit_length()
+                if bits > MAX_TEMPLATE_INT_BITS:
+                    raise SecurityError(f"it makes a number of about {bits:,} bits, past {MAX_TEMPLATE_INT_BITS:,}")
             return super().call_binop(context, operator, left, right)
 
     templates.ImmutableSandboxedEnvironment = BoundedEnvironment

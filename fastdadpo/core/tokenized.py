@@ -145,14 +145,20 @@ def _tokenize_one(example: Example, tokenizer, fields, string_rows: str) -> tupl
             text_ids = chat.raw_sequence_ids(tokenizer, "", example.chosen[0]["content"])
             return text_ids[:1], {"chosen": text_ids[1:]}
         if string_rows == "raw" and example.plain:
-            return _raw_ids(tokenizer, example, fields)
+            responses = {}
+            for name in fields:
+                response = example.response(name)
+                if response is None:
+                    raise DataError(f"field {name!r} is missing, and this run trains on it")
+                responses[name] = response[0]["content"]
+            return _raw_ids(tokenizer, example.prompt[0]["content"], responses)
         prompt_ids = prompt_token_ids(tokenizer, example, string_rows)
         responses = {}
         for name in fields:
             messages = example.response(name)
             if messages is None:
                 raise DataError(f"field {name!r} is missing, and this run trains on it")
-            responses[name] = response_token_ids(tokenizer, example, messages, prompt_ids, string_rows)
+            responses[name] = chat.response_ids(tokenizer, example.prompt, messages, prompt_token_ids=prompt_ids)
     except DataError as exc:
         raise DataError(f"{example.source}: {exc}") from None
     return list(prompt_ids), responses
@@ -162,16 +168,12 @@ TEXT_ROWS_NEED_RAW = ("a 'text' row (TRL's language-modeling format) has no prom
                       "set data.string_rows: raw to train on the text itself (sft, kd)")
 
 
-def _raw_ids(tokenizer, example: Example, fields) -> tuple[list[int], dict]:
-    """A plain row as TRL tokenizes it (``chat.raw_sequence_ids``): one prompt for every response,
-    cut where the prompt's tokens and the shortest match of prompt + response part."""
-    prompt_ids = chat.raw_prompt_ids(tokenizer, example.prompt[0]["content"])
-    sequences = {}
-    for name in fields:
-        response = example.response(name)
-        if response is None:
-            raise DataError(f"field {name!r} is missing, and this run trains on it")
-        sequences[name] = chat.raw_sequence_ids(tokenizer, example.prompt[0]["content"], response[0]["content"])
+def _raw_ids(tokenizer, prompt: str, responses: dict) -> tuple[list[int], dict]:
+    """A plain row as TRL tokenizes it (``chat.raw_sequence_ids``): one prompt for every response
+    ({name: text}), cut where the prompt's tokens and the shortest match of prompt + response part
+    (the prompt's last token may merge into a response's first)."""
+    prompt_ids = chat.raw_prompt_ids(tokenizer, prompt)
+    sequences = {name: chat.raw_sequence_ids(tokenizer, prompt, text) for name, text in responses.items()}
     cut = min(chat.common_prefix(prompt_ids, ids) for ids in sequences.values())
     return prompt_ids[:cut], {name: ids[cut:] for name, ids in sequences.items()}
 
@@ -186,12 +188,17 @@ def prompt_token_ids(tokenizer, example: Example, string_rows: str = "template")
     return list(chat.prompt_ids(tokenizer, example.prompt))
 
 
-def response_token_ids(tokenizer, example: Example, response: list, prompt_ids: list[int],
-                       string_rows: str = "template") -> list[int]:
-    """A response's token ids, as ``prompt_token_ids`` tokenized its prompt."""
+def sequence_token_ids(tokenizer, example: Example, response: list,
+                       string_rows: str = "template") -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) of one response, as training tokenizes them: a plain row under
+    ``string_rows: raw`` cut where the prompt's tokens and prompt + response's part (``_raw_ids``: a
+    prompt's last token may merge into the response's first), else the prompt through the chat
+    template and the response after it."""
     if string_rows == "raw" and example.plain and len(response) == 1:
-        return chat.raw_sequence_ids(tokenizer, example.prompt[0]["content"], response[0]["content"])[len(prompt_ids):]
-    return chat.response_ids(tokenizer, example.prompt, response, prompt_token_ids=prompt_ids)
+        prompt_ids, ids = _raw_ids(tokenizer, example.prompt[0]["content"], {"response": response[0]["content"]})
+        return prompt_ids, ids["response"]
+    prompt_ids = prompt_token_ids(tokenizer, example, string_rows)
+    return prompt_ids, chat.response_ids(tokenizer, example.prompt, response, prompt_token_ids=prompt_ids)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
