@@ -562,3 +562,22 @@ def test_a_config_path_that_is_no_file_says_what_it_is(tmp_path, make, message):
     make(path)
     with pytest.raises(ConfigError, match=f"config file {path} {message}"):
         read_yaml_mapping(str(path), "config")
+
+
+def test_a_process_group_that_cannot_form_is_said_as_it_is(tmp_path):
+    """MASTER_PORT held by another job: rank 0 fails at once with the port named, not the
+    lost-rank paragraph meant for a rank that never joined (which only a timeout shows)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        env = dict(os.environ, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(holder.getsockname()[1]))
+        script = ("from fastdadpo.base.errors import UserError\nfrom fastdadpo.engine.launch import setup\n"
+                  "try:\n    setup(60)\nexcept UserError as exc:\n    print(exc)\n")
+        result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert "rank 0 of 2: the process group could not form" in result.stdout, result.stdout + result.stderr[-2000:]
+    assert "EADDRINUSE" in result.stdout and "lost contact" not in result.stdout

@@ -12,7 +12,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from fastdadpo.base.collectives import DistInfo, peers_lost_reported
+from fastdadpo.base.collectives import DistInfo
+from fastdadpo.base.errors import UserError
 
 
 def _free_port() -> int:
@@ -29,6 +30,21 @@ def prepare_environment() -> None:
     os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))
 
 
+def _group_not_formed(exc: BaseException, timeout_s: float) -> UserError:
+    """One paragraph for a process group that did not form: a rank that never joined (stopped, hung,
+    dead before it got here) is a wait that timed out, as a rank lost later is; anything else (the
+    port taken, an address that does not resolve) failed at once and is said as it is."""
+    rank, world = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
+    detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+    if isinstance(exc, getattr(dist, "DistStoreError", ())) or "timeout" in detail.lower():
+        others = ", ".join(str(r) for r in range(int(world)) if str(r) != rank) if world.isdigit() else "others"
+        return UserError(f"rank {rank} of {world}: lost contact with rank(s) {others} while forming the process "
+                         f"group (waited {timeout_s:g} s: {detail}). Another rank died, hangs or never started: the "
+                         f"launcher's log names it. Nothing was done yet: start the run again once every rank can.")
+    return UserError(f"rank {rank} of {world}: the process group could not form ({type(exc).__name__}: {detail}); "
+                     f"check MASTER_ADDR and MASTER_PORT (a port another job holds?) and the launcher's settings")
+
+
 def setup(timeout_s: float, init: Optional[Callable[[str, datetime.timedelta], None]] = None) -> DistInfo:
     """The process group, initialized once (by ``init(backend, timeout)`` when an engine has its own
     way, else by torch); returns this rank's place in it."""
@@ -40,13 +56,11 @@ def setup(timeout_s: float, init: Optional[Callable[[str, datetime.timedelta], N
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if not dist.is_initialized():
         backend, timeout = ("nccl" if cuda else "gloo"), datetime.timedelta(seconds=timeout_s)
-        # A rank that never joins (stopped, hung, dead before it got here) ends the others at the
-        # timeout with the lost-rank paragraph, as a rank lost later would.
-        joining = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
-        with peers_lost_reported(joining, lambda: f"while forming the process group (waited {timeout_s:g} s)",
-                                 lambda: "Nothing was done yet: start the run again once every rank can."):
+        try:
             if init is not None:
                 init(backend, timeout)
             else:
                 dist.init_process_group(backend=backend, timeout=timeout)
+        except getattr(dist, "DistError", RuntimeError) as exc:
+            raise _group_not_formed(exc, timeout_s) from None
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
