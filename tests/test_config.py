@@ -106,7 +106,7 @@ def test_bad_yaml_names_the_line(tmp_path):
     ({"activation_checkpointing": {"partition_activations": "maybe"}},
      "activation_checkpointing.partition_activations is 'maybe'; DeepSpeed expects true or false"),
     ({"activation_checkpointing": {"partition_activation": True}}, "(did you mean 'partition_activations'?)"),
-    ({"flops_profiler": {"profile_step": 1.5}}, "flops_profiler.profile_step is 1.5; DeepSpeed expects int"),
+    ({"flops_profiler": {"profile_step": "1"}}, "flops_profiler.profile_step is '1'; DeepSpeed expects int"),
     ({"aio": {"block_size": "big"}}, "aio.block_size is 'big'"),
     # The sections DeepSpeed validates with its own models, checked by them before any model loads.
     ({"tensorboard": {"enabled": True, "output_pth": "x"}}, "deepspeed.extra.tensorboard is invalid"),
@@ -123,12 +123,21 @@ def test_deepspeed_extra_is_validated(extra, message):
     {"activation_checkpointing": {"partition_activations": True, "number_checkpoints": 4}},
     {"flops_profiler": {"enabled": False, "recompute_fwd_factor": 1, "output_file": "flops.txt"}},
     {"aio": {"block_size": 1048576, "single_submit": False}},
+    {"activation_checkpointing": {"partition_activations": None}, "flops_profiler": {"profile_step": 2}},
     {"tensorboard": {"enabled": False, "output_path": "tb/"}, "comms_logger": {"enabled": False}},
     {"checkpoint": {"tag_validation": "Warn"}, "wall_clock_breakdown": True},
 ])
 def test_valid_deepspeed_extra_sections_are_accepted(extra):
     """What DeepSpeed takes passes: the checks are DeepSpeed's own types, not stricter."""
     assert validate_extra(extra, "c.yaml") == extra
+
+
+def test_integral_floats_in_deepspeed_sections_become_ints():
+    """YAML reads 1.048576e6 as a float: made an int as in zero_optimization; 1.5 is refused."""
+    assert validate_extra({"aio": {"block_size": 1.048576e6}}, "c.yaml") == {"aio": {"block_size": 1048576}}
+    assert validate_extra({"flops_profiler": {"profile_step": 1.0}}, "c.yaml") == {"flops_profiler": {"profile_step": 1}}
+    with pytest.raises(ConfigError, match="deepspeed.extra.flops_profiler.profile_step must be an integer, got 1.5"):
+        validate_extra({"flops_profiler": {"profile_step": 1.5}}, "c.yaml")
 
 
 def test_student_deepspeed_config_merges_extra():

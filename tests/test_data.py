@@ -127,6 +127,7 @@ def test_load_prompts_needs_only_a_prompt(tmp_path):
     (['{"prompt": "a", "chosen": "b", "rejected": "c", "answer": NaN}'], r"line 1: NaN is not JSON"),
     (['{"prompt": "a", "chosen": "b", "rejected": "c", "answer": -Infinity}'], r"line 1: -Infinity is not JSON"),
     (['{"prompt": "a\\ud800", "chosen": "b", "rejected": "c"}'], r"line 1: holds a lone surrogate"),
+    (['{"prompt": "a", "chosen": "b", "rejected": "c", "score": -1e999}'], r"line 1: holds the number -1e999, past"),
     (['{"prompt": "a", "chosen": "b", "rejected": "c", "answer": ' + "9" * 5000 + "}"], r"line 1: holds an integer of 5,000 digits; a data row.s numbers have at most 4,300"),
     (['{"prompt": "a", "chosen": "b", "rejected": "c", "x": ' + "[" * 100000 + "]" * 100000 + "}"],
      r"line 1: nested too deeply"),

@@ -373,3 +373,18 @@ def test_raw_string_prompts_reach_the_server_as_raw_text(world, tokenizer, tmp_p
                        "string_rows 'raw' -> 'template'")
     finally:
         server.close()
+
+
+def test_messages_name_the_setting_where_the_user_sets_it():
+    """The same client under train (config keys) and generate (flags): each refusal names the place
+    the user can change it, never a flag that command does not have."""
+    from fastdadpo.base.errors import ConfigError
+    from fastdadpo.commands.generate import server_flag
+    from fastdadpo.models.served import ServedModel, ServerSettings
+
+    for extra, where in (({}, "model.server.allow_http"), ({"setting_flag": server_flag}, "--allow-http")):
+        with pytest.raises(ConfigError) as error:  # refused before any request is sent
+            ServedModel("http://10.0.0.5:8000", flag="model.teacher_url", settings=ServerSettings(), **extra)
+        assert f"pass {where} if the network is trusted" in str(error.value), error.value
+    with pytest.raises(ConfigError, match="model.server.timeout: must be a positive number"):
+        ServedModel("http://127.0.0.1:9", flag="model.teacher_url", settings=ServerSettings(timeout=0))

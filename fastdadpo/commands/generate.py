@@ -66,6 +66,11 @@ from fastdadpo.models.served import ServedModel, ServerSettings
 from fastdadpo.models.vocabulary import check_tokenizers_compatible
 
 SERVER_FLAGS = {"timeout": "--request-timeout", "backoff": "--retry-backoff"}  # ServerSettings' fields as flags: --NAME, but for these
+
+
+def server_flag(name: str) -> str:
+    """The flag that sets ServerSettings' field ``name``."""
+    return SERVER_FLAGS.get(name, "--" + name.replace("_", "-"))
 KEPT_CHOSEN_ROLES = ("student",)  # --keep-chosen: the chosen responses come with the prompts
 # The CLI's help formatter appends "(default: X)" to every flag; this (an empty rendering of the
 # default) stops it where "None" would say nothing.
@@ -187,7 +192,7 @@ def check_arguments(args) -> None:
         problems.append("a served model needs no torchrun: run one process, and --concurrency sets the requests in "
                         "flight")
     server_settings(args).validate(lambda flag, problem: problems.append(f"{flag} {problem}"),
-                                   lambda name: SERVER_FLAGS.get(name, f"--{name}"))
+                                   server_flag)
     if problems:
         raise UserError("; ".join(problems))
 
@@ -286,7 +291,7 @@ def _connect(args, roles, tokenizers: dict, log) -> tuple[dict, dict]:
         url = getattr(args, f"{role}_url")
         if url:
             servers[role] = ServedModel(url, flag=f"--{role}-url", settings=server_settings(args), role=role,
-                                        name=getattr(args, f"{role}_model_name"))
+                                        name=getattr(args, f"{role}_model_name"), setting_flag=server_flag)
             note = servers[role].check_tokenizer(tokenizers[role])
             if note:
                 log(f"generate: {note}")

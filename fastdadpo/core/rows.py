@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -234,12 +235,19 @@ def _bounded_int(digits: str) -> int:
     return int(digits)
 
 
+def _finite_float(digits: str) -> float:
+    value = float(digits)
+    if not math.isfinite(value):  # 1e999: past a double, read as inf, written back as Infinity (not JSON)
+        raise _StrictJSON(f"holds the number {digits[:40]}, past the largest a float holds (about 1.8e308)")
+    return value
+
+
 def strict_json(text: str, where: str):
     """``json.loads`` that refuses duplicate keys, NaN/Infinity, integers past Python's digit limit,
     nesting past the recursion limit, and lone surrogates (text no tokenizer can encode)."""
     try:
         value = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant,
-                           parse_int=_bounded_int)
+                           parse_int=_bounded_int, parse_float=_finite_float)
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except json.JSONDecodeError:
         raise

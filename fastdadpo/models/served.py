@@ -81,12 +81,16 @@ class ServedModel:
     serves under (``--served-model-name``); by default the only one it lists."""
 
     def __init__(self, url: str, *, flag: str, settings: ServerSettings, name: Optional[str] = None,
-                 role: str = "model"):
+                 role: str = "model", setting_flag: Callable[[str], str] = lambda name: f"model.server.{name}"):
+        """``setting_flag`` names each ServerSettings field where the user sets it (a config key by
+        default; generate's flags), for the messages that tell what to change."""
         self.flag, self.settings, self.role = flag, settings, role
         # A reply of prompt log-probs is ~100 bytes per token: 64 MiB holds every sequence a trainer takes.
         self.server = Endpoint(url, flag=flag, what=f"the {role}'s server", api_key_env=settings.api_key_env,
-                               allow_http=settings.allow_http, timeout=settings.timeout, retries=settings.retries,
-                               backoff=settings.backoff, max_reply_bytes=64 << 20, timeout_flag="--request-timeout")
+                               api_key_flag=setting_flag("api_key_env"), allow_http=settings.allow_http,
+                               allow_http_flag=setting_flag("allow_http"), timeout=settings.timeout,
+                               timeout_flag=setting_flag("timeout"), retries=settings.retries,
+                               backoff=settings.backoff, max_reply_bytes=64 << 20)
         self.name = self._served_name(name)
 
     # --- what is served ------------------------------------------------------------------------------------

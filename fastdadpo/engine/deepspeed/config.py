@@ -182,11 +182,12 @@ def _section_defaults() -> Dict[str, dict]:
 
 
 def _value_fits(value, default) -> bool:
-    """``value`` has the type of DeepSpeed's ``default`` (a None default: anything)."""
+    """``value`` has the type of DeepSpeed's ``default`` (a None default: anything; a switch may be
+    null, which DeepSpeed reads as off)."""
     if default is None:
         return True
     if isinstance(default, bool):
-        return isinstance(value, bool)
+        return value is None or isinstance(value, bool)
     if isinstance(default, int):
         return isinstance(value, int) and not isinstance(value, bool)
     if isinstance(default, float):
@@ -216,6 +217,8 @@ def _check_other_sections(extra: dict, source: str) -> None:
                 hint = f" (did you mean {match[0]!r}?)" if match else ""
                 raise ConfigError(f"{source}: deepspeed.extra.{key}.{name} is not one of DeepSpeed's {key} settings"
                                   f"{hint}; DeepSpeed would silently ignore it. It reads {', '.join(sorted(known))}")
+            if isinstance(known[name], int) and not isinstance(known[name], bool) and isinstance(value, float):
+                value = section[name] = _integral(value, f"{key}.{name}", source)  # 1.048576e6 as elsewhere
             if not _value_fits(value, known[name]):
                 raise ConfigError(f"{source}: deepspeed.extra.{key}.{name} is {value!r}; DeepSpeed expects "
                                   f"{'true or false' if isinstance(known[name], bool) else type(known[name]).__name__}"
