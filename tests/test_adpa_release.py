@@ -269,3 +269,18 @@ def test_a_tiny_adpa_plus_chain_runs_and_resumes(tmp_path, student_dir, teacher_
     for stage in ("DCKD:", "generate-ADPA-:", "ADPA+:"):
         assert any(stage in line for line in skipped), (stage, again.stdout)
     assert "done in" not in again.stdout
+
+    # DCKD's config changes: DCKD and everything downstream train again from the start (their old
+    # checkpoints are another run's), the old runs kept beside, the new pairs from the new DCKD.
+    recipe["students"]["DCKD"]["train"]["lr"] = 5e-3
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    changed = _run(str(path))
+    assert changed.returncode == 0, changed.stdout[-3000:] + changed.stderr[-3000:]
+    for name in ("DCKD", "ADPA+"):
+        assert f"{name}: its config or the model it starts from changed since it finished" in changed.stdout
+        assert os.path.exists(os.path.join(loaded.training_dir(name) + ".replaced-1", "final", "config.json"))
+        assert os.path.exists(os.path.join(loaded.final(name), "config.json"))
+    reloaded = load_recipe(str(path))
+    assert reloaded.pairs_for("ADPA+") != regenerated and os.path.exists(reloaded.pairs_for("ADPA+"))
+    assert [row["rejected"] for row in read_rows(reloaded.pairs_for("ADPA+"))] == \
+        reference_greedy(dckd_final, PROMPT_MESSAGES)

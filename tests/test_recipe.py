@@ -135,11 +135,14 @@ def test_bad_recipes_are_clear_errors(tmp_path):
     # Values are parsed and checked by generate itself when the recipe loads, not at the stage.
     for section, message in [({"temperature": "hot"}, "argument --temperature: invalid float value: 'hot'"),
                              ({"top_p": 1.5}, "--top-p must be in (0, 1], got 1.5"),
-                             ({"max_new_tokens": 0}, "--max-new-tokens must be at least 1, got 0")]:
+                             ({"max_new_tokens": 0}, "--max-new-tokens must be at least 1, got 0"),
+                             ({"keep_chosen": "yes"}, "generate.keep_chosen must be true or false, got 'yes'"),
+                             ({"allow_http": 1}, "generate.allow_http must be true or false, got 1"),
+                             ({"student_model_name": "s"}, "names a served student, which a recipe does not have")]:
         path.write_text(yaml.safe_dump(dict(base, generate=section)))
         with pytest.raises(ConfigError) as error:
             load_recipe(str(path))
-        assert str(error.value).startswith(f"{path}: generate: ") and message in str(error.value), error.value
+        assert str(error.value).startswith(f"{path}: generate") and message in str(error.value), error.value
     result = subprocess.run([sys.executable, "-m", "fastdadpo", "run", str(path), "--stages", "train,polish"],
                             capture_output=True, text=True, timeout=TIMEOUT, env=_env(), cwd=REPO)
     assert result.returncode == 2 and "unknown stage(s) polish" in result.stderr

@@ -78,6 +78,16 @@ def not_a_readable_file(path: str) -> str | None:
     return None
 
 
+def move_aside(path: str, suffix: str) -> str:
+    """``path`` renamed to the first free ``PATH.SUFFIX-N`` beside it (kept, never deleted: it may
+    hold days of work); returns the new name."""
+    number = 1
+    while os.path.exists(f"{path}.{suffix}-{number}"):
+        number += 1
+    os.replace(path, f"{path}.{suffix}-{number}")
+    return f"{path}.{suffix}-{number}"
+
+
 def check_writable(path: str, flag: str) -> None:
     """``path`` names a file this user can write, its directory made now: checked before a command's
     work, whose results would otherwise be lost at the end. A file is created and removed beside it

@@ -46,10 +46,8 @@ stage, once its inputs exist.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import math
 import os
 import shlex
 import shutil
@@ -62,9 +60,9 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from fastdadpo.base.errors import ConfigError, UserError
-from fastdadpo.base.files import write_json_atomic
+from fastdadpo.base.files import move_aside, write_json_atomic
 from fastdadpo.base.yaml_files import apply_override, merge_mappings, read_yaml_mapping
-from fastdadpo.commands import generate
+from fastdadpo.commands.recipe_generate import as_flags, check_generate_section
 from fastdadpo.commands.config import config_from_mapping
 from fastdadpo.commands.plots import plot_recipe
 
@@ -74,8 +72,6 @@ RECIPE_KEYS = {"output_dir", "launcher", "teacher", "student", "prompts", "eval_
 # A students entry's own keys (how the entry chains), split off from its training overrides.
 STUDENT_KEYS = ("init", "regenerate")
 DSFT = "dSFT"
-# Flags of `fastdadpo generate` that the recipe sets itself, never the `generate:` section.
-GENERATE_FLAGS_SET_BY_RECIPE = {"teacher", "student", "prompts", "out", "help"}
 
 
 class StageFailed(UserError):
@@ -213,7 +209,7 @@ def load_recipe(path: str, overrides: List[str] = ()) -> Recipe:
         if not isinstance(getattr(recipe, key), dict) and not (key == "dsft" and recipe.dsft is False):
             allowed = "a mapping, or false (no distilled SFT)" if key == "dsft" else "a mapping"
             raise ConfigError(f"{path}: {key} must be {allowed}, got {getattr(recipe, key)!r}")
-    _check_generate_keys(recipe)
+    check_generate_section(recipe.generate, f"{path}: generate")
     _check_chains(recipe)
     if not isinstance(recipe.launcher, str):
         raise ConfigError(f"{path}: launcher must be a string (a command prefix), got {recipe.launcher!r}")
@@ -225,33 +221,6 @@ def load_recipe(path: str, overrides: List[str] = ()) -> Recipe:
     for name, overrides, student in recipe.trainings():
         config_from_mapping(recipe.training_config(name, overrides, student), f"{path} (training {name})")
     return recipe
-
-
-def _check_generate_keys(recipe: Recipe) -> None:
-    """The generate section's keys are `fastdadpo generate`'s flags: a wrong one fails now, not at its stage."""
-    parser = argparse.ArgumentParser(prog="fastdadpo generate", add_help=False, exit_on_error=False)
-    generate.add_arguments(parser)
-    known = {action.dest for action in parser._actions} - GENERATE_FLAGS_SET_BY_RECIPE
-    unknown = set(recipe.generate) - known
-    if unknown:
-        raise ConfigError(f"{recipe.source}: generate: unknown key(s) {', '.join(sorted(unknown))}; the keys are "
-                          f"fastdadpo generate's flags ({', '.join(sorted(known))}); the recipe sets teacher, "
-                          f"student, prompts and out itself")
-    if recipe.generate.get("keep_chosen") and "teacher" in recipe.generate:
-        raise ConfigError(f"{recipe.source}: generate: keep_chosen never runs a teacher")
-    if "student_url" in recipe.generate:
-        raise ConfigError(f"{recipe.source}: generate: student_url would serve one model at every stage, but the "
-                          f"recipe's student changes (pruned, dSFT, a regenerating entry); serve the teacher only")
-    for key, value in recipe.generate.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{recipe.source}: generate.{key} is {value}; numbers must be finite")
-    # The values as the stage will pass them, through generate's own parser and checks.
-    stand_ins = ["--student", "S", "--prompts", "P", "--out", "O"] + (
-        [] if recipe.generate.get("keep_chosen") else ["--teacher", "T"])
-    try:
-        generate.check_arguments(parser.parse_args(stand_ins + _flags(recipe.generate)))
-    except (argparse.ArgumentError, UserError) as exc:
-        raise ConfigError(f"{recipe.source}: generate: {exc} (the section's keys are generate's flags)") from None
 
 
 def _check_chains(recipe: Recipe) -> None:
@@ -352,7 +321,7 @@ class Runner:
         options = dict(r.prune)
         args = ["prune", "--model", r.student, "--out", r.pruned_dir, "--ratio", str(options.pop("ratio", 0.2)),
                 "--calibration", options.pop("calibration", r.prompts)]
-        args += _flags(options)
+        args += as_flags(options)
         if self.is_complete("prune", args, os.path.join(r.pruned_dir, "config.json")):
             self.echo(f"[run] prune: {r.pruned_dir} complete, skipped")
             return
@@ -375,7 +344,7 @@ class Runner:
         r = self.recipe
         # keep_chosen takes the chosen responses from the prompts: no teacher to pass.
         teacher = [] if r.generate.get("keep_chosen") else ["--teacher", r.teacher]
-        args = ["generate", *teacher, "--student", student, "--prompts", r.prompts, "--out", out] + _flags(r.generate)
+        args = ["generate", *teacher, "--student", student, "--prompts", r.prompts, "--out", out] + as_flags(r.generate)
         if self.is_complete(log_name, args, out):
             self.echo(f"[run] {log_name}: {out} complete, skipped")
             return
@@ -400,6 +369,14 @@ class Runner:
             if not precompute_only:
                 self.echo(f"[run] {name}: {final} complete, skipped")
             return
+        finished = self._marker_path(f"train-{_slug(name)}")
+        if os.path.exists(finished) and os.path.isdir(self.recipe.training_dir(name)):
+            # Finished with another config or from another upstream model: its checkpoints are another
+            # run's (train refuses to resume them), so it trains again from the start, the old run kept.
+            aside = move_aside(self.recipe.training_dir(name), "replaced")
+            os.remove(finished)
+            self.echo(f"[run] {name}: its config or the model it starts from changed since it finished; training "
+                      f"again (the old run is in {aside})")
         args = train_args + (["--precompute-only"] if precompute_only else [])
         log_name = f"{'precompute' if precompute_only else 'train'}-{_slug(name)}"
         if precompute_only and self.is_complete(log_name, args, self.recipe.training_dir(name), depends):
@@ -445,7 +422,7 @@ class Runner:
         models.update({f"after {name}": r.final(name) for name, _, _ in r.trainings()})
         models_file = r.path("eval-models.json")
         args = ["eval", "--teacher", r.teacher, "--students", models_file, "--data", r.eval_prompts,
-                "--out", results_path] + _flags(r.eval)
+                "--out", results_path] + as_flags(r.eval)
         if self.is_complete("eval", args, results_path) and _newer_than_models(results_path, models.values()):
             try:
                 with open(results_path, encoding="utf-8") as handle:
@@ -470,17 +447,6 @@ def _newer_than_models(path: str, model_dirs) -> bool:
     written = os.path.getmtime(path)
     configs = [os.path.join(d, "config.json") for d in model_dirs]
     return all(os.path.getmtime(c) <= written for c in configs if os.path.exists(c))
-
-
-def _flags(options: Dict[str, Any]) -> List[str]:
-    args = []
-    for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            args += [flag] if value else []
-        elif value is not None:
-            args += [flag, str(value)]
-    return args
 
 
 def add_arguments(parser) -> None:
