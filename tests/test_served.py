@@ -388,3 +388,23 @@ def test_messages_name_the_setting_where_the_user_sets_it():
         assert f"pass {where} if the network is trusted" in str(error.value), error.value
     with pytest.raises(ConfigError, match="model.server.timeout: must be a positive number"):
         ServedModel("http://127.0.0.1:9", flag="model.teacher_url", settings=ServerSettings(timeout=0))
+
+
+def test_a_failure_ends_generate_at_once_with_requests_still_hanging(world, tmp_path):
+    """One request refused (HTTP 400) while three others hang at the server: the command ends with
+    its paragraph at once, neither waiting for the hung requests (their timeout is 120 s) nor sending
+    the rows not yet asked for (the workers are daemon threads, abandoned at exit)."""
+    hanging = LoopbackOpenAIServer({"teacher-7b": world["teacher"]})
+    try:
+        hanging.faults += [("pass",), ("status", 400)] + [("sleep", 45)] * 40  # the probe passes, then...
+        started = time.monotonic()
+        result = _run(*_generate_args(world, tmp_path / "out.jsonl", "--teacher-url", hanging.url, "--concurrency",
+                                      "4", "--request-timeout", "120", "--retries", "0"), check=False)
+        elapsed = time.monotonic() - started
+        _one_paragraph(result, "answered HTTP 400")
+        assert elapsed < 40, elapsed  # the hung requests (45 s) were not waited for
+        completions = [r for r in hanging.requests if r["path"] == "/v1/completions"]
+        assert len(completions) <= 1 + 4 + 4, len(completions)  # the probe, and at most a round or two in flight
+    finally:
+        hanging.faults.clear()
+        hanging.close()

@@ -45,12 +45,12 @@ import math
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from fastdadpo.base import collectives
 from fastdadpo.base.errors import ConfigError, DataError, UserError
+from fastdadpo.base.workers import DaemonPool, Failures
 from fastdadpo.base.files import check_writable
 from fastdadpo.base.progress import StageProgress
 from fastdadpo.core.batch import pad_token_id
@@ -359,11 +359,11 @@ def _run_served(args, job: _Job, loaded: dict, pending: list[int], done: set[int
     with contextlib.ExitStack() as stack:
         out = stack.enter_context(open(args.out, "a", encoding="utf-8"))
         progress = stack.enter_context(StageProgress(len(rows), "generate", "rows"))
-        replies = {}
+        replies, failures = {}, Failures()
         for role, served in job.servers.items():
-            pool = ThreadPoolExecutor(max_workers=args.concurrency)
-            # On a failure the requests not yet sent are dropped, not sent and waited for.
-            stack.callback(pool.shutdown, wait=False, cancel_futures=True)
+            pool = DaemonPool(args.concurrency, failures)
+            # On a failure the requests not yet sent are dropped, and those in flight not waited for.
+            stack.callback(pool.shutdown)
             for i in rows:
                 replies[role, i] = pool.submit(
                     served.complete, job.prompts[role][i], max_tokens=args.max_new_tokens,
@@ -373,7 +373,7 @@ def _run_served(args, job: _Job, loaded: dict, pending: list[int], done: set[int
             texts = {role: _responses(loaded[role], job.tokenizers[role], [job.prompts[role][i] for i in indices],
                                       args, seed=_batch_seed(args.seed, batch_id, role), info=info)
                      for role in job.roles if role not in job.servers}
-            texts.update({role: [replies[role, i].result() if i not in done else "" for i in indices]
+            texts.update({role: [failures.result(replies[role, i]) if i not in done else "" for i in indices]
                           for role in job.servers})
             written = [output.output_row(job.examples[i], i, rejected=texts["student"][k],
                                          chosen=texts["teacher"][k] if "teacher" in texts

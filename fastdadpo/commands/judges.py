@@ -10,7 +10,6 @@ both orders agree (else a tie), which cancels the judge's position bias.
 from __future__ import annotations
 
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Union
 
@@ -18,6 +17,7 @@ import torch
 
 from fastdadpo.base.endpoint import Endpoint, split_http_url
 from fastdadpo.base.errors import ConfigError, DataError, UserError
+from fastdadpo.base.workers import DaemonPool
 from fastdadpo.core.batch import pad_token_id, padded
 from fastdadpo.core.chat import Message, prompt_ids
 from fastdadpo.core.rows import Example
@@ -271,7 +271,7 @@ class HttpJudge(PreferenceJudge):
         return note
 
     def prefer(self, comparisons: Sequence[Comparison]) -> List[str]:
-        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+        with DaemonPool(self.workers) as pool:
             verdicts = [parse_verdict(reply) for reply in pool.map(self.ask, comparisons)]
         self.unparsed_replies += sum(v is None for v in verdicts)
         self.asked += len(verdicts)

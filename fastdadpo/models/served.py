@@ -16,12 +16,12 @@ Sampling sends the sampling settings in full, vLLM's extensions included (``top_
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, List, Optional, Sequence
 
 from fastdadpo.base.endpoint import Endpoint
 from fastdadpo.base.errors import UserError
+from fastdadpo.base.workers import DaemonPool
 
 # Compared with a tokenization through the server where it has vLLM's /tokenize: a different
 # tokenizer behind the URL splits at least one of these differently (digits, accents, CJK, emoji).
@@ -213,14 +213,8 @@ def in_flight(task: Callable, items: Iterable, concurrency: int) -> Iterable:
     """``task(item)`` for each item, ``concurrency`` at a time, yielded in the items' order as each
     finishes (so a caller writes results in order while later ones are still in flight). A failure
     cancels what has not started and is raised."""
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        futures = [pool.submit(task, item) for item in items]
-        try:
-            for future in futures:
-                yield future.result()
-        finally:
-            for future in futures:
-                future.cancel()
+    with DaemonPool(concurrency) as pool:
+        yield from pool.map(task, items)
 
 
 def _names(listed: dict) -> str:

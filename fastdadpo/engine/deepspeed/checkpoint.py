@@ -95,11 +95,11 @@ def read_state(engine, directory: str) -> None:
         if "size mismatch" not in str(exc):
             raise
         # A checkpoint from before runs recorded their models' fingerprints, of a model of other shapes.
-        raise ConfigError(f"train.resume: {directory} holds weights of other shapes than model.student now has "
-                          f"({' '.join(str(exc).split())[:200]}); it was written for another model: resume with "
-                          f"that one, or train into a new train.output_dir") from None
+        raise ConfigError(f"checkpoint {directory} holds weights of other shapes than model.student now has "
+                          f"({' '.join(str(exc).split())[:200]}); it was written for another model: read it with "
+                          f"the config of the run that wrote it") from None
     if loaded is None:
-        raise ConfigError(f"train.resume: DeepSpeed could not load the engine state from {directory}")
+        raise ConfigError(f"checkpoint {directory}: DeepSpeed could not load the engine state from it")
 
 
 def full_state_dict(engine, zero_stage: int) -> Optional[dict]:
