@@ -163,11 +163,12 @@ def warmup_cosine(total_steps: int, warmup_ratio: float) -> Callable[[int], floa
     return factor
 
 
-# train.lr_scheduler_type: ours, then transformers' (TRL's lr_scheduler_type) that need nothing but the
-# warmup and the length; reduce_lr_on_plateau and greedy read the loss, cosine_with_min_lr and
-# warmup_stable_decay need settings of their own.
-LR_SCHEDULES = ("warmup_cosine", "linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                "constant_with_warmup", "inverse_sqrt")
+# train.lr_scheduler_type: ours, then transformers' (TRL's lr_scheduler_type) that are a factor of the
+# learning rate given the warmup and the length; reduce_lr_on_plateau and greedy read the loss,
+# cosine_with_min_lr and warmup_stable_decay need settings of their own, and polynomial decays to an
+# absolute lr_end (1e-7), so its factor would depend on train.lr.
+LR_SCHEDULES = ("warmup_cosine", "linear", "cosine", "cosine_with_restarts", "constant", "constant_with_warmup",
+                "inverse_sqrt")
 
 
 def transformers_schedule(name: str, total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
