@@ -40,11 +40,16 @@ def test_generate_checks_out_before_loading_and_keeps_rows_on_a_full_disk(tmp_pa
 
     out, append, calls = tmp_path / "pairs.jsonl", generate_output.append_rows, []
 
+    class FullDisk:  # the output file once the disk is full: its writes fail as the kernel's would
+        def __init__(self, handle):
+            self.name = handle.name
+
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
     def filling(handle, rows):
         calls.append(rows)
-        if len(calls) > 1:
-            raise OSError(28, "No space left on device")
-        append(handle, rows)
+        append(handle if len(calls) == 1 else FullDisk(handle), rows)
 
     monkeypatch.setattr(generate_output, "append_rows", filling)
     assert main(args + ["--out", str(out)]) == 2
