@@ -120,11 +120,16 @@ def peers_lost_reported(info: DistInfo, where, how_to_continue):
     except RuntimeError as exc:
         if info.world_size == 1 or not _lost_peer(exc):
             raise
-        others = [r for r in range(info.world_size) if r != info.rank]
-        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"rank {info.rank} of {info.world_size}: lost contact with rank(s) "
-                        f"{', '.join(map(str, others))} {where()} ({detail}). Another rank died or was killed: "
-                        f"the launcher's log names it and its exit status. {how_to_continue()}") from None
+        raise lost_peers(info.rank, info.world_size, where(), exc, how_to_continue()) from None
+
+
+def lost_peers(rank: int, world_size: int, where: str, exc: BaseException, how_to_continue: str) -> UserError:
+    """The one paragraph for a rank whose peers are gone (dead, killed, hung, never started)."""
+    others = ", ".join(str(r) for r in range(world_size) if r != rank)
+    detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return UserError(f"rank {rank} of {world_size}: lost contact with rank(s) {others} {where} ({detail}). Another "
+                     f"rank died, was killed or hangs: the launcher's log names it and its exit status. "
+                     f"{how_to_continue}")
 
 
 class StopOnSigterm:

@@ -87,8 +87,8 @@ def read_rows(path: str) -> Iterator[tuple[Any, str]]:
     elif not os.path.exists(path) and _builder(path) is None and _HUB_NAME.match(path):
         name, _, split = path.partition(":")
         yield from _load_dataset_rows(path, name, split=split or "train")
-    elif not_a_readable_file(path):
-        raise DataError(f"{path}: {not_a_readable_file(path)}; give a data file, a saved dataset directory or "
+    elif problem := not_a_readable_file(path):
+        raise DataError(f"{path}: {problem}; give a data file, a saved dataset directory or "
                         f"a Hub dataset name")
     elif path.endswith(".jsonl"):
         yield from _jsonl_rows(path)
@@ -135,8 +135,8 @@ def _local_files_rows(pattern: str) -> Iterator[tuple[Any, str]]:
         raise DataError(f"{pattern}: matches files of {'unknown' if None in builders else 'different'} formats "
                         f"({', '.join(os.path.basename(f) for f in files[:5])}); one format per data path")
     for file in files:
-        if not_a_readable_file(file):  # a glob can match a directory or a FIFO too
-            raise DataError(f"{file}: {not_a_readable_file(file)}")
+        if problem := not_a_readable_file(file):  # a glob can match a directory or a FIFO too
+            raise DataError(f"{file}: {problem}")
     builder = builders.pop()
     if builder == "native":
         builder = "parquet" if files[0].endswith(".parquet") else "json"

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from fastdadpo.base.collectives import DistInfo
+from fastdadpo.base.collectives import DistInfo, lost_peers
 from fastdadpo.base.errors import UserError
 
 
@@ -34,13 +34,11 @@ def _group_not_formed(exc: BaseException, timeout_s: float) -> UserError:
     """One paragraph for a process group that did not form: a rank that never joined (stopped, hung,
     dead before it got here) is a wait that timed out, as a rank lost later is; anything else (the
     port taken, an address that does not resolve) failed at once and is said as it is."""
-    rank, world = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     detail = " ".join(str(exc).split())[:200] or type(exc).__name__
     if isinstance(exc, getattr(dist, "DistStoreError", ())) or "timeout" in detail.lower():
-        others = ", ".join(str(r) for r in range(int(world)) if str(r) != rank) if world.isdigit() else "others"
-        return UserError(f"rank {rank} of {world}: lost contact with rank(s) {others} while forming the process "
-                         f"group (waited {timeout_s:g} s: {detail}). Another rank died, hangs or never started: the "
-                         f"launcher's log names it. Nothing was done yet: start the run again once every rank can.")
+        return lost_peers(rank, world, f"while forming the process group, after {timeout_s:g} s", exc,
+                          "Nothing was done yet: start the run again once every rank can.")
     return UserError(f"rank {rank} of {world}: the process group could not form ({type(exc).__name__}: {detail}); "
                      f"check MASTER_ADDR and MASTER_PORT (a port another job holds?) and the launcher's settings")
 
